@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint fmt bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Switchboard needs Python 3.11 or newer (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Run the server (web + worker, embedded Redis unless REDIS_URL is set) in the foreground.
+run: $(STAMP)
+	$(BIN)/switchboard dev
+
+## Run the whole test suite (SQLite + embedded Redis unless DATABASE_URL / REDIS_URL are set).
+test: $(STAMP)
+	$(BIN)/pytest -n $${PYTEST_WORKERS:-auto} -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) instance/*.db instance/redis.* .pytest_cache

@@ -1,0 +1,54 @@
+"""Switchboard's control plane: `create_app()` builds the Flask app from settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+__version__ = "0.1.0"
+
+#: every resource module, registered in this order
+MODULES = ("health", "auth", "users", "audit")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app. `config` overrides settings by their Settings name (e.g. `DATABASE_URL`)."""
+    from app import requests as request_hooks
+    from app.config import Settings
+    from app.errors import register_error_handlers
+    from app.extensions import api, init_extensions
+    from app.logs import configure_logging
+    from app.openapi import openapi_config, register_docs_assets
+
+    settings = Settings.from_env()
+    for key, value in (config or {}).items():
+        setattr(settings, key, value)
+    settings.resolve()
+
+    app = Flask(__name__, instance_path=settings.INSTANCE_PATH, static_folder=None)
+    app.config.update(settings.flask_config())
+    app.config.update(openapi_config())
+    configure_logging(app)
+    if settings.TRUSTED_PROXIES:
+        n = settings.TRUSTED_PROXIES
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore
+
+    # Request hooks come before the extensions' so the rate limiter sees the principal.
+    request_hooks.register(app)
+    init_extensions(app)
+    api.init_app(app)
+    register_error_handlers(app)
+    register_docs_assets(app)
+
+    import importlib
+
+    for name in MODULES:
+        module = importlib.import_module(f"app.{name}.routes")
+        api.register_blueprint(module.blp)
+
+    from app.cli import register_commands
+
+    register_commands(app)
+    return app

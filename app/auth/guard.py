@@ -1,0 +1,118 @@
+"""Authentication for every request, deny by default.
+
+Every view needs a valid credential unless it is marked `@public`; abilities are checked with
+`@requires(...)`. New modules are therefore protected without remembering to be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import current_app, g, request
+
+from app import context
+from app.auth import service, throttle
+from app.auth.service import Principal
+from app.errors import Forbidden, Unauthorized
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or sbp_ token"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+DEFAULT_SECURITY = [{"bearerAuth": []}, {"apiKey": []}]
+#: endpoints of other libraries (the OpenAPI document and its UI) that are public by nature
+PUBLIC_ENDPOINTS = frozenset(
+    {"api-docs.openapi_json", "api-docs.openapi_swagger_ui", "docs_assets.docs_asset"}
+)
+
+
+def public(func: F) -> F:
+    """No credential needed (health, login, webhooks...); documented as such in OpenAPI."""
+    func._public = True  # type: ignore[attr-defined]
+    apidoc = getattr(func, "_apidoc", {})
+    apidoc.setdefault("manual_doc", {})["security"] = []
+    func._apidoc = apidoc  # type: ignore[attr-defined]
+    return func
+
+
+def requires(*abilities: str) -> Callable[[F], F]:
+    """The principal must hold every ability (a session holds its role's; a token its own)."""
+
+    def decorator(func: F) -> F:
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            principal = current_principal()
+            missing = [a for a in abilities if not principal.can(a)]
+            if missing:
+                raise Forbidden("This needs the ability: " + ", ".join(missing))
+            if "admin" in abilities and not principal.user.is_admin:
+                raise Forbidden("This needs an administrator.")
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+def _is_public() -> bool:
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return True
+    view = current_app.view_functions.get(request.endpoint or "")
+    if view is None:
+        return True  # 404/405 are answered as such, not as 401
+    view_class = getattr(view, "view_class", None)
+    if view_class is not None:
+        method = getattr(view_class, request.method.lower(), None)
+        if method is None and request.method == "HEAD":
+            method = getattr(view_class, "get", None)
+        if method is None:
+            return True
+        return bool(getattr(method, "_public", False) or getattr(view_class, "_public", False))
+    return bool(getattr(view, "_public", False))
+
+
+def _credential() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("Use 'Authorization: Bearer <token>'.", code="invalid_token")
+        return value.strip()
+    return request.headers.get("X-API-Key", "").strip() or None
+
+
+def authenticate_request() -> None:
+    """before_request: resolve the principal, or refuse with 401 (429 after repeated failures)."""
+    g.principal = None
+    if request.method == "OPTIONS" or _is_public():
+        return
+    credential = _credential()
+    ip = context.current().ip
+    if credential is None:
+        raise Unauthorized("This endpoint needs a credential.", code="unauthenticated")
+    throttle.check(ip)
+    try:
+        principal = service.authenticate(credential)
+    except Unauthorized:
+        throttle.failed(ip)
+        raise
+    g.principal = principal
+    context.update(user_id=principal.user.id, via=principal.via)
+
+
+def current_principal() -> Principal:
+    principal = g.get("principal")
+    if principal is None:
+        raise Unauthorized("This endpoint needs a credential.", code="unauthenticated")
+    return principal
+
+
+def rate_limit_key() -> str:
+    principal = g.get("principal")
+    if principal is not None:
+        return f"user:{principal.user.id}"
+    return f"ip:{request.remote_addr}"

@@ -1,0 +1,306 @@
+"""Sessions and credentials: login, refresh rotation with reuse detection, personal access tokens,
+and turning a presented credential into a `Principal`."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import jwt
+import sqlalchemy as sa
+from flask import current_app
+
+from app import context
+from app.audit import service as audit
+from app.auth import throttle, tokens
+from app.auth.abilities import ABILITIES, abilities_for_role
+from app.auth.models import PersonalAccessToken, RefreshToken
+from app.auth.passwords import needs_rehash, verify_password
+from app.auth.totp import accepted_step
+from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from app.extensions import db
+from app.timeutil import as_utc, utcnow
+from app.users.models import User
+
+#: last_used_at is written at most this often per token, so reads don't each cost a write
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: User
+    abilities: frozenset[str]
+    #: "session" for a JWT, "pat" for a personal access token
+    kind: str
+    token_id: int | None = None
+    family_id: str | None = None
+
+    @property
+    def via(self) -> str:
+        return f"pat:{self.token_id}" if self.kind == "pat" else "session"
+
+    def can(self, ability: str) -> bool:
+        return ability in self.abilities
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    token_type: str = "Bearer"
+
+
+def _config(name: str) -> int:
+    return int(current_app.config[f"SWITCHBOARD_{name}"])
+
+
+def _find_user(identifier: str) -> User | None:
+    ident = identifier.strip().lower()
+    column = User.email if "@" in ident else User.username
+    return db.session.scalar(sa.select(User).where(column == ident))
+
+
+def _issue(user: User, family_id: str) -> TokenPair:
+    raw = tokens.new_opaque(tokens.REFRESH_PREFIX)
+    db.session.add(
+        RefreshToken(
+            user_id=user.id,
+            family_id=family_id,
+            token_hash=tokens.digest(raw),
+            expires_at=utcnow() + timedelta(seconds=_config("REFRESH_TOKEN_TTL")),
+        )
+    )
+    ttl = _config("ACCESS_TOKEN_TTL")
+    access = tokens.encode_access(current_app.config["SECRET_KEY"], user.id, family_id, ttl)
+    return TokenPair(access_token=access, refresh_token=raw, expires_in=ttl)
+
+
+def login(identifier: str, password: str, totp_code: str | None = None) -> TokenPair:
+    """Never says whether the account exists: unknown, inactive and wrong password look alike."""
+    ip = context.current().ip
+    account = identifier.strip().lower()
+    throttle.check(ip, account)
+    user = _find_user(identifier)
+    password_ok = verify_password(user.password_hash if user else None, password)
+    if user is None or not password_ok or not user.is_active:
+        _login_failed(ip, account, user, "invalid_credentials")
+        raise Unauthorized("Invalid username or password.", code="invalid_credentials")
+    if user.totp_enabled and user.totp_secret:
+        if not totp_code:
+            raise Unauthorized("This account needs a TOTP code.", code="totp_required")
+        step = accepted_step(user.totp_secret, totp_code, user.totp_last_step)
+        if step is None:
+            _login_failed(ip, account, user, "totp_invalid")
+            raise Unauthorized("The TOTP code is wrong or was already used.", code="totp_invalid")
+        user.totp_last_step = step
+    if needs_rehash(user.password_hash):
+        from app.auth.passwords import hash_password
+
+        user.password_hash = hash_password(password)
+    user.last_login_at = utcnow()
+    pair = _issue(user, uuid.uuid4().hex)
+    audit.record("auth.login", actor_id=user.id, target_type="user", target_id=user.id)
+    db.session.commit()
+    return pair
+
+
+def _login_failed(ip: str | None, account: str, user: User | None, reason: str) -> None:
+    db.session.rollback()
+    throttle.failed(ip, account)
+    audit.record_now(
+        "auth.login_failed",
+        actor_id=user.id if user else None,
+        actor_name=user.username if user else None,
+        target_type="user" if user else None,
+        target_id=user.id if user else None,
+        payload={"identifier": account[:255], "reason": reason},
+    )
+
+
+def _revoke_family(family_id: str, reason: str) -> None:
+    db.session.execute(
+        sa.update(RefreshToken)
+        .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), revoke_reason=reason)
+    )
+
+
+def revoke_user_sessions(user_id: int, reason: str, keep_family: str | None = None) -> None:
+    stmt = sa.update(RefreshToken).where(
+        RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None)
+    )
+    if keep_family:
+        stmt = stmt.where(RefreshToken.family_id != keep_family)
+    db.session.execute(stmt.values(revoked_at=utcnow(), revoke_reason=reason))
+
+
+def revoke_user_pats(user_id: int) -> None:
+    db.session.execute(
+        sa.update(PersonalAccessToken)
+        .where(PersonalAccessToken.user_id == user_id, PersonalAccessToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+
+
+def _find_refresh(raw: str) -> RefreshToken:
+    row = db.session.scalar(
+        sa.select(RefreshToken).where(RefreshToken.token_hash == tokens.digest(raw))
+    )
+    if row is None:
+        throttle.failed(context.current().ip)
+        raise Unauthorized("Unknown refresh token.", code="invalid_refresh_token")
+    return row
+
+
+def refresh(raw: str) -> TokenPair:
+    """Rotate: the presented token is spent; presenting a spent token again revokes its family."""
+    throttle.check(context.current().ip)
+    row = _find_refresh(raw)
+    now = utcnow()
+    if row.revoked_at is not None:
+        raise Unauthorized("This refresh token was revoked.", code="invalid_refresh_token")
+    # Spend it atomically: of two concurrent refreshes with one token, only one wins.
+    spent = db.session.execute(
+        sa.update(RefreshToken)
+        .where(
+            RefreshToken.id == row.id,
+            RefreshToken.rotated_at.is_(None),
+            RefreshToken.revoked_at.is_(None),
+        )
+        .values(rotated_at=now)
+    ).rowcount
+    if spent != 1:
+        _revoke_family(row.family_id, "reuse")
+        audit.record(
+            "auth.refresh_reuse",
+            actor_id=row.user_id,
+            target_type="session",
+            target_id=row.family_id,
+            payload={"family_id": row.family_id},
+        )
+        db.session.commit()
+        raise Unauthorized(
+            "This refresh token was already used; every session token of its login is revoked.",
+            code="refresh_token_reused",
+        )
+    user = db.session.get(User, row.user_id)
+    if as_utc(row.expires_at) <= now or user is None or not user.is_active:
+        db.session.rollback()
+        raise Unauthorized("This refresh token has expired.", code="invalid_refresh_token")
+    pair = _issue(user, row.family_id)
+    db.session.commit()
+    return pair
+
+
+def logout(raw: str) -> None:
+    row = _find_refresh(raw)
+    _revoke_family(row.family_id, "logout")
+    audit.record(
+        "auth.logout", actor_id=row.user_id, target_type="session", target_id=row.family_id
+    )
+    db.session.commit()
+
+
+def authenticate(credential: str) -> Principal:
+    """A bearer value (access JWT or `sbp_` token) -> Principal, or Unauthorized."""
+    if credential.startswith(tokens.PAT_PREFIX):
+        return _authenticate_pat(credential)
+    try:
+        claims = tokens.decode_access(current_app.config["SECRET_KEY"], credential)
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("The access token has expired.", code="token_expired") from exc
+    except jwt.InvalidTokenError as exc:
+        raise Unauthorized("The access token is not valid.", code="invalid_token") from exc
+    user = db.session.get(User, int(claims["sub"]))
+    if user is None or not user.is_active:
+        raise Unauthorized("The access token is not valid.", code="invalid_token")
+    return Principal(
+        user=user,
+        abilities=abilities_for_role(user.role),
+        kind="session",
+        family_id=claims.get("fam"),
+    )
+
+
+def _authenticate_pat(raw: str) -> Principal:
+    pat = db.session.scalar(
+        sa.select(PersonalAccessToken).where(PersonalAccessToken.token_hash == tokens.digest(raw))
+    )
+    now = utcnow()
+    if pat is None or pat.revoked_at is not None:
+        raise Unauthorized("The token is not valid or was revoked.", code="invalid_token")
+    if pat.expires_at is not None and as_utc(pat.expires_at) <= now:
+        raise Unauthorized("The token has expired.", code="token_expired")
+    user = db.session.get(User, pat.user_id)
+    if user is None or not user.is_active:
+        raise Unauthorized("The token is not valid or was revoked.", code="invalid_token")
+    if pat.last_used_at is None or now - as_utc(pat.last_used_at) > LAST_USED_RESOLUTION:
+        pat.last_used_at = now
+        db.session.commit()
+    return Principal(
+        user=user,
+        abilities=frozenset(pat.abilities) & abilities_for_role(user.role),
+        kind="pat",
+        token_id=pat.id,
+    )
+
+
+def create_pat(
+    principal: Principal, label: str, abilities: list[str], expires_at: datetime | None
+) -> tuple[PersonalAccessToken, str]:
+    unknown = sorted(set(abilities) - set(ABILITIES))
+    if unknown:
+        raise ValidationFailed(
+            "Unknown abilities.", {"abilities": [f"unknown ability: {a}" for a in unknown]}
+        )
+    beyond = sorted(set(abilities) - principal.abilities)
+    if beyond:
+        raise Forbidden(
+            "A token cannot hold abilities its creator does not hold: " + ", ".join(beyond)
+        )
+    if expires_at is not None and as_utc(expires_at) <= utcnow():
+        raise ValidationFailed("Expiry is in the past.", {"expires_at": ["must be in the future"]})
+    raw = tokens.new_opaque(tokens.PAT_PREFIX)
+    pat = PersonalAccessToken(
+        user_id=principal.user.id,
+        label=label,
+        prefix=raw[:10],
+        token_hash=tokens.digest(raw),
+        abilities=sorted(set(abilities), key=ABILITIES.index),
+        expires_at=expires_at,
+    )
+    db.session.add(pat)
+    db.session.flush()
+    audit.record(
+        "token.create",
+        target_type="token",
+        target_id=pat.id,
+        payload={
+            "label": label,
+            "abilities": pat.abilities,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    db.session.commit()
+    return pat, raw
+
+
+def list_pats(user_id: int, *, cursor: int | None, limit: int):  # type: ignore[no-untyped-def]
+    from app.pagination import paginate
+
+    stmt = sa.select(PersonalAccessToken).where(PersonalAccessToken.user_id == user_id)
+    return paginate(stmt, PersonalAccessToken.id, cursor=cursor, limit=limit)
+
+
+def revoke_pat(user_id: int, token_id: int) -> None:
+    pat = db.session.get(PersonalAccessToken, token_id)
+    if pat is None or pat.user_id != user_id:
+        raise NotFound(f"No token {token_id}.")
+    if pat.revoked_at is None:
+        pat.revoked_at = utcnow()
+        audit.record(
+            "token.revoke", target_type="token", target_id=pat.id, payload={"label": pat.label}
+        )
+        db.session.commit()

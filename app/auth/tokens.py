@@ -1,0 +1,59 @@
+"""Token formats: access JWTs (PyJWT, HS256) and opaque secrets stored only as SHA-256 hashes.
+
+Opaque tokens carry 256 bits of randomness, so a plain SHA-256 lookup is safe (no salt or slow
+hash needed, unlike passwords) and keeps authentication one indexed query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import jwt
+
+from app.timeutil import utcnow
+
+PAT_PREFIX = "sbp_"
+REFRESH_PREFIX = "sbr_"
+ISSUER = "switchboard"
+
+
+def new_opaque(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def encode_access(secret: str, user_id: int, family_id: str | None, ttl: int, **claims: Any) -> str:
+    now = utcnow()
+    payload = {
+        "iss": ISSUER,
+        "sub": str(user_id),
+        "typ": "access",
+        "fam": family_id,
+        "jti": uuid.uuid4().hex,
+        "iat": now,
+        "exp": now + timedelta(seconds=ttl),
+        **claims,
+    }
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def decode_access(secret: str, token: str) -> dict[str, Any]:
+    """Raises jwt.InvalidTokenError (expired, bad signature, wrong type...)."""
+    claims = jwt.decode(
+        token,
+        secret,
+        algorithms=["HS256"],
+        issuer=ISSUER,
+        options={"require": ["exp", "iat", "sub", "typ"]},
+        leeway=5,
+    )
+    if claims.get("typ") != "access":
+        raise jwt.InvalidTokenError("not an access token")
+    return claims

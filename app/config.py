@@ -1,0 +1,184 @@
+"""Settings, read from the environment only (12-factor).
+
+Every setting is one attribute of `Settings`; `Settings.from_env()` is the only place that reads
+`os.environ`, and the README's configuration table lists the same names. Values are plain Python
+types so tests can override any of them with `create_app({...})`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_INSTANCE = PROJECT_ROOT / "instance"
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or wrong: the server refuses to start rather than run insecurely."""
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def normalise_database_url(url: str) -> str:
+    """Heroku-style `postgres://` URLs and bare `postgresql://` both mean psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def instance_path() -> Path:
+    return Path(os.environ.get("SWITCHBOARD_INSTANCE_PATH") or DEFAULT_INSTANCE)
+
+
+def embedded_redis_socket(instance: Path) -> Path:
+    """Where `switchboard dev` puts the embedded Redis when REDIS_URL is unset."""
+    return instance / "redis.sock"
+
+
+def dev_secret_key(instance: Path) -> str:
+    """A development key generated once and kept under instance/, so sessions survive restarts."""
+    path = instance / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    instance.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+@dataclass
+class Settings:
+    """Every setting Switchboard reads; the README's table documents each one."""
+
+    #: development | production | testing. Production refuses insecure defaults.
+    ENV: str = "development"
+    #: Signs access JWTs. Generated once under instance/ outside production.
+    SECRET_KEY: str = ""
+    #: SQLAlchemy URL; `postgres://` is accepted. Default: SQLite file under instance/.
+    DATABASE_URL: str = ""
+    #: Redis URL (`redis://`, `rediss://` or `unix://`). Default: the embedded Redis socket.
+    REDIS_URL: str = ""
+    #: Port gunicorn binds (`make run` binds 127.0.0.1:PORT).
+    PORT: int = 8000
+    #: Access JWT lifetime in seconds.
+    ACCESS_TOKEN_TTL: int = 15 * 60
+    #: Refresh token lifetime in seconds.
+    REFRESH_TOKEN_TTL: int = 30 * 24 * 3600
+    #: Largest request body accepted, in bytes (413 beyond).
+    MAX_BODY_BYTES: int = 1024 * 1024
+    #: Requests per principal for reads (GET/HEAD) across the API.
+    RATE_LIMIT_READ: str = "1200/minute"
+    #: Requests per principal for writes (POST/PUT/PATCH/DELETE) across the API.
+    RATE_LIMIT_WRITE: str = "300/minute"
+    #: Failed logins or bad credentials allowed per client IP.
+    RATE_LIMIT_AUTH_FAILURES_IP: str = "20/minute"
+    #: Failed logins allowed per account (username or email), whatever the IP.
+    RATE_LIMIT_AUTH_FAILURES_USER: str = "10/15minutes"
+    #: Turn rate limiting off entirely (not recommended).
+    RATE_LIMIT_ENABLED: bool = True
+    #: Trust this many proxies' X-Forwarded-For (0: use the socket peer address).
+    TRUSTED_PROXIES: int = 0
+    #: Issuer shown in authenticator apps for TOTP.
+    TOTP_ISSUER: str = "Switchboard"
+    #: Log level for the app's own loggers.
+    LOG_LEVEL: str = "INFO"
+    #: Bootstrap admin created on first start when no admin exists.
+    ADMIN_USERNAME: str = ""
+    ADMIN_PASSWORD: str = ""
+    ADMIN_EMAIL: str = ""
+    #: Where SQLite, the dev secret and the embedded Redis live.
+    INSTANCE_PATH: str = field(default_factory=lambda: str(instance_path()))
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        d = cls()
+        return cls(
+            ENV=env("SWITCHBOARD_ENV", d.ENV).strip().lower(),
+            SECRET_KEY=env("SECRET_KEY", ""),
+            DATABASE_URL=env("DATABASE_URL", ""),
+            REDIS_URL=env("REDIS_URL", ""),
+            PORT=_int("PORT", d.PORT),
+            ACCESS_TOKEN_TTL=_int("SWITCHBOARD_ACCESS_TOKEN_TTL", d.ACCESS_TOKEN_TTL),
+            REFRESH_TOKEN_TTL=_int("SWITCHBOARD_REFRESH_TOKEN_TTL", d.REFRESH_TOKEN_TTL),
+            MAX_BODY_BYTES=_int("SWITCHBOARD_MAX_BODY_BYTES", d.MAX_BODY_BYTES),
+            RATE_LIMIT_READ=env("SWITCHBOARD_RATE_LIMIT_READ", d.RATE_LIMIT_READ),
+            RATE_LIMIT_WRITE=env("SWITCHBOARD_RATE_LIMIT_WRITE", d.RATE_LIMIT_WRITE),
+            RATE_LIMIT_AUTH_FAILURES_IP=env(
+                "SWITCHBOARD_RATE_LIMIT_AUTH_FAILURES_IP", d.RATE_LIMIT_AUTH_FAILURES_IP
+            ),
+            RATE_LIMIT_AUTH_FAILURES_USER=env(
+                "SWITCHBOARD_RATE_LIMIT_AUTH_FAILURES_USER", d.RATE_LIMIT_AUTH_FAILURES_USER
+            ),
+            RATE_LIMIT_ENABLED=_bool("SWITCHBOARD_RATE_LIMIT_ENABLED", d.RATE_LIMIT_ENABLED),
+            TRUSTED_PROXIES=_int("SWITCHBOARD_TRUSTED_PROXIES", d.TRUSTED_PROXIES),
+            TOTP_ISSUER=env("SWITCHBOARD_TOTP_ISSUER", d.TOTP_ISSUER),
+            LOG_LEVEL=env("SWITCHBOARD_LOG_LEVEL", d.LOG_LEVEL).upper(),
+            ADMIN_USERNAME=env("SWITCHBOARD_ADMIN_USERNAME", ""),
+            ADMIN_PASSWORD=env("SWITCHBOARD_ADMIN_PASSWORD", ""),
+            ADMIN_EMAIL=env("SWITCHBOARD_ADMIN_EMAIL", ""),
+        )
+
+    def resolve(self) -> Settings:
+        """Fill derived defaults and refuse what production must not run with."""
+        instance = Path(self.INSTANCE_PATH)
+        if self.ENV not in ("development", "production", "testing"):
+            raise ConfigError(
+                f"SWITCHBOARD_ENV must be development, production or testing, got {self.ENV!r}"
+            )
+        if self.ENV == "production":
+            if not self.SECRET_KEY or len(self.SECRET_KEY) < 32:
+                raise ConfigError("SECRET_KEY (32+ characters) is required in production")
+            if not self.REDIS_URL:
+                raise ConfigError("REDIS_URL is required in production")
+        elif not self.SECRET_KEY:
+            self.SECRET_KEY = dev_secret_key(instance)
+        if not self.DATABASE_URL:
+            instance.mkdir(parents=True, exist_ok=True)
+            self.DATABASE_URL = f"sqlite:///{instance / 'switchboard.db'}"
+        self.DATABASE_URL = normalise_database_url(self.DATABASE_URL)
+        if not self.REDIS_URL:
+            self.REDIS_URL = f"unix://{embedded_redis_socket(instance)}"
+        return self
+
+    def flask_config(self) -> dict[str, object]:
+        """The Flask/extension keys derived from our settings."""
+        return {
+            **{f"SWITCHBOARD_{k}": v for k, v in asdict(self).items()},
+            "SECRET_KEY": self.SECRET_KEY,
+            "SQLALCHEMY_DATABASE_URI": self.DATABASE_URL,
+            "SQLALCHEMY_ENGINE_OPTIONS": engine_options(self.DATABASE_URL),
+            "MAX_CONTENT_LENGTH": self.MAX_BODY_BYTES,
+            "TESTING": self.ENV == "testing",
+            "PROPAGATE_EXCEPTIONS": False,
+            "JSON_SORT_KEYS": False,
+            "RATELIMIT_ENABLED": self.RATE_LIMIT_ENABLED,
+        }
+
+
+def engine_options(url: str) -> dict[str, object]:
+    if url.startswith("sqlite"):
+        # Threads share the file; a busy writer makes others wait instead of failing at once.
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    return {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}

@@ -1,0 +1,200 @@
+"""Every error leaves the API as RFC 9457 problem+json.
+
+Services raise `DomainError` subclasses and know nothing of HTTP; this module maps them, Werkzeug's
+HTTP errors, flask-smorest/webargs validation errors and rate-limit refusals to one response shape:
+`{type, title, status, detail, instance, code, request_id, errors?}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from flask import Flask, Response, current_app, g, jsonify, request
+from flask_limiter.errors import RateLimitExceeded
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+PROBLEM_TYPE_BASE = "https://switchboard.dev/problems/"
+
+
+class DomainError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail, self.extra = detail, extra
+
+
+class BadRequest(DomainError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(DomainError):
+    status, code = 401, "unauthorized"
+
+    def __init__(self, detail: str, code: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        if code:
+            self.code = code
+
+
+class Forbidden(DomainError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(DomainError):
+    status, code = 404, "not_found"
+
+
+class Conflict(DomainError):
+    status, code = 409, "conflict"
+
+
+class ValidationFailed(DomainError):
+    """A request that parsed but breaks a domain rule; `errors` maps field -> messages."""
+
+    status, code = 422, "validation_failed"
+
+    def __init__(self, detail: str, errors: dict[str, list[str]] | None = None) -> None:
+        super().__init__(detail, **({"errors": errors} if errors else {}))
+
+
+class TooManyRequests(DomainError):
+    status, code = 429, "too_many_requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, int(retry_after))
+
+
+class ServiceUnavailable(DomainError):
+    status, code = 503, "service_unavailable"
+
+
+class ProblemSchema(ma.Schema):
+    """RFC 9457 problem details, the shape of every error."""
+
+    type = ma.fields.Str()
+    title = ma.fields.Str()
+    status = ma.fields.Int()
+    detail = ma.fields.Str()
+    instance = ma.fields.Str()
+    code = ma.fields.Str(metadata={"description": "stable machine-readable error code"})
+    request_id = ma.fields.Str(allow_none=True)
+    errors = ma.fields.Dict(
+        keys=ma.fields.Str(),
+        values=ma.fields.List(ma.fields.Str()),
+        metadata={"description": "field -> messages, on validation errors"},
+    )
+
+
+def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Response:
+    body = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.path,
+        "code": code,
+        "request_id": g.get("request_id"),
+        **extra,
+    }
+    resp = jsonify(body)
+    resp.status_code = status
+    resp.content_type = "application/problem+json"
+    return resp
+
+
+def _snake(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("-", "_")
+
+
+def http_error(error: HTTPException) -> Response:
+    if isinstance(error, RateLimitExceeded):
+        return rate_limited(error)
+    data = getattr(error, "data", None) or {}  # set by flask_smorest.abort and webargs
+    extra: dict[str, Any] = {}
+    messages = data.get("messages")
+    status = error.code or 500
+    if messages:
+        # webargs: {location: {field: [msg]}}, or {location: [msg]} for an unreadable body
+        errors: dict[str, Any] = {}
+        for location, found in messages.items():
+            errors.update(found if isinstance(found, dict) else {location: found})
+        extra["errors"] = errors
+    detail = data.get("message") or error.description or error.name
+    code = _snake(error.name)
+    if status == 422:
+        code = "validation_failed"
+        detail = data.get("message") or "The request has invalid fields: " + ", ".join(
+            sorted(extra.get("errors", {}))
+        )
+    elif status == 400 and messages and "json" in messages and "Invalid JSON" in str(messages):
+        code, detail = "malformed_json", "The request body is not valid JSON."
+    elif status == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        detail = f"The request body is larger than the limit of {limit} bytes."
+    elif status == 404 and request.endpoint is None:
+        detail = f"No such endpoint: {request.method} {request.path}"
+    elif status == 405:
+        detail = f"{request.method} is not allowed on {request.path}"
+    resp = problem(status, error.name, detail, code, **extra)
+    if status == 405 and hasattr(error, "valid_methods") and error.valid_methods:
+        resp.headers["Allow"] = ", ".join(error.valid_methods)
+    return resp
+
+
+def rate_limited(error: RateLimitExceeded) -> Response:
+    """flask-limiter's after_request adds RateLimit-* and Retry-After to this response."""
+    return problem(
+        429,
+        "Too Many Requests",
+        f"Rate limit exceeded ({error.description}).",
+        "too_many_requests",
+    )
+
+
+def domain_error(error: DomainError) -> Response:
+    title = error.code.replace("_", " ").capitalize()
+    resp = problem(error.status, title, error.detail, error.code, **error.extra)
+    if isinstance(error, TooManyRequests):
+        resp.headers["Retry-After"] = str(error.retry_after)
+    elif error.status == 401:
+        resp.headers["WWW-Authenticate"] = f'Bearer realm="switchboard", error="{error.code}"'
+    return resp
+
+
+def unexpected_error(error: Exception) -> Response:
+    if isinstance(error, HTTPException):
+        return http_error(error)
+    current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
+    resp = problem(
+        500,
+        "Internal Server Error",
+        "Something went wrong on our side. Quote the request id when reporting it.",
+        "internal_error",
+    )
+    return resp
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(DomainError, domain_error)
+    app.register_error_handler(Exception, unexpected_error)
+
+
+# Exposed for OpenAPI docs (flask-smorest's ERROR_SCHEMA).
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "DomainError",
+    "Forbidden",
+    "InternalServerError",
+    "NotFound",
+    "ServiceUnavailable",
+    "TooManyRequests",
+    "Unauthorized",
+    "ValidationFailed",
+    "problem",
+]

@@ -1,0 +1,169 @@
+"""Extension objects, created unbound and attached in `create_app()`.
+
+Nothing here touches Redis or the database at import time: the Redis client and the RQ queues are
+built lazily from the app's config the first time they are asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask_smorest
+import marshmallow as ma
+import redis
+import sqlalchemy as sa
+from flask import Flask, current_app
+from flask_limiter import ApplicationLimit, Limiter
+from flask_migrate import Migrate
+from flask_sock import Sock
+from flask_sqlalchemy import SQLAlchemy
+from rq import Queue
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase
+
+from app.errors import ProblemSchema
+
+RUN_QUEUES = ("runs-urgent", "runs-high", "runs-default", "runs-low")
+ALL_QUEUES = (*RUN_QUEUES, "events", "maintenance")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+sock = Sock()
+
+
+@sa.event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite: enforce foreign keys and let readers work while one writer commits."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+
+class Api(flask_smorest.Api):
+    """Our API: problem+json instead of flask-smorest's default error payload."""
+
+    ERROR_SCHEMA = ProblemSchema
+
+    def handle_http_exception(self, error):  # type: ignore[override]
+        from app.errors import http_error
+
+        return http_error(error)
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """One place to customise every blueprint of the API."""
+
+
+class Schema(ma.Schema):
+    """Request bodies reject unknown fields, so a typo is a 422 and never silently ignored."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+
+class QuerySchema(ma.Schema):
+    """Query strings ignore unknown parameters (caches, cache-busters, tracking tags)."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+
+
+api = Api()
+
+
+def _principal_key() -> str:
+    from app.auth.guard import rate_limit_key
+
+    return rate_limit_key()
+
+
+def _read_limit() -> str:
+    return current_app.config["SWITCHBOARD_RATE_LIMIT_READ"]
+
+
+def _write_limit() -> str:
+    return current_app.config["SWITCHBOARD_RATE_LIMIT_WRITE"]
+
+
+limiter = Limiter(
+    _principal_key,
+    application_limits=[
+        ApplicationLimit(_read_limit, scope="read", methods=["GET", "HEAD"]),
+        ApplicationLimit(_write_limit, scope="write", methods=["POST", "PUT", "PATCH", "DELETE"]),
+    ],
+    headers_enabled=True,
+    header_name_mapping={
+        "LIMIT": "RateLimit-Limit",  # type: ignore[dict-item]
+        "REMAINING": "RateLimit-Remaining",  # type: ignore[dict-item]
+        "RESET": "RateLimit-Reset",  # type: ignore[dict-item]
+        "RETRY_AFTER": "Retry-After",  # type: ignore[dict-item]
+    },
+    retry_after="delta-seconds",
+    strategy="moving-window",
+    in_memory_fallback_enabled=True,
+    swallow_errors=True,
+    key_prefix="sb-rl",
+)
+
+
+def limiter_storage_uri(redis_url: str) -> str:
+    """The `limits` library spells a Unix socket `redis+unix://`."""
+    if redis_url.startswith("unix://"):
+        return "redis+unix://" + redis_url[len("unix://") :]
+    return redis_url
+
+
+def get_redis() -> redis.Redis:
+    """The app's Redis client (one connection pool per process)."""
+    client = current_app.extensions.get("switchboard_redis")
+    if client is None:
+        client = redis.Redis.from_url(
+            current_app.config["SWITCHBOARD_REDIS_URL"],
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+        )
+        current_app.extensions["switchboard_redis"] = client
+    return client
+
+
+def get_queue(name: str) -> Queue:
+    queues: dict[str, Queue] = current_app.extensions.setdefault("switchboard_queues", {})
+    if name not in queues:
+        if name not in ALL_QUEUES:
+            raise KeyError(f"unknown queue {name!r}")
+        queues[name] = Queue(name, connection=get_redis())
+    return queues[name]
+
+
+def init_extensions(app: Flask) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(_migrations_dir()), compare_type=True)
+    app.config.setdefault(
+        "RATELIMIT_STORAGE_URI", limiter_storage_uri(app.config["SWITCHBOARD_REDIS_URL"])
+    )
+    app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"socket_connect_timeout": 2})
+    limiter.init_app(app)
+    sock.init_app(app)
+
+
+def _migrations_dir():
+    from app.config import PROJECT_ROOT
+
+    return PROJECT_ROOT / "migrations"

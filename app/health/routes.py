@@ -1,0 +1,60 @@
+import sqlalchemy as sa
+from flask import current_app
+from flask.views import MethodView
+
+from app import __version__
+from app.auth.guard import public
+from app.errors import ServiceUnavailable
+from app.extensions import Blueprint, db, get_redis
+
+blp = Blueprint("health", __name__, url_prefix="/api/v1", description="Health and version")
+
+
+@blp.route("/health")
+class Health(MethodView):
+    @public
+    @blp.response(200)
+    def get(self):
+        """Liveness: the process answers. Touches neither the database nor Redis."""
+        return {"status": "ok"}
+
+
+def _check(name: str, probe) -> str | None:  # type: ignore[no-untyped-def]
+    try:
+        probe()
+        return None
+    except Exception as exc:  # any failure means not ready; say which and why
+        current_app.logger.warning("readiness: %s failed: %s", name, exc)
+        return f"{name}: {type(exc).__name__}"
+
+
+@blp.route("/health/ready")
+class Ready(MethodView):
+    @public
+    @blp.response(200)
+    def get(self):
+        """Readiness: the database and Redis answer (503 naming what failed)."""
+        failures = [
+            f
+            for f in (
+                _check("database", lambda: db.session.execute(sa.text("SELECT 1"))),
+                _check("redis", lambda: get_redis().ping()),
+            )
+            if f
+        ]
+        db.session.remove()
+        if failures:
+            raise ServiceUnavailable(
+                "Not ready: " + "; ".join(failures),
+                checks={f.split(":")[0]: "failed" for f in failures},
+            )
+        return {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
+
+
+@blp.route("/version")
+class Version(MethodView):
+    @public
+    @blp.response(200)
+    def get(self):
+        """Server version and API version."""
+        return {"version": __version__, "api": "v1"}

@@ -1,0 +1,106 @@
+"""Per-request plumbing every module relies on: request ids, body checks, authentication, the
+action context for services, and the catch-all audit entry for mutating requests."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from flask import Flask, Response, current_app, g, request
+
+from app import context
+from app.audit import service as audit
+from app.auth.guard import authenticate_request
+from app.errors import DomainError
+from app.extensions import db
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+JSON_TYPES = ("application/json",)
+#: request bodies larger than this are not copied into the catch-all audit entry
+AUDIT_BODY_LIMIT = 64 * 1024
+
+
+class UnsupportedMediaType(DomainError):
+    status, code = 415, "unsupported_media_type"
+
+
+class PayloadTooLarge(DomainError):
+    status, code = 413, "payload_too_large"
+
+
+def accepts_any_body(func):  # type: ignore[no-untyped-def]
+    """Mark a view that reads non-JSON bodies itself (webhook receivers)."""
+    func._any_body = True
+    return func
+
+
+def _begin() -> None:
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    context.set_current(context.ActionContext(request_id=g.request_id, ip=request.remote_addr))
+    audit.begin_scope()
+
+
+def _view_accepts_any_body() -> bool:
+    view = current_app.view_functions.get(request.endpoint or "")
+    cls = getattr(view, "view_class", None)
+    method = getattr(cls, request.method.lower(), None) if cls else view
+    return bool(getattr(method, "_any_body", False))
+
+
+def _check_body() -> None:
+    if request.method not in MUTATING:
+        return
+    length = request.content_length
+    limit = request.max_content_length
+    if length is not None and limit is not None and length > limit:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    has_body = bool(length) or "chunked" in request.headers.get("Transfer-Encoding", "")
+    if not has_body or _view_accepts_any_body():
+        return
+    if request.mimetype not in JSON_TYPES and not request.mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Send JSON ('Content-Type: application/json'), not {request.mimetype or 'nothing'}."
+        )
+
+
+def _audit_mutation(response: Response) -> Response:
+    """Every mutating API request leaves a trace, unless its service already wrote a richer one."""
+    if (
+        request.method not in MUTATING
+        or not request.path.startswith("/api/v1/")
+        or audit.recorded_in_scope()
+        or response.status_code in (401, 404, 405, 413, 415, 429)
+    ):
+        return response
+    try:
+        if response.status_code >= 400:
+            db.session.rollback()
+        body = None
+        if (request.content_length or 0) <= AUDIT_BODY_LIMIT:
+            body = request.get_json(silent=True)
+        audit.record_now(
+            f"http.{request.method.lower()}",
+            target_type="endpoint",
+            target_id=request.path[:64],
+            payload={"status": response.status_code, "body": body},
+        )
+    except Exception:  # the response is already decided; never turn it into a 500 here
+        current_app.logger.exception("could not write the request audit entry")
+        db.session.rollback()
+    return response
+
+
+def _finish(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def register(app: Flask) -> None:
+    app.before_request(_begin)
+    app.before_request(_check_body)
+    app.before_request(authenticate_request)
+    app.after_request(_audit_mutation)
+    app.after_request(_finish)
