@@ -209,6 +209,8 @@ def dev() -> None:
         env["REDIS_URL"] = f"unix://{embedded_redis_socket(inst)}"
         procs.insert(0, "redis")
     env.setdefault("PORT", "8000")
+    # honcho gives every process its own PORT; the web server must keep the one asked for
+    env["GUNICORN_BIND"] = f"127.0.0.1:{env['PORT']}"
     from app import create_app
 
     app = create_app()

@@ -60,6 +60,14 @@ class Api(flask_smorest.Api):
 
     ERROR_SCHEMA = ProblemSchema
 
+    def _register_responses(self) -> None:
+        """Document every error response as application/problem+json."""
+        self.DEFAULT_RESPONSE_CONTENT_TYPE = "application/problem+json"
+        try:
+            super()._register_responses()  # type: ignore[misc]
+        finally:
+            del self.DEFAULT_RESPONSE_CONTENT_TYPE
+
     def handle_http_exception(self, error):  # type: ignore[override]
         from app.errors import http_error
 
@@ -107,14 +115,8 @@ limiter = Limiter(
         ApplicationLimit(_read_limit, scope="read", methods=["GET", "HEAD"]),
         ApplicationLimit(_write_limit, scope="write", methods=["POST", "PUT", "PATCH", "DELETE"]),
     ],
-    headers_enabled=True,
-    header_name_mapping={
-        "LIMIT": "RateLimit-Limit",  # type: ignore[dict-item]
-        "REMAINING": "RateLimit-Remaining",  # type: ignore[dict-item]
-        "RESET": "RateLimit-Reset",  # type: ignore[dict-item]
-        "RETRY_AFTER": "Retry-After",  # type: ignore[dict-item]
-    },
-    retry_after="delta-seconds",
+    # RateLimit-* headers are written by app.requests (IETF names, reset in seconds)
+    headers_enabled=False,
     strategy="moving-window",
     in_memory_fallback_enabled=True,
     swallow_errors=True,

@@ -4,6 +4,7 @@ action context for services, and the catch-all audit entry for mutating requests
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 from flask import Flask, Response, current_app, g, request
@@ -12,7 +13,7 @@ from app import context
 from app.audit import service as audit
 from app.auth.guard import authenticate_request
 from app.errors import DomainError
-from app.extensions import db
+from app.extensions import db, limiter
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -92,10 +93,28 @@ def _audit_mutation(response: Response) -> Response:
     return response
 
 
+def _rate_limit_headers(response: Response) -> Response:
+    """IETF RateLimit-* headers for the tightest limit this request touched."""
+    current = limiter.current_limit if current_app.config.get("RATELIMIT_ENABLED") else None
+    if current is not None:
+        reset = max(0, int(current.reset_at - time.time()))
+        response.headers["RateLimit-Limit"] = str(current.limit.amount)
+        response.headers["RateLimit-Remaining"] = str(current.remaining)
+        response.headers["RateLimit-Reset"] = str(reset)
+        if response.status_code == 429:
+            response.headers.setdefault("Retry-After", str(max(1, reset)))
+    return response
+
+
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "")
     response.headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+def _end(_exc: BaseException | None) -> None:
+    """Forget the request's actor: the thread may run non-request code next."""
+    context.set_current(context.ActionContext())
 
 
 def register(app: Flask) -> None:
@@ -103,4 +122,6 @@ def register(app: Flask) -> None:
     app.before_request(_check_body)
     app.before_request(authenticate_request)
     app.after_request(_audit_mutation)
+    app.after_request(_rate_limit_headers)
     app.after_request(_finish)
+    app.teardown_request(_end)

@@ -100,6 +100,12 @@ def app(tmp_instance: Path, database_url: str, redis_url: str) -> Iterator[Flask
     )
     with app.app_context():
         upgrade()  # the suite runs on the migrated schema, never on create_all()
+
+    def explode() -> None:
+        raise RuntimeError("secret internals")
+
+    explode._public = True  # type: ignore[attr-defined]
+    app.add_url_rule("/api/v1/_test/boom", "test_boom", explode)  # for the 500 test
     yield app
     with app.app_context():
         from app.extensions import db

@@ -9,6 +9,7 @@ from app.auth.schemas import (
     TokenCreateSchema,
     TokenPageSchema,
     TokenPairSchema,
+    TokenSchema,
 )
 from app.extensions import Blueprint
 from app.pagination import PageQuerySchema
@@ -72,6 +73,11 @@ class MyTokens(MethodView):
 
 @blp.route("/me/tokens/<int:token_id>")
 class MyToken(MethodView):
+    @blp.response(200, TokenSchema)
+    def get(self, token_id):
+        """One of my tokens (never the secret)."""
+        return service.get_pat(current_principal().user.id, token_id)
+
     @blp.response(204)
     def delete(self, token_id):
         """Revoke one of my tokens, at once."""

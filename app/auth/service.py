@@ -16,7 +16,7 @@ from app.audit import service as audit
 from app.auth import throttle, tokens
 from app.auth.abilities import ABILITIES, abilities_for_role
 from app.auth.models import PersonalAccessToken, RefreshToken
-from app.auth.passwords import needs_rehash, verify_password
+from app.auth.passwords import hash_password, needs_rehash, verify_password
 from app.auth.totp import accepted_step
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from app.extensions import db
@@ -96,8 +96,6 @@ def login(identifier: str, password: str, totp_code: str | None = None) -> Token
             raise Unauthorized("The TOTP code is wrong or was already used.", code="totp_invalid")
         user.totp_last_step = step
     if needs_rehash(user.password_hash):
-        from app.auth.passwords import hash_password
-
         user.password_hash = hash_password(password)
     user.last_login_at = utcnow()
     pair = _issue(user, uuid.uuid4().hex)
@@ -294,10 +292,15 @@ def list_pats(user_id: int, *, cursor: int | None, limit: int):  # type: ignore[
     return paginate(stmt, PersonalAccessToken.id, cursor=cursor, limit=limit)
 
 
-def revoke_pat(user_id: int, token_id: int) -> None:
+def get_pat(user_id: int, token_id: int) -> PersonalAccessToken:
     pat = db.session.get(PersonalAccessToken, token_id)
     if pat is None or pat.user_id != user_id:
         raise NotFound(f"No token {token_id}.")
+    return pat
+
+
+def revoke_pat(user_id: int, token_id: int) -> None:
+    pat = get_pat(user_id, token_id)
     if pat.revoked_at is None:
         pat.revoked_at = utcnow()
         audit.record(

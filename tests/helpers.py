@@ -1,0 +1,42 @@
+"""Small assertions shared by the tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+
+def assert_problem(resp: Any, status: int, code: str | None = None) -> dict:
+    """The response is RFC 9457 problem+json with this status (and code)."""
+    assert resp.status_code == status, (resp.status_code, resp.get_data(as_text=True))
+    assert resp.mimetype == "application/problem+json", resp.mimetype
+    body = resp.get_json()
+    for key in ("type", "title", "status", "detail", "instance", "code", "request_id"):
+        assert key in body, (key, body)
+    assert body["status"] == status
+    assert body["request_id"] == resp.headers["X-Request-ID"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def count(app: Any, model: Any) -> int:
+    from app.extensions import db
+
+    with app.app_context():
+        return db.session.scalar(sa.select(sa.func.count()).select_from(model))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; fail with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
