@@ -156,6 +156,16 @@ def worker(burst: bool, queues: str | None) -> None:
     run_worker(current_app._get_current_object(), names, burst=burst)  # type: ignore[attr-defined]
 
 
+@main.command("api-docs")
+@with_appcontext
+def api_docs() -> None:
+    """Print docs/api.md, generated from the OpenAPI document."""
+    from app.extensions import api
+    from app.openapi import render_markdown
+
+    click.echo(render_markdown(api.spec.to_dict()), nl=False)
+
+
 # -- dev launcher (outside the app: it only prepares and hands over to honcho) -----------------
 
 

@@ -47,3 +47,38 @@ def register_docs_assets(app: Flask) -> None:
         return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename, max_age=86400)
 
     app.register_blueprint(assets)
+
+
+def render_markdown(spec: dict[str, Any]) -> str:
+    """docs/api.md: every endpoint from the generated spec, grouped by tag (kept in sync by a
+    test, so the document cannot drift from the code)."""
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the OpenAPI document by `switchboard api-docs > docs/api.md`; do not edit.",
+        "The live, interactive version is served at `/api/v1/docs` and the machine-readable one",
+        "at `/api/v1/openapi.json`. Conventions (auth, errors, pagination, rate limits) are in",
+        "[usage.md](usage.md).",
+        "",
+    ]
+    by_tag: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            tag = (op.get("tags") or ["other"])[0]
+            by_tag.setdefault(tag, []).append((method.upper(), path, op))
+    descriptions = {t["name"]: t.get("description", "") for t in spec.get("tags", [])}
+    for tag, ops in by_tag.items():
+        lines += [f"## {tag}", ""]
+        if descriptions.get(tag):
+            lines += [descriptions[tag], ""]
+        lines += ["| method | path | what | auth |", "|---|---|---|---|"]
+        for method, path, op in ops:
+            auth = "public" if op.get("security") == [] else "token"
+            if op.get("x-abilities"):
+                auth += " + " + ", ".join(op["x-abilities"])
+            summary = (op.get("summary") or op.get("description") or "").replace("|", "\\|")
+            lines.append(f"| {method} | `{path}` | {summary} | {auth} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -64,3 +64,15 @@ def test_interactive_docs_are_served_offline(client):
     assert "/api/v1/openapi.json" in html
     asset = client.get("/api/v1/docs/assets/swagger-ui-bundle.js")
     assert asset.status_code == 200 and len(asset.get_data()) > 100_000
+
+
+def test_docs_api_md_is_up_to_date(app):
+    from pathlib import Path
+
+    from app.extensions import api
+    from app.openapi import render_markdown
+
+    with app.app_context():
+        expected = render_markdown(api.spec.to_dict())
+    current = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    assert current == expected, "regenerate: .venv/bin/switchboard api-docs > docs/api.md"

@@ -7,6 +7,7 @@ Every view needs a valid credential unless it is marked `@public`; abilities are
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -53,6 +54,9 @@ def requires(*abilities: str) -> Callable[[F], F]:
                 raise Forbidden("This needs an administrator.")
             return func(*args, **kwargs)
 
+        apidoc = deepcopy(getattr(func, "_apidoc", {}))
+        apidoc.setdefault("manual_doc", {})["x-abilities"] = list(abilities)
+        wrapper._apidoc = apidoc  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorator
