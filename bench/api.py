@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None,
-            headers: dict | None = None) -> tuple[int, bytes]:
+def request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    headers: dict | None = None,
+) -> tuple[int, bytes]:
     payload = json.dumps(body).encode() if body is not None else None
     hdrs = {"Content-Type": "application/json"} if payload else {}
     conn.request(method, path, body=payload, headers={**hdrs, **(headers or {})})
@@ -82,20 +86,44 @@ def main() -> None:
 
     instance = Path(tempfile.mkdtemp(prefix="sbbench-"))
     port = free_port()
-    env = {**os.environ, "SWITCHBOARD_INSTANCE_PATH": str(instance), "PORT": str(port),
-           "SWITCHBOARD_ADMIN_USERNAME": "bench", "SWITCHBOARD_ADMIN_PASSWORD": "bench-password",
-           "SWITCHBOARD_RATE_LIMIT_READ": "100000000/minute", "GUNICORN_ACCESSLOG": "",
-           "SWITCHBOARD_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "SWITCHBOARD_INSTANCE_PATH": str(instance),
+        "PORT": str(port),
+        "SWITCHBOARD_ADMIN_USERNAME": "bench",
+        "SWITCHBOARD_ADMIN_PASSWORD": "bench-password",
+        "SWITCHBOARD_RATE_LIMIT_READ": "100000000/minute",
+        "GUNICORN_ACCESSLOG": "",
+        "SWITCHBOARD_LOG_LEVEL": "WARNING",
+    }
     procs = []
     if not os.environ.get("REDIS_URL"):
-        procs.append(subprocess.Popen([str(BIN / "switchboard"), "embedded-redis"], env=env,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "switchboard"), "embedded-redis"], env=env, start_new_session=True
+            )
+        )
         env["REDIS_URL"] = f"unix://{instance / 'redis.sock'}"
-    subprocess.run([str(BIN / "switchboard"), "bootstrap"], env=env, check=True,
-                   capture_output=True, cwd=ROOT)
-    procs.append(subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app",
-                                   "--access-logfile", "/dev/null", "--log-level", "warning"],
-                                  env=env, cwd=ROOT, start_new_session=True))
+    subprocess.run(
+        [str(BIN / "switchboard"), "bootstrap"], env=env, check=True, capture_output=True, cwd=ROOT
+    )
+    procs.append(
+        subprocess.Popen(
+            [
+                str(BIN / "gunicorn"),
+                "-c",
+                "gunicorn.conf.py",
+                "wsgi:app",
+                "--access-logfile",
+                "/dev/null",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -111,24 +139,38 @@ def main() -> None:
         login_times = []
         for _ in range(20):
             t0 = time.perf_counter()
-            status, body = request(conn, "POST", "/api/v1/auth/login",
-                                   {"username": "bench", "password": "bench-password"})
+            status, body = request(
+                conn,
+                "POST",
+                "/api/v1/auth/login",
+                {"username": "bench", "password": "bench-password"},
+            )
             login_times.append(time.perf_counter() - t0)
             assert status == 200, body
         jwt = json.loads(body)["access_token"]
-        status, body = request(conn, "POST", "/api/v1/me/tokens",
-                               {"label": "bench", "abilities": ["projects:read"]},
-                               {"Authorization": f"Bearer {jwt}"})
+        status, body = request(
+            conn,
+            "POST",
+            "/api/v1/me/tokens",
+            {"label": "bench", "abilities": ["projects:read"]},
+            {"Authorization": f"Bearer {jwt}"},
+        )
         pat = json.loads(body)["token"]
         db = "PostgreSQL" if "postgres" in env.get("DATABASE_URL", "") else "SQLite"
-        print(f"Switchboard API bench: {db}, {args.clients} clients, {args.seconds:.0f}s each, "
-              f"WEB_CONCURRENCY={env.get('WEB_CONCURRENCY', 'default')}")
+        print(
+            f"Switchboard API bench: {db}, {args.clients} clients, {args.seconds:.0f}s each, "
+            f"WEB_CONCURRENCY={env.get('WEB_CONCURRENCY', 'default')}"
+        )
         print(f"login: p50 {pct(login_times, 0.5):.1f} ms  p99 {pct(login_times, 0.99):.1f} ms")
-        for label, headers in (("GET /me with PAT", {"X-API-Key": pat}),
-                               ("GET /me with JWT", {"Authorization": f"Bearer {jwt}"})):
+        for label, headers in (
+            ("GET /me with PAT", {"X-API-Key": pat}),
+            ("GET /me with JWT", {"Authorization": f"Bearer {jwt}"}),
+        ):
             n, lat, errors = hammer(port, headers, args.seconds, args.clients)
-            print(f"{label}: {n / args.seconds:.0f} req/s  p50 {pct(lat, 0.5):.1f} ms  "
-                  f"p99 {pct(lat, 0.99):.1f} ms  errors {errors}")
+            print(
+                f"{label}: {n / args.seconds:.0f} req/s  p50 {pct(lat, 0.5):.1f} ms  "
+                f"p99 {pct(lat, 0.99):.1f} ms  errors {errors}"
+            )
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
