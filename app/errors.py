@@ -7,6 +7,7 @@ HTTP errors, flask-smorest/webargs validation errors and rate-limit refusals to 
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import marshmallow as ma
@@ -156,8 +157,9 @@ def rate_limited(error: RateLimitExceeded) -> Response:
 
 
 def domain_error(error: DomainError) -> Response:
-    title = error.code.replace("_", " ").capitalize()
-    resp = problem(error.status, title, error.detail, error.code, **error.extra)
+    resp = problem(
+        error.status, HTTPStatus(error.status).phrase, error.detail, error.code, **error.extra
+    )
     if isinstance(error, TooManyRequests):
         resp.headers["Retry-After"] = str(error.retry_after)
     elif error.status == 401:
