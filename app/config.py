@@ -107,6 +107,25 @@ class Settings:
     ADMIN_USERNAME: str = ""
     ADMIN_PASSWORD: str = ""
     ADMIN_EMAIL: str = ""
+    #: Worker processes `switchboard worker` runs (each executes one agent at a time).
+    WORKER_PROCESSES: int = 4
+    #: A run's lease: an executor that stops renewing it for this long loses the run.
+    LEASE_SECONDS: int = 15
+    #: How often an executor renews its lease.
+    LEASE_RENEW_SECONDS: int = 5
+    #: Seconds between the maintenance sweeps (expired leases, lost jobs, dispatch).
+    SWEEP_INTERVAL: int = 5
+    #: Seconds between TERM and KILL when a run is stopped or times out.
+    STOP_GRACE_SECONDS: int = 10
+    #: Default task timeout in seconds (0: none).
+    DEFAULT_TIMEOUT_S: int = 3600
+    #: Log batches are written when this old (milliseconds) or this large (bytes).
+    LOG_FLUSH_MS: int = 100
+    LOG_FLUSH_BYTES: int = 64 * 1024
+    #: Where runs get their git worktrees and scratch directories (default: instance/workspaces).
+    WORKSPACE_ROOT: str = ""
+    #: Custom agents as JSON: {"name": {"command": [...], "stdin": true, "parser": "text"}}.
+    AGENTS: str = ""
     #: Where SQLite, the dev secret and the embedded Redis live.
     INSTANCE_PATH: str = field(default_factory=lambda: str(instance_path()))
 
@@ -138,6 +157,16 @@ class Settings:
             ADMIN_USERNAME=env("SWITCHBOARD_ADMIN_USERNAME", ""),
             ADMIN_PASSWORD=env("SWITCHBOARD_ADMIN_PASSWORD", ""),
             ADMIN_EMAIL=env("SWITCHBOARD_ADMIN_EMAIL", ""),
+            WORKER_PROCESSES=_int("SWITCHBOARD_WORKER_PROCESSES", d.WORKER_PROCESSES),
+            LEASE_SECONDS=_int("SWITCHBOARD_LEASE_SECONDS", d.LEASE_SECONDS),
+            LEASE_RENEW_SECONDS=_int("SWITCHBOARD_LEASE_RENEW_SECONDS", d.LEASE_RENEW_SECONDS),
+            SWEEP_INTERVAL=_int("SWITCHBOARD_SWEEP_INTERVAL", d.SWEEP_INTERVAL),
+            STOP_GRACE_SECONDS=_int("SWITCHBOARD_STOP_GRACE_SECONDS", d.STOP_GRACE_SECONDS),
+            DEFAULT_TIMEOUT_S=_int("SWITCHBOARD_DEFAULT_TIMEOUT_S", d.DEFAULT_TIMEOUT_S),
+            LOG_FLUSH_MS=_int("SWITCHBOARD_LOG_FLUSH_MS", d.LOG_FLUSH_MS),
+            LOG_FLUSH_BYTES=_int("SWITCHBOARD_LOG_FLUSH_BYTES", d.LOG_FLUSH_BYTES),
+            WORKSPACE_ROOT=env("SWITCHBOARD_WORKSPACE_ROOT", ""),
+            AGENTS=env("SWITCHBOARD_AGENTS", ""),
         )
 
     def resolve(self) -> Settings:
@@ -160,6 +189,15 @@ class Settings:
         self.DATABASE_URL = normalise_database_url(self.DATABASE_URL)
         if not self.REDIS_URL:
             self.REDIS_URL = f"unix://{embedded_redis_socket(instance)}"
+        if not self.WORKSPACE_ROOT:
+            self.WORKSPACE_ROOT = str(instance / "workspaces")
+        if self.AGENTS:
+            from workers.agents import custom_agents
+
+            try:
+                custom_agents(self.AGENTS)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"SWITCHBOARD_AGENTS is not valid: {exc}") from exc
         return self
 
     def flask_config(self) -> dict[str, object]:

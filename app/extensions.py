@@ -6,12 +6,14 @@ built lazily from the app's config the first time they are asked for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flask_smorest
 import marshmallow as ma
 import redis
 import sqlalchemy as sa
+import sqlalchemy.orm
 from flask import Flask, current_app
 from flask_limiter import ApplicationLimit, Limiter
 from flask_migrate import Migrate
@@ -51,8 +53,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cur = dbapi_connection.cursor()
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across crashes, not power loss
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+
+
+def after_commit(callback: Callable[[], None]) -> None:
+    """Run `callback` once the current transaction commits (dropped if it rolls back).
+
+    For side effects that must not be seen before the data they refer to: enqueueing a job for a
+    run row that a worker could otherwise look up before it exists.
+    """
+    db.session.info.setdefault("sb_after_commit", []).append(callback)
+
+
+@sa.event.listens_for(sa.orm.Session, "after_commit")
+def _run_after_commit(session: sa.orm.Session) -> None:
+    callbacks = session.info.pop("sb_after_commit", [])
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # the data is committed; the maintenance sweep repairs what's missed
+            import logging
+
+            logging.getLogger(__name__).exception("after-commit callback failed")
+
+
+@sa.event.listens_for(sa.orm.Session, "after_rollback")
+def _drop_after_commit(session: sa.orm.Session) -> None:
+    session.info.pop("sb_after_commit", None)
 
 
 class Api(flask_smorest.Api):

@@ -191,3 +191,98 @@ def admin(app: Flask, client: FlaskClient) -> Account:
 @pytest.fixture
 def member(app: Flask, client: FlaskClient) -> Account:
     return account(app, client, "alice")
+
+
+FAKE_AGENTS = Path(__file__).parent / "fake_agents"
+
+
+def worker_env(app: Flask, **extra: str) -> dict[str, str]:
+    """The environment a real `switchboard worker` needs to share the test's database/Redis."""
+    cfg = app.config
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(
+        SWITCHBOARD_ENV="testing",
+        SECRET_KEY=cfg["SECRET_KEY"],
+        DATABASE_URL=cfg["SWITCHBOARD_DATABASE_URL"],
+        REDIS_URL=cfg["SWITCHBOARD_REDIS_URL"],
+        SWITCHBOARD_INSTANCE_PATH=cfg["SWITCHBOARD_INSTANCE_PATH"],
+        SWITCHBOARD_WORKSPACE_ROOT=cfg["SWITCHBOARD_WORKSPACE_ROOT"],
+        PATH=f"{FAKE_AGENTS}{os.pathsep}{os.environ.get('PATH', '')}",
+        SWITCHBOARD_LEASE_SECONDS="4",
+        SWITCHBOARD_LEASE_RENEW_SECONDS="1",
+        SWITCHBOARD_SWEEP_INTERVAL="1",
+        SWITCHBOARD_STOP_GRACE_SECONDS="3",
+        SWITCHBOARD_LOG_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class WorkerPool:
+    """A real `switchboard worker` (supervisor + worker processes) for one test."""
+
+    def __init__(self, app: Flask, processes: int = 2, **extra: str) -> None:
+        import subprocess
+        import sys
+
+        self.log_path = Path(app.config["SWITCHBOARD_INSTANCE_PATH"]) / (
+            f"worker-{os.getpid()}-{id(self)}.log"
+        )
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        switchboard = Path(sys.executable).parent / "switchboard"
+        self.proc = subprocess.Popen(
+            [str(switchboard), "worker", "--processes", str(processes)],
+            env=worker_env(app, **extra),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+            start_new_session=True,
+        )
+
+    def children(self) -> list[int]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    out.append(int(entry.name))
+        return out
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def worker(app: Flask, client: FlaskClient) -> Iterator[WorkerPool]:
+    pool = WorkerPool(app)
+    yield pool
+    pool.stop()
+    print("---- worker output ----\n" + pool.output())  # shown by pytest when a test fails
+
+
+@pytest.fixture
+def project(app: Flask, client: FlaskClient, member: Account) -> dict:
+    resp = client.post(
+        "/api/v1/projects",
+        headers=member.headers,
+        json={"key": "demo", "name": "Demo", "default_agent": "shell"},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()

@@ -1,12 +1,20 @@
-"""The server's own worker: an RQ worker that runs jobs inside the Flask app context.
+"""The server's own worker pool: a supervisor process and its worker processes.
 
-Jobs run in the worker process itself (no fork per job): our jobs mostly wait on an agent, which is
-its own process already, and a fork per job costs ~13 ms here. The worker configures SQLAlchemy's
-mappers once, up front, and each job gets a fresh app context and DB session.
+`switchboard worker` starts a supervisor that keeps `SWITCHBOARD_WORKER_PROCESSES` worker
+processes alive (restarting any that die, e.g. after kill -9) and runs the maintenance sweep every
+few seconds. Each worker process is an RQ worker that runs jobs inside the app context, in the
+process itself: our jobs mostly wait on an agent, which is its own process already, and a fork per
+job costs ~13 ms here. One worker process executes one agent at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 from flask import Flask
@@ -14,6 +22,10 @@ from rq import Queue, SimpleWorker
 from sqlalchemy.orm import configure_mappers
 
 from app.extensions import ALL_QUEUES, db, get_redis
+from workers.process import die_with_parent
+
+log = logging.getLogger("workers.pool")
+SWEEP_LOCK = "sb:sweep-lock"
 
 
 class AppWorker(SimpleWorker):
@@ -26,11 +38,96 @@ class AppWorker(SimpleWorker):
             finally:
                 db.session.remove()
 
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """Warm shutdown: tell the running job to stop its agent (its run is queued again)."""
+        from workers.executor import shutdown_requested
+
+        shutdown_requested.set()
+        super().request_stop(signum, frame)
+
 
 def run_worker(app: Flask, queue_names: list[str] | None = None, *, burst: bool = False) -> bool:
+    """One worker process (what the supervisor starts, and `--burst` runs directly)."""
     configure_mappers()
     connection = get_redis()
     queues = [Queue(name, connection=connection) for name in (queue_names or ALL_QUEUES)]
     worker = AppWorker(queues, connection=connection)
     worker.app = app
-    return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+    return worker.work(burst=burst, with_scheduler=False, logging_level="WARNING")
+
+
+def sweep_once(app: Flask, interval: int) -> dict[str, int] | None:
+    """Run the sweep unless another supervisor (on any host) ran it within `interval`."""
+    from app.runs.sweep import sweep
+
+    with app.app_context():
+        try:
+            if not get_redis().set(SWEEP_LOCK, "1", nx=True, ex=max(1, interval)):
+                return None
+            result = sweep()
+            if any(result.values()):
+                log.info("sweep: %s", result)
+            return result
+        except Exception:
+            log.exception("sweep failed")
+            db.session.rollback()
+            return None
+        finally:
+            db.session.remove()
+
+
+class Supervisor:
+    def __init__(self, app: Flask, processes: int, queue_names: list[str] | None) -> None:
+        self.app = app
+        self.processes = processes
+        self.queue_names = queue_names
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "flask", "--app", "app:create_app", "worker", "--child"]
+        if self.queue_names:
+            argv += ["--queues", ",".join(self.queue_names)]
+        # its own session: Ctrl-C reaches the supervisor, which stops the children in order
+        child = subprocess.Popen(
+            argv, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM)
+        )
+        log.info("started worker process %s", child.pid)
+        return child
+
+    def _stop(self, _signum: int, _frame: Any) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        interval = self.app.config["SWITCHBOARD_SWEEP_INTERVAL"]
+        self.children = [self._spawn() for _ in range(self.processes)]
+        next_sweep = time.monotonic()
+        while not self.stopping:
+            for i, child in enumerate(self.children):
+                if child.poll() is not None and not self.stopping:
+                    log.warning(
+                        "worker process %s exited (%s); starting another",
+                        child.pid,
+                        child.returncode,
+                    )
+                    self.children[i] = self._spawn()
+            if time.monotonic() >= next_sweep:
+                sweep_once(self.app, interval)
+                next_sweep = time.monotonic() + interval
+            time.sleep(0.2)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Warm stop: each worker ends its agent (TERM, short grace) and requeues its run."""
+        for child in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()

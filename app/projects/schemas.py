@@ -1,0 +1,83 @@
+import marshmallow as ma
+
+from app.extensions import Schema
+from app.pagination import PageQuerySchema, page_schema
+from app.projects.models import PROJECT_ROLES
+from app.timeutil import Timestamp
+
+_cap = ma.validate.Range(1, 10_000)
+
+
+class ProjectSchema(ma.Schema):
+    id = ma.fields.Int()
+    key = ma.fields.Str()
+    name = ma.fields.Str()
+    description = ma.fields.Str(allow_none=True)
+    repo_url = ma.fields.Str(allow_none=True)
+    default_branch = ma.fields.Str()
+    workdir = ma.fields.Str(allow_none=True)
+    default_agent = ma.fields.Str()
+    max_concurrent_runs = ma.fields.Int(allow_none=True)
+    created_at = Timestamp()
+    updated_at = Timestamp()
+    archived_at = Timestamp(allow_none=True)
+
+
+ProjectPageSchema = page_schema(ProjectSchema, "ProjectPage")
+
+
+class ProjectCreateSchema(Schema):
+    key = ma.fields.Str(
+        required=True,
+        validate=ma.validate.Length(1, 64),
+        metadata={"description": "slug: lowercase letters, digits, '-'"},
+    )
+    name = ma.fields.Str(required=True, validate=ma.validate.Length(1, 200))
+    description = ma.fields.Str(load_default=None, allow_none=True)
+    repo_url = ma.fields.Str(
+        load_default=None, allow_none=True, validate=ma.validate.Length(1, 1000)
+    )
+    default_branch = ma.fields.Str(load_default="main", validate=ma.validate.Length(1, 200))
+    workdir = ma.fields.Str(
+        load_default=None, allow_none=True, validate=ma.validate.Length(1, 1000)
+    )
+    default_agent = ma.fields.Str(load_default="claude", validate=ma.validate.Length(1, 64))
+    max_concurrent_runs = ma.fields.Int(load_default=None, allow_none=True, validate=_cap)
+
+
+class ProjectUpdateSchema(Schema):
+    name = ma.fields.Str(validate=ma.validate.Length(1, 200))
+    description = ma.fields.Str(allow_none=True)
+    repo_url = ma.fields.Str(allow_none=True, validate=ma.validate.Length(1, 1000))
+    default_branch = ma.fields.Str(validate=ma.validate.Length(1, 200))
+    workdir = ma.fields.Str(allow_none=True, validate=ma.validate.Length(1, 1000))
+    default_agent = ma.fields.Str(validate=ma.validate.Length(1, 64))
+    max_concurrent_runs = ma.fields.Int(allow_none=True, validate=_cap)
+
+
+class ProjectQuerySchema(PageQuerySchema):
+    archived = ma.fields.Bool(load_default=False)
+
+
+class MemberSchema(ma.Schema):
+    user_id = ma.fields.Int()
+    username = ma.fields.Str()
+    role = ma.fields.Str(metadata={"enum": list(PROJECT_ROLES)})
+    created_at = Timestamp()
+
+
+class MemberListSchema(ma.Schema):
+    data = ma.fields.List(ma.fields.Nested(MemberSchema))
+
+
+class MemberAddSchema(Schema):
+    user_id = ma.fields.Int(required=True)
+    role = ma.fields.Str(required=True, validate=ma.validate.OneOf(PROJECT_ROLES))
+
+
+class ProjectStatsSchema(ma.Schema):
+    tasks = ma.fields.Dict(keys=ma.fields.Str(), values=ma.fields.Int())
+    tasks_total = ma.fields.Int()
+    runs = ma.fields.Dict(keys=ma.fields.Str(), values=ma.fields.Int())
+    runs_total = ma.fields.Int()
+    log_bytes = ma.fields.Int()

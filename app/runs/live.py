@@ -1,0 +1,49 @@
+"""Live notifications on Redis pub/sub: what streams fan out and what executors listen to.
+
+Publishing is best-effort: the database is the record, so a Redis hiccup never fails a run; a
+stream that missed a message resumes from the database by offset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from app.extensions import get_redis
+
+log = logging.getLogger(__name__)
+
+
+def run_channel(run_id: int) -> str:
+    return f"sb:run:{run_id}"
+
+
+def control_channel(run_id: int) -> str:
+    return f"sb:run:{run_id}:control"
+
+
+def publish(channel: str, message: dict[str, Any]) -> None:
+    try:
+        get_redis().publish(channel, json.dumps(message, separators=(",", ":")))
+    except Exception as exc:  # never let a notification break the state change it reports
+        log.warning("could not publish on %s: %s", channel, exc)
+
+
+def run_log(run_id: int, offset: int, data: bytes) -> None:
+    publish(
+        run_channel(run_id),
+        {"type": "log", "offset": offset, "text": data.decode("utf-8", "replace")},
+    )
+
+
+def run_status(run_id: int, status: str, exit_code: int | None = None) -> None:
+    publish(run_channel(run_id), {"type": "status", "status": status, "exit_code": exit_code})
+
+
+def run_events(run_id: int, events: list[dict[str, Any]]) -> None:
+    publish(run_channel(run_id), {"type": "events", "events": events})
+
+
+def request_stop(run_id: int) -> None:
+    publish(control_channel(run_id), {"type": "stop"})

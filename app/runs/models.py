@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.extensions import db
+from app.projects.models import Project
+from app.timeutil import UTCDateTime, utcnow
+
+RUN_STATUSES = (
+    "queued",
+    "assigned",
+    "running",
+    "waiting",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+    "lost",
+)
+RUN_ACTIVE = frozenset({"queued", "assigned", "running", "waiting"})
+RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "lost"})
+
+
+class Run(db.Model):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(sa.ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(default=1)
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    agent: Mapped[str] = mapped_column(sa.String(64))
+    #: who executes it: "pool:<host>:<pid>" or an external executor's name
+    executor: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: handed to the worker pool's queue (runs wait undispatched while the project is at its cap)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    exit_code: Mapped[int | None]
+    error_summary: Mapped[str | None] = mapped_column(sa.String(1000))
+    agent_version: Mapped[str | None] = mapped_column(sa.String(200))
+    session_id: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    cost_usd: Mapped[float | None]
+    input_tokens: Mapped[int | None]
+    output_tokens: Mapped[int | None]
+    branch: Mapped[str | None] = mapped_column(sa.String(300))
+    commit_sha: Mapped[str | None] = mapped_column(sa.String(64))
+    diff_stat: Mapped[str | None] = mapped_column(sa.Text)
+    pid: Mapped[int | None]
+    log_size: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    event_count: Mapped[int] = mapped_column(default=0)
+
+    project: Mapped[Project] = relationship(lazy="select", viewonly=True)
+
+    __table_args__ = (
+        sa.Index("ix_runs_project_status", "project_id", "status"),
+        sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
+    )
+
+
+class RunLogChunk(db.Model):
+    """Append-only: a chunk starts at `offset` bytes into the run's log."""
+
+    __tablename__ = "run_log_chunks"
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"))
+    offset: Mapped[int] = mapped_column(sa.BigInteger)
+    size: Mapped[int]
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (sa.UniqueConstraint("run_id", "offset", name="uq_run_log_chunks_offset"),)
+
+
+class RunEvent(db.Model):
+    """Typed telemetry parsed from the agent's output; `seq` counts from 1 within a run."""
+
+    __tablename__ = "run_events"
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"))
+    seq: Mapped[int]
+    type: Mapped[str] = mapped_column(sa.String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (sa.UniqueConstraint("run_id", "seq", name="uq_run_events_seq"),)

@@ -1,0 +1,249 @@
+"""Runs: one attempt at a task, executed by exactly one executor holding a lease.
+
+Every transition is a conditional UPDATE on the run's current status, so concurrent actors (the
+executor finishing, a person stopping it, the sweep expiring its lease) cannot both win.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from app.errors import Conflict, NotFound
+from app.extensions import db
+from app.pagination import Page, paginate
+from app.runs import live, logs
+from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent
+from app.timeutil import utcnow
+
+SIGNALS = {
+    2: "interrupted (SIGINT)",
+    6: "aborted (SIGABRT)",
+    9: "killed (out of memory or external signal)",
+    11: "crashed (segmentation fault)",
+    15: "terminated (SIGTERM)",
+}
+
+
+def normalise_exit_code(returncode: int) -> int:
+    """Popen reports death by signal N as -N; shells say 128+N. We store the shell's form."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def error_summary(exit_code: int) -> str | None:
+    if exit_code == 0:
+        return None
+    if exit_code == 127:
+        return "command not found (exit 127)"
+    if exit_code == 126:
+        return "command not executable (exit 126)"
+    if exit_code > 128 and exit_code - 128 in SIGNALS:
+        return f"{SIGNALS[exit_code - 128]} (exit {exit_code})"
+    return f"exited with code {exit_code}"
+
+
+def get_run(run_id: int) -> Run:
+    run = db.session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"No run {run_id}.")
+    return run
+
+
+def list_runs(
+    project_ids: list[int] | None,
+    *,
+    task_id: int | None = None,
+    status: str | None = None,
+    executor: str | None = None,
+    cursor: int | None = None,
+    limit: int = 50,
+) -> Page[Run]:
+    stmt = sa.select(Run)
+    if project_ids is not None:
+        stmt = stmt.where(Run.project_id.in_(project_ids))
+    if task_id is not None:
+        stmt = stmt.where(Run.task_id == task_id)
+    if status:
+        stmt = stmt.where(Run.status == status)
+    if executor:
+        stmt = stmt.where(Run.executor.startswith(executor))
+    return paginate(stmt, Run.id, cursor=cursor, limit=limit)
+
+
+def _transition(
+    run_id: int, from_statuses: frozenset[str] | set[str], held_by: str | None, **values: Any
+) -> bool:
+    stmt = sa.update(Run).where(Run.id == run_id, Run.status.in_(from_statuses))
+    if held_by is not None:
+        stmt = stmt.where(Run.executor == held_by)
+    moved = db.session.execute(
+        stmt.values(**values).execution_options(synchronize_session=False)
+    ).rowcount
+    return moved == 1
+
+
+def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
+    """An executor takes a queued run. None when someone else already has it (or it ended)."""
+    now = utcnow()
+    if not _transition(
+        run_id,
+        {"queued"},
+        None,
+        status="assigned",
+        executor=executor,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+    ):
+        db.session.rollback()
+        return None
+    db.session.commit()
+    run = db.session.get(Run, run_id)
+    db.session.refresh(run)
+    return run
+
+
+def mark_running(run: Run, *, pid: int | None, agent_version: str | None, lease_s: int) -> bool:
+    from app.tasks import lifecycle
+
+    now = utcnow()
+    if not _transition(
+        run.id,
+        {"assigned"},
+        run.executor,
+        status="running",
+        started_at=now,
+        pid=pid,
+        agent_version=agent_version,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+    ):
+        db.session.rollback()
+        return False
+    db.session.refresh(run)
+    lifecycle.run_changed(run)
+    db.session.commit()
+    live.run_status(run.id, "running")
+    return True
+
+
+def renew_lease(run_id: int, executor: str, lease_s: int) -> tuple[bool, bool]:
+    """Extend the lease. Returns (still ours, stop requested)."""
+    ok = _transition(
+        run_id, RUN_ACTIVE, executor, lease_expires_at=utcnow() + timedelta(seconds=lease_s)
+    )
+    stop = db.session.scalar(sa.select(Run.stop_requested_at).where(Run.id == run_id))
+    db.session.commit()
+    return ok, stop is not None
+
+
+def append_log(run: Run, offset: int, data: bytes, *, commit: bool = True) -> logs.Appended | None:
+    appended = logs.append(run, offset, data)
+    if commit:
+        db.session.commit()
+    return appended
+
+
+def add_events(run: Run, events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Store events with consecutive `seq` numbers (in the current transaction)."""
+    if not events:
+        return []
+    first = run.event_count + 1
+    moved = db.session.execute(
+        sa.update(Run)
+        .where(Run.id == run.id, Run.event_count == run.event_count)
+        .values(event_count=run.event_count + len(events))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 1:
+        db.session.refresh(run)
+        return add_events(run, events)
+    run.event_count += len(events)
+    out = []
+    now = utcnow()
+    for i, (kind, data) in enumerate(events):
+        db.session.add(RunEvent(run_id=run.id, seq=first + i, type=kind, data=data, created_at=now))
+        out.append({"seq": first + i, "type": kind, "data": data})
+    return out
+
+
+def list_events(
+    run: Run, *, after_seq: int | None, limit: int, kind: str | None = None
+) -> tuple[list[RunEvent], int | None]:
+    stmt = sa.select(RunEvent).where(RunEvent.run_id == run.id)
+    if after_seq:
+        stmt = stmt.where(RunEvent.seq > after_seq)
+    if kind:
+        stmt = stmt.where(RunEvent.type == kind)
+    rows = list(db.session.scalars(stmt.order_by(RunEvent.seq).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (rows[-1].seq if more and rows else None)
+
+
+def finish(
+    run_id: int,
+    status: str,
+    *,
+    exit_code: int | None = None,
+    summary: str | None = None,
+    executor: str | None = None,
+    requeue: bool = False,
+    **extra: Any,
+) -> Run:
+    """End a run (idempotent: a run that already ended keeps its first ending).
+
+    `requeue`: the run was interrupted through no fault of its own (its worker shut down), so a
+    new attempt is queued whatever `max_attempts` says."""
+    from app.tasks import lifecycle
+
+    assert status in RUN_TERMINAL, status
+    if summary is None and exit_code is not None:
+        summary = error_summary(exit_code)
+    ended = _transition(
+        run_id,
+        RUN_ACTIVE,
+        executor,
+        status=status,
+        exit_code=exit_code,
+        error_summary=summary[:1000] if summary else None,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+        **extra,
+    )
+    run = get_run(run_id)
+    db.session.refresh(run)
+    if not ended:
+        db.session.rollback()
+        return run
+    lifecycle.run_finished(run, requeue=requeue)
+    db.session.commit()
+    live.run_status(run.id, run.status, run.exit_code)
+    return run
+
+
+def request_stop(run: Run) -> Run:
+    """Stop a run: one that no executor holds ends at once; otherwise its executor is told
+    (pub/sub now, lease renewal as a fallback) and ends it with TERM, grace, KILL."""
+    if run.status in RUN_TERMINAL:
+        raise Conflict(f"Run {run.id} already ended ({run.status}).")
+    if run.status == "queued":
+        return finish(run.id, "cancelled", summary="stopped before it started")
+    if run.stop_requested_at is None:
+        run.stop_requested_at = utcnow()
+        db.session.commit()
+    live.request_stop(run.id)
+    return run
+
+
+def delete_run(run: Run) -> None:
+    if run.status not in RUN_TERMINAL:
+        raise Conflict(f"Run {run.id} is {run.status}; stop it first.")
+    from app.tasks.models import Task
+
+    task = db.session.get(Task, run.task_id)
+    if task is not None and task.latest_run_id == run.id:
+        task.latest_run_id = db.session.scalar(
+            sa.select(sa.func.max(Run.id)).where(Run.task_id == run.task_id, Run.id != run.id)
+        )
+    db.session.delete(run)
+    db.session.commit()

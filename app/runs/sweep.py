@@ -1,0 +1,113 @@
+"""The maintenance sweep: what makes a run always end, whatever happened to its executor.
+
+- A run whose lease expired (its worker was killed, its machine vanished) becomes `lost`, and
+  within the task's `max_attempts` a new attempt is queued.
+- An external run past its timeout becomes `timed_out`.
+- A dispatched run whose job vanished from Redis (Redis restarted) is enqueued again; the job only
+  acts on a run that is still queued, so a duplicate is harmless.
+- Projects with free capacity get their next queued runs.
+Every step is a conditional update, so two sweeps at once do no harm.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import sqlalchemy as sa
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from app.extensions import db, get_redis
+from app.runs import service as runs
+from app.runs.models import Run
+from app.tasks import lifecycle
+from app.tasks.models import Task
+from app.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+#: a dispatched run may sit this long in a busy queue before we check that its job exists
+REQUEUE_AFTER = timedelta(seconds=30)
+
+
+def expire_leases() -> int:
+    now = utcnow()
+    expired = list(
+        db.session.scalars(
+            sa.select(Run.id).where(
+                Run.status.in_(("assigned", "running", "waiting")), Run.lease_expires_at < now
+            )
+        )
+    )
+    for run_id in expired:
+        log.warning("run %s: lease expired, marking lost", run_id)
+        runs.finish(run_id, "lost", summary="lease expired: its executor stopped renewing it")
+    return len(expired)
+
+
+def time_out_external() -> int:
+    now = utcnow()
+    rows = db.session.execute(
+        sa.select(Run.id, Run.started_at, Task.timeout_s)
+        .join(Task, Task.id == Run.task_id)
+        .where(
+            Task.target == "external",
+            Run.status.in_(("running", "waiting")),
+            Task.timeout_s.is_not(None),
+        )
+    ).all()
+    count = 0
+    for run_id, started, timeout in rows:
+        if started is not None and now - started > timedelta(seconds=timeout):
+            runs.finish(run_id, "timed_out", summary=f"timed out after {timeout}s")
+            count += 1
+    return count
+
+
+def requeue_lost_jobs() -> int:
+    cutoff = utcnow() - REQUEUE_AFTER
+    rows = db.session.execute(
+        sa.select(Run.id, Task.priority)
+        .join(Task, Task.id == Run.task_id)
+        .where(Run.status == "queued", Run.dispatched_at < cutoff)
+    ).all()
+    db.session.rollback()
+    count = 0
+    conn = get_redis()
+    for run_id, priority in rows:
+        try:
+            status = Job.fetch(lifecycle.job_id(run_id), connection=conn).get_status()
+        except NoSuchJobError:
+            status = None
+        if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+            continue
+        log.warning("run %s: its job is gone (%s); enqueueing again", run_id, status)
+        lifecycle.enqueue(run_id, priority)
+        count += 1
+    return count
+
+
+def dispatch_all() -> int:
+    project_ids = list(
+        db.session.scalars(
+            sa.select(Run.project_id)
+            .where(Run.status == "queued", Run.dispatched_at.is_(None))
+            .distinct()
+        )
+    )
+    picked = 0
+    for project_id in project_ids:
+        picked += len(lifecycle.dispatch(project_id))
+        db.session.commit()
+    return picked
+
+
+def sweep() -> dict[str, int]:
+    result = {
+        "lost": expire_leases(),
+        "timed_out": time_out_external(),
+        "requeued": requeue_lost_jobs(),
+        "dispatched": dispatch_all(),
+    }
+    db.session.commit()
+    return result

@@ -1,0 +1,234 @@
+"""How tasks follow their runs: status, retries, dependencies and dispatch to the worker pool.
+
+A task's status follows its latest run. When a run ends, the task may get a new attempt (within
+`max_attempts`), release the tasks waiting on it, or cancel them; then the project's freed
+capacity is handed to the next queued runs, highest priority first, then oldest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+
+from app.extensions import after_commit, db
+from app.projects.models import Project
+from app.runs.models import Run
+from app.tasks.models import PRIORITY_RANK, TASK_TERMINAL, Task, TaskDependency
+from app.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+TASK_FOR_RUN = {
+    "queued": "queued",
+    "assigned": "queued",
+    "running": "running",
+    "waiting": "waiting",
+    "succeeded": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "timed_out": "failed",
+    "lost": "failed",
+}
+RETRYABLE = frozenset({"failed", "timed_out", "lost"})
+#: runs holding (or about to hold) a slot of the project's concurrency cap
+OCCUPYING = ("assigned", "running", "waiting")
+POOL_TARGET = "pool"
+
+
+def queue_name(priority: str) -> str:
+    return {"urgent": "runs-urgent", "high": "runs-high", "low": "runs-low"}.get(
+        priority, "runs-default"
+    )
+
+
+def job_id(run_id: int) -> str:
+    return f"run-{run_id}"
+
+
+def new_attempt(task: Task, *, reason: str | None = None) -> Run:
+    """Queue a new run of `task` (in the current transaction) and dispatch it after commit."""
+    task.attempts += 1
+    run = Run(
+        task_id=task.id,
+        project_id=task.project_id,
+        attempt=task.attempts,
+        agent=task.agent,
+        status="queued",
+    )
+    db.session.add(run)
+    db.session.flush()
+    task.latest_run_id = run.id
+    task.status = "queued"
+    task.status_reason = reason
+    task.finished_at = None
+    dispatch(task.project_id)
+    return run
+
+
+def run_changed(run: Run) -> None:
+    task = db.session.get(Task, run.task_id)
+    if task is not None and task.latest_run_id == run.id:
+        task.status = TASK_FOR_RUN[run.status]
+
+
+def run_finished(run: Run, *, requeue: bool = False) -> None:
+    """A run reached a terminal state (in the current transaction)."""
+    task = db.session.get(Task, run.task_id)
+    if task is None or task.latest_run_id != run.id:
+        return
+    if requeue or (run.status in RETRYABLE and task.attempts < task.max_attempts):
+        if requeue:
+            task.max_attempts += 1  # this attempt does not count against the task
+        new_attempt(
+            task,
+            reason=f"attempt {run.attempt} {run.status}: {run.error_summary or ''}".strip(": "),
+        )
+        return
+    task.status = TASK_FOR_RUN[run.status]
+    task.status_reason = run.error_summary
+    task.finished_at = utcnow()
+    if task.status == "completed":
+        release_dependents(task)
+    else:
+        cancel_dependents(task, f"dependency #{task.id} {task.status}")
+    dispatch(task.project_id)
+
+
+def _dependents(task_id: int) -> list[Task]:
+    return list(
+        db.session.scalars(
+            sa.select(Task)
+            .join(TaskDependency, TaskDependency.task_id == Task.id)
+            .where(TaskDependency.depends_on_id == task_id, Task.status == "blocked")
+        )
+    )
+
+
+def unmet_dependencies(task_id: int) -> tuple[int, list[Task]]:
+    """(how many dependencies are not completed yet, those that failed or were cancelled)."""
+    deps = list(
+        db.session.scalars(
+            sa.select(Task)
+            .join(TaskDependency, TaskDependency.depends_on_id == Task.id)
+            .where(TaskDependency.task_id == task_id)
+        )
+    )
+    pending = sum(1 for d in deps if d.status != "completed")
+    dead = [d for d in deps if d.status in ("failed", "cancelled")]
+    return pending, dead
+
+
+def release_dependents(task: Task) -> None:
+    for dependent in _dependents(task.id):
+        pending, dead = unmet_dependencies(dependent.id)
+        if dead:
+            cancel(dependent, f"dependency #{dead[0].id} {dead[0].status}")
+        elif pending == 0:
+            new_attempt(dependent)
+
+
+def cancel(task: Task, reason: str) -> None:
+    """Cancel a task that has no live run, and everything waiting on it."""
+    task.status = "cancelled"
+    task.status_reason = reason
+    task.finished_at = utcnow()
+    if task.latest_run_id:
+        run = db.session.get(Run, task.latest_run_id)
+        if run is not None and run.status == "queued":
+            run.status, run.finished_at, run.error_summary = "cancelled", utcnow(), reason
+    cancel_dependents(task, f"dependency #{task.id} cancelled")
+
+
+def cancel_dependents(task: Task, reason: str) -> None:
+    for dependent in _dependents(task.id):
+        cancel(dependent, reason)
+
+
+def queue_position(task: Task) -> int | None:
+    """1-based place among the project's queued tasks (priority, then age); None if not queued."""
+    if task.status != "queued":
+        return None
+    ahead = db.session.scalar(
+        sa.select(sa.func.count(Task.id)).where(
+            Task.project_id == task.project_id,
+            Task.status == "queued",
+            sa.or_(
+                Task.priority_rank > task.priority_rank,
+                sa.and_(Task.priority_rank == task.priority_rank, Task.id < task.id),
+            ),
+        )
+    )
+    return (ahead or 0) + 1
+
+
+def dispatch(project_id: int) -> list[int]:
+    """Hand queued pool runs to the queue while the project has capacity (after commit)."""
+    project = db.session.get(Project, project_id)
+    if project is None:
+        return []
+    stmt = (
+        sa.select(Run.id, Task.priority)
+        .join(Task, Task.id == Run.task_id)
+        .where(
+            Run.project_id == project_id,
+            Run.status == "queued",
+            Run.dispatched_at.is_(None),
+            Task.target == POOL_TARGET,
+            Task.latest_run_id == Run.id,
+        )
+        .order_by(Task.priority_rank.desc(), Task.id)
+    )
+    if project.max_concurrent_runs is not None:
+        busy = (
+            db.session.scalar(
+                sa.select(sa.func.count(Run.id)).where(
+                    Run.project_id == project_id,
+                    sa.or_(
+                        Run.status.in_(OCCUPYING),
+                        sa.and_(Run.status == "queued", Run.dispatched_at.is_not(None)),
+                    ),
+                )
+            )
+            or 0
+        )
+        free = project.max_concurrent_runs - busy
+        if free <= 0:
+            return []
+        stmt = stmt.limit(free)
+    picked = db.session.execute(stmt).all()
+    if not picked:
+        return []
+    now = utcnow()
+    db.session.execute(
+        sa.update(Run)
+        .where(Run.id.in_([r.id for r in picked]))
+        .values(dispatched_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    for run_id, priority in picked:
+        after_commit(lambda r=run_id, p=priority: enqueue(r, p))
+    return [r.id for r in picked]
+
+
+def enqueue(run_id: int, priority: str) -> None:
+    """Put the run's job on its priority queue. Idempotent: the job only acts on a queued run."""
+    from app.extensions import get_queue
+
+    get_queue(queue_name(priority)).enqueue(
+        "workers.jobs.execute_run",
+        run_id,
+        job_id=job_id(run_id),
+        job_timeout=-1,
+        result_ttl=60,
+        failure_ttl=24 * 3600,
+        description=f"run {run_id}",
+    )
+
+
+def terminal(task: Task) -> bool:
+    return task.status in TASK_TERMINAL
+
+
+def rank(priority: str) -> int:
+    return PRIORITY_RANK[priority]

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.extensions import db
+from app.projects.models import Project
+from app.timeutil import UTCDateTime, utcnow
+
+PRIORITIES = ("low", "normal", "high", "urgent")
+#: higher runs first
+PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}
+TASK_STATUSES = ("blocked", "queued", "running", "waiting", "completed", "failed", "cancelled")
+TASK_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class Task(db.Model):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"))
+    title: Mapped[str] = mapped_column(sa.String(300))
+    prompt: Mapped[str] = mapped_column(sa.Text)
+    agent: Mapped[str] = mapped_column(sa.String(64))
+    #: "pool" (the server's workers), "external" (claimed over REST), later machines/labels
+    target: Mapped[str] = mapped_column(sa.String(200), default="pool")
+    priority: Mapped[str] = mapped_column(sa.String(8), default="normal")
+    priority_rank: Mapped[int] = mapped_column(default=1)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    status_reason: Mapped[str | None] = mapped_column(sa.String(500))
+    timeout_s: Mapped[int | None]
+    max_attempts: Mapped[int] = mapped_column(default=1)
+    attempts: Mapped[int] = mapped_column(default=0)
+    loop: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    config: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    source: Mapped[str] = mapped_column(sa.String(16), default="api")
+    source_ref: Mapped[str | None] = mapped_column(sa.String(500))
+    creator_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
+    latest_run_id: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    project: Mapped[Project] = relationship(lazy="select", viewonly=True)
+
+    __table_args__ = (
+        sa.Index("ix_tasks_project_status", "project_id", "status"),
+        sa.Index("ix_tasks_status_rank", "status", "priority_rank", "id"),
+        sa.UniqueConstraint("creator_id", "idempotency_key", name="uq_tasks_idempotency"),
+    )
+
+
+class TaskDependency(db.Model):
+    __tablename__ = "task_dependencies"
+
+    task_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    depends_on_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True, index=True
+    )

@@ -1,0 +1,135 @@
+from flask import request
+from flask.views import MethodView
+
+from app.auth.guard import current_principal, requires
+from app.extensions import Blueprint
+from app.runs.schemas import RunSchema
+from app.tasks import lifecycle, service
+from app.tasks.schemas import (
+    ClaimSchema,
+    TaskCreateSchema,
+    TaskDetailSchema,
+    TaskPageSchema,
+    TaskQuerySchema,
+    TaskSchema,
+    TaskUpdateSchema,
+)
+
+blp = Blueprint(
+    "tasks",
+    __name__,
+    url_prefix="/api/v1/tasks",
+    description="Tasks: what someone asked an agent to do",
+)
+
+
+def view(task, with_runs: bool = False):  # type: ignore[no-untyped-def]
+    """The task with its derived fields (queue position, dependencies, runs)."""
+    task.queue_position = lifecycle.queue_position(task)
+    task.depends_on = service.dependency_ids(task.id)
+    if with_runs:
+        task.runs = service.task_runs(task.id)
+    return task
+
+
+@blp.route("")
+class Tasks(MethodView):
+    @requires("projects:read")
+    @blp.arguments(TaskQuerySchema, location="query")
+    @blp.response(200, TaskPageSchema)
+    def get(self, args):
+        """Tasks of the projects I can see, newest first."""
+        page = service.list_tasks(
+            current_principal(),
+            project=args.get("project"),
+            status=args.get("status"),
+            agent=args.get("agent"),
+            priority=args.get("priority"),
+            creator_id=args.get("creator"),
+            cursor=args.get("cursor"),
+            limit=args["limit"],
+        )
+        page.items = [view(t) for t in page.items]
+        return page.response()
+
+    @requires("runs:start")
+    @blp.arguments(TaskCreateSchema)
+    @blp.response(201, TaskSchema)
+    @blp.doc(
+        parameters=[
+            {
+                "in": "header",
+                "name": "Idempotency-Key",
+                "required": False,
+                "schema": {"type": "string", "maxLength": 200},
+                "description": "the same key within 24 h returns the same task",
+            }
+        ]
+    )
+    def post(self, data):
+        """Create a task (developer): `queued` with its queue position, or `blocked` on its
+        dependencies."""
+        key = request.headers.get("Idempotency-Key", "").strip()[:200] or None
+        created = service.create_task(current_principal(), data, key)
+        headers = {"Location": f"/api/v1/tasks/{created.task.id}"}
+        if created.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return view(created.task), 201, headers
+
+
+@blp.route("/<int:task_id>")
+class TaskById(MethodView):
+    @requires("projects:read")
+    @blp.response(200, TaskDetailSchema)
+    def get(self, task_id):
+        """A task with its runs."""
+        return view(service.task_for(current_principal(), task_id), with_runs=True)
+
+    @requires("runs:start")
+    @blp.arguments(TaskUpdateSchema)
+    @blp.response(200, TaskSchema)
+    def patch(self, data, task_id):
+        """Change the title, priority or dependencies of a task that has not started."""
+        task = service.task_for(current_principal(), task_id, "developer")
+        return view(service.update_task(task, data))
+
+    @requires("runs:control")
+    @blp.response(204)
+    def delete(self, task_id):
+        """Delete a task and its runs (409 while a run is in progress)."""
+        service.delete_task(service.task_for(current_principal(), task_id, "developer"))
+
+
+@blp.route("/<int:task_id>/cancel")
+class TaskCancel(MethodView):
+    @requires("runs:control")
+    @blp.response(202, TaskSchema)
+    def post(self, task_id):
+        """Cancel a task: a running agent is stopped (TERM, grace, KILL)."""
+        task = service.task_for(current_principal(), task_id, "developer")
+        return view(service.cancel_task(task))
+
+
+@blp.route("/<int:task_id>/retry")
+class TaskRetry(MethodView):
+    @requires("runs:start")
+    @blp.response(201, RunSchema)
+    def post(self, task_id):
+        """A new run of a failed, cancelled, timed-out or lost task (409 otherwise)."""
+        run = service.retry_task(service.task_for(current_principal(), task_id, "developer"))
+        return run, 201, {"Location": f"/api/v1/runs/{run.id}"}
+
+
+@blp.route("/<int:task_id>/claim")
+class TaskClaim(MethodView):
+    @requires("runs:start")
+    @blp.arguments(ClaimSchema)
+    @blp.response(200, RunSchema)
+    def post(self, data, task_id):
+        """An external executor takes the task's run with a lease (409 if another holds it)."""
+        from flask import current_app
+
+        task = service.task_for(current_principal(), task_id, "developer")
+        return service.claim(
+            task, data["executor"], current_app.config["SWITCHBOARD_LEASE_SECONDS"]
+        )

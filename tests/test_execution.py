@@ -1,0 +1,195 @@
+"""Agents executed by the real worker pool: logs, events, stop, timeout, lost runs and retries."""
+
+import os
+import signal
+import time
+
+from helpers import wait_for
+
+
+def create(client, acct, **fields):
+    body = {"project": "demo", "title": fields.pop("title", "t"), **fields}
+    resp = client.post("/api/v1/tasks", json=body, headers=acct.headers)
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+def task(client, acct, task_id):
+    return client.get(f"/api/v1/tasks/{task_id}", headers=acct.headers).get_json()
+
+
+def wait_status(client, acct, task_id, statuses, timeout=15):
+    statuses = {statuses} if isinstance(statuses, str) else set(statuses)
+    return wait_for(
+        lambda: (t := task(client, acct, task_id))["status"] in statuses and t, timeout=timeout
+    )
+
+
+def log_text(client, acct, run_id):
+    text, offset = "", 0
+    while True:
+        page = client.get(
+            f"/api/v1/runs/{run_id}/log?offset={offset}&limit=1000", headers=acct.headers
+        ).get_json()
+        text += page["text"]
+        if page["next_offset"] == offset:
+            return text, page
+        offset = page["next_offset"]
+
+
+def test_shell_task_succeeds_with_its_log(client, member, project, worker):
+    t = create(client, member, prompt="echo hello; sleep 1; echo done")
+    assert t["status"] == "queued" and t["queue_position"] == 1
+    started = time.monotonic()
+    done = wait_status(client, member, t["id"], ("completed", "failed"), timeout=10)
+    assert done["status"] == "completed", done
+    assert time.monotonic() - started < 5
+    run = done["runs"][0]
+    assert run["status"] == "succeeded" and run["exit_code"] == 0
+    assert run["agent_version"].startswith("GNU bash")
+    assert run["started_at"] and run["finished_at"] and run["executor"].startswith("pool:")
+    text, page = log_text(client, member, run["id"])
+    assert text == "hello\ndone\n" and page["complete"] is True and page["size"] == 11
+
+
+def test_failing_command_gets_a_human_summary(client, member, project, worker):
+    t = create(client, member, prompt="echo oops >&2; exit 3")
+    done = wait_status(client, member, t["id"], ("completed", "failed"))
+    run = done["runs"][0]
+    assert run["status"] == "failed" and run["exit_code"] == 3
+    assert run["error_summary"] == "exited with code 3"
+    assert log_text(client, member, run["id"])[0] == "oops\n"
+    killed = create(client, member, prompt="kill -9 $$")
+    done = wait_status(client, member, killed["id"], ("completed", "failed"))
+    assert done["runs"][0]["exit_code"] == 137
+    assert "killed (out of memory or external signal)" in done["runs"][0]["error_summary"]
+
+
+def test_fake_claude_produces_events_and_cost(client, member, project, worker):
+    t = create(client, member, agent="claude", prompt="Fix the bug in parser.py")
+    done = wait_status(client, member, t["id"], ("completed", "failed"))
+    assert done["status"] == "completed", done
+    run = done["runs"][0]
+    assert run["cost_usd"] == 0.0123 and run["input_tokens"] == 32
+    assert run["output_tokens"] == 39 and run["model"] == "claude-sonnet-4-5-20250929"
+    assert run["session_id"] == "0b4c6f3e-7a1d-4c2b-9d7e-5f3a2e1c9b8a"
+    assert run["agent_version"] == "1.0.99 (Claude Code)"
+    events = client.get(f"/api/v1/runs/{run['id']}/events", headers=member.headers).get_json()[
+        "data"
+    ]
+    types = [e["type"] for e in events]
+    assert types == [
+        "init",
+        "assistant_text",
+        "tool_use",
+        "command",
+        "tool_use",
+        "file_changed",
+        "tool_result",
+        "tool_result",
+        "result",
+    ]
+    assert [e["seq"] for e in events] == list(range(1, 10))
+    assert "Fix the bug in parser.py" in events[1]["data"]["text"]
+    assert events[5]["data"]["path"] == "NOTES.md"
+    assert events[-1]["data"]["cost_usd"] == 0.0123
+    only = client.get(
+        f"/api/v1/runs/{run['id']}/events?type=tool_use&limit=1", headers=member.headers
+    ).get_json()
+    assert len(only["data"]) == 1 and only["meta"]["next_after"] == 3
+
+
+def test_missing_agent_binary_fails_clearly(client, member, project, app, monkeypatch):
+    from conftest import WorkerPool
+
+    pool = WorkerPool(
+        app,
+        processes=1,
+        SWITCHBOARD_AGENTS='{"ghost": {"command": ["no-such-agent-binary"], "stdin": true}}',
+    )
+    monkeypatch.setitem(
+        app.config,
+        "SWITCHBOARD_AGENTS",
+        '{"ghost": {"command": ["no-such-agent-binary"], "stdin": true}}',
+    )
+    try:
+        t = create(client, member, agent="ghost", prompt="x")
+        done = wait_status(client, member, t["id"], ("completed", "failed"))
+    finally:
+        pool.stop()
+    assert done["runs"][0]["error_summary"].startswith(
+        "agent 'ghost' is not installed on this worker"
+    )
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                    if marker.encode() in fh.read():
+                        found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_stop_ends_cancelled_and_kills_every_process(client, member, project, worker):
+    t = create(client, member, prompt="sleep 600 & sleep 600; echo never")
+    running = wait_status(client, member, t["id"], "running")
+    run_id = running["latest_run_id"]
+    marker = f"SWITCHBOARD_RUN_ID={run_id}\0"
+    wait_for(lambda: len(_pids_with_env(marker)) >= 2)
+    started = time.monotonic()
+    resp = client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
+    assert resp.status_code == 202
+    done = wait_status(client, member, t["id"], "cancelled", timeout=3 + 2)
+    assert time.monotonic() - started < 3 + 2  # grace (3 s in tests) + 2 s
+    assert done["runs"][0]["status"] == "cancelled"
+    wait_for(lambda: _pids_with_env(marker) == [], timeout=2)
+    again = client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
+    assert again.status_code == 409
+
+
+def test_stop_escalates_to_kill_after_grace(client, member, project, worker):
+    t = create(client, member, prompt="trap '' TERM; echo ready; sleep 600 & wait; sleep 600")
+    running = wait_status(client, member, t["id"], "running")
+    run_id = running["latest_run_id"]
+    wait_for(lambda: "ready" in log_text(client, member, run_id)[0])
+    started = time.monotonic()
+    client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
+    wait_status(client, member, t["id"], "cancelled", timeout=8)
+    assert 2.5 < time.monotonic() - started < 3 + 2
+    wait_for(lambda: _pids_with_env(f"SWITCHBOARD_RUN_ID={run_id}\0") == [], timeout=2)
+
+
+def test_timeout_ends_timed_out(client, member, project, worker):
+    t = create(client, member, prompt="echo start; sleep 30", timeout_s=1)
+    done = wait_status(client, member, t["id"], ("failed", "completed"), timeout=10)
+    run = done["runs"][0]
+    assert run["status"] == "timed_out" and done["status"] == "failed"
+    assert "timed out after 1s" in run["error_summary"]
+
+
+def test_killed_worker_means_lost_then_a_successful_retry(client, member, project, worker):
+    t = create(
+        client,
+        member,
+        prompt='if [ "$SWITCHBOARD_ATTEMPT" = 1 ]; then sleep 600; fi;'
+        " echo attempt $SWITCHBOARD_ATTEMPT",
+        max_attempts=2,
+    )
+    running = wait_status(client, member, t["id"], "running")
+    first = running["runs"][0]
+    pid = int(first["executor"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)  # the worker process executing the run
+    killed_at = time.monotonic()
+    done = wait_status(client, member, t["id"], ("completed", "failed"), timeout=30)
+    runs = done["runs"]
+    assert [r["status"] for r in runs] == ["lost", "succeeded"]
+    assert "lease expired" in runs[0]["error_summary"]
+    assert time.monotonic() - killed_at < 30
+    assert log_text(client, member, runs[1]["id"])[0] == "attempt 2\n"
+    # the supervisor replaced the killed worker process
+    wait_for(lambda: len(worker.children()) == 2, timeout=10)

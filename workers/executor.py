@@ -1,0 +1,287 @@
+"""Executing one run on the server's worker pool.
+
+The job takes the run (queued -> assigned, atomically, so a duplicate job does nothing), prepares
+the workspace, starts the agent, then drives it: output is published live at once and written to
+the database in batches, parsed into events, the lease is renewed, and stop requests, timeouts and
+worker shutdown end the agent with TERM, grace, KILL. The run always ends in a terminal state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+
+from app.extensions import db, get_redis
+from app.projects.models import Project
+from app.runs import live
+from app.runs import service as runs
+from app.runs.models import Run
+from app.tasks.models import Task
+from workers import agents, workspace
+from workers.process import AgentProcess
+
+log = logging.getLogger(__name__)
+
+#: set when the worker is asked to shut down: the running agent is stopped and its run requeued
+shutdown_requested = threading.Event()
+SHUTDOWN_GRACE = 3.0
+TICK = 0.02
+
+
+def executor_name() -> str:
+    return f"pool:{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Batch:
+    """Output not yet in the database, and what was parsed from it."""
+
+    offset: int
+    data: bytearray = field(default_factory=bytearray)
+    since: float | None = None
+    events: list[agents.Event] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    partial_line: bytes = b""
+
+
+class RunDriver:
+    def __init__(self, run: Run, task: Task, agent: agents.Agent) -> None:
+        cfg = current_app.config
+        self.run, self.task, self.agent = run, task, agent
+        self.lease_s = cfg["SWITCHBOARD_LEASE_SECONDS"]
+        self.renew_every = cfg["SWITCHBOARD_LEASE_RENEW_SECONDS"]
+        self.grace = cfg["SWITCHBOARD_STOP_GRACE_SECONDS"]
+        self.flush_s = cfg["SWITCHBOARD_LOG_FLUSH_MS"] / 1000
+        self.flush_bytes = cfg["SWITCHBOARD_LOG_FLUSH_BYTES"]
+        default_timeout = cfg["SWITCHBOARD_DEFAULT_TIMEOUT_S"]
+        self.timeout = task.timeout_s if task.timeout_s is not None else default_timeout
+        self.batch = Batch(offset=run.log_size)
+        self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(live.control_channel(run.id))
+        self.stop_requested = False
+
+    # -- output --------------------------------------------------------------------------------
+
+    def on_output(self, chunk: bytes) -> None:
+        b = self.batch
+        live.run_log(self.run.id, b.offset + len(b.data), chunk)
+        if b.since is None:
+            b.since = time.monotonic()
+        b.data += chunk
+        lines = (b.partial_line + chunk).split(b"\n")
+        b.partial_line = lines.pop()
+        for line in lines:
+            self._parse(line)
+        if len(b.data) >= self.flush_bytes:
+            self.flush()
+
+    def _parse(self, line: bytes) -> None:
+        parsed = self.agent.parse(line.decode("utf-8", "replace"))
+        self.batch.events += parsed.events
+        self.batch.facts.update(parsed.facts)
+
+    def note(self, kind: str, data: dict[str, Any]) -> None:
+        self.batch.events.append((kind, data))
+
+    def flush(self, final: bool = False) -> None:
+        b = self.batch
+        if final and b.partial_line:
+            self._parse(b.partial_line)
+            b.partial_line = b""
+        if not b.data and not b.events and not b.facts:
+            return
+        run = self.run
+        if b.data:
+            runs.append_log(run, b.offset, bytes(b.data), commit=False)
+        stored = runs.add_events(run, b.events)
+        for key, value in b.facts.items():
+            setattr(run, key, value)
+        db.session.commit()
+        if stored:
+            live.run_events(run.id, stored)
+        self.batch = Batch(offset=run.log_size, partial_line=b.partial_line)
+
+    def due(self) -> bool:
+        b = self.batch
+        return bool(b.events or b.facts) or (
+            b.since is not None and time.monotonic() - b.since >= self.flush_s
+        )
+
+    # -- control -------------------------------------------------------------------------------
+
+    def stop_signalled(self) -> bool:
+        if not self.stop_requested:
+            msg = self.pubsub.get_message(timeout=0)
+            if msg and msg.get("type") == "message":
+                self.stop_requested = True
+        return self.stop_requested
+
+    def drive(self, proc: AgentProcess) -> str | None:
+        """Pump until the agent exits; the reason we ended it early, if we did."""
+        next_renew = time.monotonic() + self.renew_every
+        deadline = proc.started + self.timeout if self.timeout else None
+        while proc.poll() is None:
+            proc.pump(self.on_output, TICK)
+            now = time.monotonic()
+            if self.due():
+                self.flush()
+            if now >= next_renew:
+                ours, stop = runs.renew_lease(self.run.id, self.run.executor or "", self.lease_s)
+                next_renew = now + self.renew_every
+                if not ours:
+                    proc.stop(0.5, self.on_output)
+                    return "lease_lost"
+                self.stop_requested = self.stop_requested or stop
+            if self.stop_signalled():
+                proc.stop(self.grace, self.on_output)
+                return "cancelled"
+            if deadline is not None and now >= deadline:
+                proc.stop(self.grace, self.on_output)
+                return "timed_out"
+            if shutdown_requested.is_set():
+                proc.stop(SHUTDOWN_GRACE, self.on_output)
+                return "shutdown"
+        return None
+
+    def close(self) -> None:
+        try:
+            self.pubsub.close()
+        except Exception:
+            log.debug("closing pubsub failed", exc_info=True)
+
+
+def _loop_done(ws: workspace.Workspace, marker: str | None) -> bool:
+    return bool(marker) and (ws.path / marker).exists()
+
+
+def execute(run_id: int) -> str:
+    """Job body. Returns a one-word outcome for RQ's result."""
+    cfg = current_app.config
+    me = executor_name()
+    run = runs.assign(run_id, me, cfg["SWITCHBOARD_LEASE_SECONDS"])
+    if run is None:
+        return "skipped"  # another job took it, or it was cancelled before it started
+    task = db.session.get(Task, run.task_id)
+    project = db.session.get(Project, run.project_id)
+    registry = agents.registry(cfg.get("SWITCHBOARD_AGENTS"))
+    agent = registry.get(run.agent)
+    if agent is None:
+        runs.finish(run.id, "failed", summary=f"unknown agent {run.agent!r}")
+        return "failed"
+    env = {
+        **os.environ,
+        "SWITCHBOARD_RUN_ID": str(run.id),
+        "SWITCHBOARD_TASK_ID": str(task.id),
+        "SWITCHBOARD_PROJECT": project.key,
+        "SWITCHBOARD_ATTEMPT": str(run.attempt),
+    }
+    try:
+        binary = agents.resolve_binary(agent, env.get("PATH"))
+        ws = workspace.prepare(
+            cfg["SWITCHBOARD_WORKSPACE_ROOT"],
+            project.key,
+            project.repo_url,
+            project.default_branch,
+            project.workdir,
+            task.id,
+            run.attempt,
+        )
+    except (agents.AgentNotInstalled, workspace.WorkspaceError) as exc:
+        runs.finish(run.id, "failed", summary=str(exc))
+        return "failed"
+    version = agents.version(agent, binary, env)
+    config = task.config or {}
+    argv = agent.argv(task.prompt, str(ws.path), config)
+    argv[0] = binary
+    stdin = task.prompt.encode() if agent.prompt_on_stdin else None
+    loop = task.loop or {}
+    iterations = int(loop.get("max_iterations", 1)) if loop else 1
+    marker = loop.get("done_marker") if loop else None
+    driver = RunDriver(run, task, agent)
+    outcome: str | None = None
+    code = 0
+    try:
+        for n in range(1, iterations + 1):
+            proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin)
+            if n == 1 and not runs.mark_running(
+                run, pid=proc.pid, agent_version=version, lease_s=cfg["SWITCHBOARD_LEASE_SECONDS"]
+            ):
+                proc.stop(0.5)
+                return "skipped"  # stopped between assignment and start
+            if loop:
+                driver.note("iteration", {"n": n, "max": iterations, "pid": proc.pid})
+            outcome = driver.drive(proc)
+            code = runs.normalise_exit_code(proc.finish(driver.on_output))
+            if outcome or code != 0 or not loop:
+                break
+            if _loop_done(ws, marker):
+                driver.note("loop_done", {"iterations": n, "marker": marker})
+                break
+        else:
+            if loop:
+                driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
+        driver.flush(final=True)
+        extra = workspace.results(ws)
+        return _finish(run, outcome, code, extra, driver)
+    except BaseException:
+        # worker killed mid-run (SystemExit from a cold shutdown) or our own bug: the agent
+        # must not outlive us, and the run must not stay running.
+        log.exception("run %s: executor failed", run_id)
+        db.session.rollback()
+        try:
+            driver.flush(final=True)
+        except Exception:
+            db.session.rollback()
+        runs.finish(
+            run.id,
+            "lost",
+            summary="worker stopped while running; queued again",
+            executor=me,
+            requeue=True,
+        )
+        raise
+    finally:
+        driver.close()
+
+
+def _finish(
+    run: Run, outcome: str | None, code: int, extra: dict[str, Any], driver: RunDriver
+) -> str:
+    me = run.executor
+    if outcome == "cancelled":
+        runs.finish(
+            run.id, "cancelled", exit_code=code, summary="stopped by request", executor=me, **extra
+        )
+    elif outcome == "timed_out":
+        runs.finish(
+            run.id,
+            "timed_out",
+            exit_code=code,
+            summary=f"timed out after {driver.timeout}s",
+            executor=me,
+            **extra,
+        )
+    elif outcome == "shutdown":
+        runs.finish(
+            run.id,
+            "lost",
+            exit_code=code,
+            summary="worker shut down while running; queued again",
+            executor=me,
+            requeue=True,
+            **extra,
+        )
+    elif outcome == "lease_lost":
+        return "lease_lost"  # the sweep already ended it
+    else:
+        runs.finish(
+            run.id, "succeeded" if code == 0 else "failed", exit_code=code, executor=me, **extra
+        )
+    return outcome or ("succeeded" if code == 0 else "failed")

@@ -1,0 +1,127 @@
+"""Run one agent process: its own process group, prompt on stdin, output as it comes, and a stop
+that always ends it (TERM to the group, a grace period, then KILL).
+
+`AgentProcess.pump()` is a small event loop the caller drives: it hands each chunk of output to a
+callback as soon as it is read and returns every `tick` seconds so the caller can flush batches,
+renew its lease and check for stop requests. No Flask here: the machine client uses it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Call in a child (preexec_fn): on Linux the kernel sends `sig` when the parent dies, so a
+    killed worker or supervisor leaves no process behind. A no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+class AgentProcess:
+    def __init__(
+        self, argv: list[str], *, cwd: str, env: dict[str, str], stdin_data: bytes | None
+    ) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: TERM/KILL reach every child
+            preexec_fn=die_with_parent,
+        )
+        self.pid = self.proc.pid
+        self.started = time.monotonic()
+        self._eof = False
+        self._selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+        if stdin_data is not None:
+            threading.Thread(target=self._feed, args=(stdin_data,), daemon=True).start()
+
+    def _feed(self, data: bytes) -> None:
+        """Write the prompt and close stdin, in a thread: a prompt larger than the pipe buffer
+        must not block reading the agent's output."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write(data)
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.close()
+
+    @property
+    def output_closed(self) -> bool:
+        return self._eof
+
+    def pump(self, on_output: Callable[[bytes], None], tick: float) -> None:
+        """Read what is available for up to `tick` seconds, handing each chunk to `on_output`."""
+        if self._eof:
+            time.sleep(min(tick, 0.01))
+            return
+        deadline = time.monotonic() + tick
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if not self._selector.select(remaining):
+                return
+            try:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self._eof = True
+                self._selector.unregister(self.proc.stdout)
+                return
+            on_output(chunk)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def signal_group(self, sig: int) -> bool:
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def stop(self, grace: float, on_output: Callable[[bytes], None] | None = None) -> int:
+        """TERM the group, wait up to `grace` seconds (still reading output), then KILL.
+        Returns the exit status. Afterwards no process of the group is left."""
+        self.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.pump(on_output or (lambda _c: None), 0.05)
+        if self.proc.poll() is None:
+            self.signal_group(signal.SIGKILL)
+        return self.finish(on_output)
+
+    def finish(self, on_output: Callable[[bytes], None] | None = None) -> int:
+        """Wait for the process, drain its output and kill anything it left in its group."""
+        code = self.proc.wait()
+        # children that outlived the agent (background jobs) still hold the group: end them
+        self.signal_group(signal.SIGKILL)
+        end = time.monotonic() + 2
+        while not self._eof and time.monotonic() < end:
+            self.pump(on_output or (lambda _c: None), 0.05)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._selector.close()
+        for stream in (self.proc.stdout, self.proc.stdin):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.close()
