@@ -171,6 +171,16 @@ def worker(processes: int | None, queues: str | None, burst: bool, child: bool) 
     Supervisor(app, count, names).run()
 
 
+@main.command("api-docs")
+@with_appcontext
+def api_docs() -> None:
+    """Print docs/api.md, generated from the OpenAPI document."""
+    from app.extensions import api
+    from app.openapi import render_markdown
+
+    click.echo(render_markdown(api.spec.to_dict()), nl=False)
+
+
 # -- dev launcher (outside the app: it only prepares and hands over to honcho) -----------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,18 @@ class WorkerPool:
 
 @pytest.fixture
 def worker(app: Flask, client: FlaskClient) -> Iterator[WorkerPool]:
+    from rq import Worker
+
+    from app.extensions import get_redis
+
     pool = WorkerPool(app)
+    with app.app_context():
+        conn = get_redis()
+    # ready when both worker processes listen, so timings measure runs, not Python start-up
+    wait_for_ready = time.monotonic() + 30
+    while Worker.count(connection=conn) < 2:
+        assert time.monotonic() < wait_for_ready, pool.output()
+        time.sleep(0.05)
     yield pool
     pool.stop()
     print("---- worker output ----\n" + pool.output())  # shown by pytest when a test fails

@@ -122,37 +122,43 @@ def test_missing_agent_binary_fails_clearly(client, member, project, app, monkey
     )
 
 
-def _pids_with_env(marker: str) -> list[int]:
+def agent_pids(app, run_id: int) -> list[int]:
+    """Processes started for this run by this test session's workers (run ids repeat across
+    parallel test sessions; instance paths do not)."""
+    markers = (
+        f"SWITCHBOARD_RUN_ID={run_id}\0".encode(),
+        f"SWITCHBOARD_INSTANCE_PATH={app.config['SWITCHBOARD_INSTANCE_PATH']}\0".encode(),
+    )
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
                 with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                    if marker.encode() in fh.read():
-                        found.append(int(entry.name))
+                    env = fh.read()
             except OSError:
-                pass
+                continue
+            if all(m in env for m in markers):
+                found.append(int(entry.name))
     return found
 
 
-def test_stop_ends_cancelled_and_kills_every_process(client, member, project, worker):
+def test_stop_ends_cancelled_and_kills_every_process(app, client, member, project, worker):
     t = create(client, member, prompt="sleep 600 & sleep 600; echo never")
     running = wait_status(client, member, t["id"], "running")
     run_id = running["latest_run_id"]
-    marker = f"SWITCHBOARD_RUN_ID={run_id}\0"
-    wait_for(lambda: len(_pids_with_env(marker)) >= 2)
+    wait_for(lambda: len(agent_pids(app, run_id)) >= 2)
     started = time.monotonic()
     resp = client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
     assert resp.status_code == 202
     done = wait_status(client, member, t["id"], "cancelled", timeout=3 + 2)
     assert time.monotonic() - started < 3 + 2  # grace (3 s in tests) + 2 s
     assert done["runs"][0]["status"] == "cancelled"
-    wait_for(lambda: _pids_with_env(marker) == [], timeout=2)
+    wait_for(lambda: agent_pids(app, run_id) == [], timeout=2)
     again = client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
     assert again.status_code == 409
 
 
-def test_stop_escalates_to_kill_after_grace(client, member, project, worker):
+def test_stop_escalates_to_kill_after_grace(app, client, member, project, worker):
     t = create(client, member, prompt="trap '' TERM; echo ready; sleep 600 & wait; sleep 600")
     running = wait_status(client, member, t["id"], "running")
     run_id = running["latest_run_id"]
@@ -161,7 +167,7 @@ def test_stop_escalates_to_kill_after_grace(client, member, project, worker):
     client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
     wait_status(client, member, t["id"], "cancelled", timeout=8)
     assert 2.5 < time.monotonic() - started < 3 + 2
-    wait_for(lambda: _pids_with_env(f"SWITCHBOARD_RUN_ID={run_id}\0") == [], timeout=2)
+    wait_for(lambda: agent_pids(app, run_id) == [], timeout=2)
 
 
 def test_timeout_ends_timed_out(client, member, project, worker):

@@ -175,7 +175,7 @@ def list_members(project: Project) -> list[tuple[ProjectMember, User]]:
             .join(User, User.id == ProjectMember.user_id)
             .where(ProjectMember.project_id == project.id)
             .order_by(User.username)
-        ).tuples()
+        ).all()
     )
 
 

@@ -57,24 +57,34 @@ def append(run: Run, offset: int, data: bytes) -> Appended | None:
     return Appended(size, new, size + len(new))
 
 
+def _char_len(lead: int) -> int:
+    """Bytes of the UTF-8 character starting with `lead` (1 for an invalid lead byte)."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 1
+
+
 def _utf8_boundary(data: bytes) -> int:
     """Length of `data` without a multi-byte UTF-8 character cut at its end."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
             continue
-        if byte & 0x80 == 0:  # ASCII
-            return len(data)
-        need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4
-        return len(data) if back >= need else len(data) - back
+        return len(data) if back >= _char_len(byte) else len(data) - back
     return len(data)
 
 
 def read(run: Run, offset: int, limit: int) -> tuple[bytes, int]:
-    """Bytes from `offset`, at most `limit`, never ending inside a UTF-8 character unless the
-    page would be empty. Returns the bytes and the next offset."""
+    """Bytes from `offset`, at most `limit` (or one whole character when `limit` is smaller
+    than it), never ending inside a UTF-8 character. Returns the bytes and the next offset."""
     limit = max(1, min(limit, MAX_READ))
-    end = min(run.log_size, offset + limit)
+    end = min(run.log_size, offset + limit + 3)  # room to finish a character cut by `limit`
     if offset >= end:
         return b"", offset
     rows = db.session.execute(
@@ -92,8 +102,9 @@ def read(run: Run, offset: int, limit: int) -> tuple[bytes, int]:
         stop = min(len(chunk), end - chunk_offset)
         buf += chunk[start:stop]
     data = bytes(buf)
-    if end < run.log_size:
-        cut = _utf8_boundary(data)
-        if cut > 0:
-            data = data[:cut]
-    return data, offset + len(data)
+    page = data[:limit]
+    if len(data) > limit:
+        cut = _utf8_boundary(page)
+        # a page holding part of one character returns the whole character
+        page = page[:cut] if cut > 0 else data[: _char_len(data[0])]
+    return page, offset + len(page)
