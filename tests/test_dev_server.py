@@ -64,9 +64,9 @@ def _exercise(base: str, instance: Path) -> None:
     )
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.status == 200 and json.load(resp)["access_token"]
-    # the worker is connected to the embedded Redis too
+    # the worker pool's processes are connected to the embedded Redis too
     conn = redis.Redis(unix_socket_path=str(instance / "redis.sock"))
-    wait_for(lambda: Worker.count(connection=conn) == 1, timeout=30)
+    wait_for(lambda: Worker.count(connection=conn) == 2, timeout=30)
     # honcho, redis, gunicorn master and worker, the RQ worker (and their shells)
     assert len(_processes_with(f"SWITCHBOARD_INSTANCE_PATH={instance}")) >= 5
 
@@ -87,6 +87,7 @@ def test_dev_server_starts_serves_and_stops_cleanly():
         SWITCHBOARD_ADMIN_PASSWORD="first-admin-pw",
         WEB_CONCURRENCY="1",
         GUNICORN_THREADS="4",
+        SWITCHBOARD_WORKER_PROCESSES="2",
     )
     with open(instance / "dev.log", "w+") as log:
         proc = subprocess.Popen(
