@@ -90,7 +90,7 @@ class RunDriver:
     def note(self, kind: str, data: dict[str, Any]) -> None:
         self.batch.events.append((kind, data))
 
-    def flush(self, final: bool = False) -> None:
+    def flush(self, final: bool = False, commit: bool = True) -> None:
         b = self.batch
         if final and b.partial_line:
             self._parse(b.partial_line)
@@ -103,7 +103,8 @@ class RunDriver:
         stored = runs.add_events(run, b.events)
         for key, value in b.facts.items():
             setattr(run, key, value)
-        db.session.commit()
+        if commit:
+            db.session.commit()
         if stored:
             live.run_events(run.id, stored)
         self.batch = Batch(offset=run.log_size, partial_line=b.partial_line)
@@ -178,6 +179,7 @@ def execute(run_id: int) -> str:
     env = {
         **os.environ,
         "SWITCHBOARD_RUN_ID": str(run.id),
+        "SWITCHBOARD_EXECUTOR": me,  # with the run id, finds agents a dead worker left behind
         "SWITCHBOARD_TASK_ID": str(task.id),
         "SWITCHBOARD_PROJECT": project.key,
         "SWITCHBOARD_ATTEMPT": str(run.attempt),
@@ -227,7 +229,7 @@ def execute(run_id: int) -> str:
         else:
             if loop:
                 driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
-        driver.flush(final=True)
+        driver.flush(final=True, commit=False)  # committed with the run's end
         extra = workspace.results(ws)
         return _finish(run, outcome, code, extra, driver)
     except BaseException:

@@ -27,6 +27,30 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
+def kill_tagged(*markers: str) -> list[int]:
+    """SIGKILL every process whose environment holds all `markers` ("NAME=value"): the agents
+    of a worker that died without stopping them. Linux only (/proc); elsewhere a no-op."""
+    wanted = [m.encode() + b"\0" for m in markers]
+    killed = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return killed
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                env = b"\0" + fh.read()
+        except OSError:
+            continue
+        if all(b"\0" + m in env for m in wanted):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(name), signal.SIGKILL)
+                killed.append(int(name))
+    return killed
+
+
 class AgentProcess:
     def __init__(
         self, argv: list[str], *, cwd: str, env: dict[str, str], stdin_data: bytes | None
@@ -38,8 +62,10 @@ class AgentProcess:
             stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: TERM/KILL reach every child
-            preexec_fn=die_with_parent,
+            # its own process group: TERM/KILL reach every child. No preexec_fn: it would make
+            # every spawn a full fork (~10 ms for a worker's size instead of ~0.2 ms); agents
+            # orphaned by a killed worker are found by their environment (kill_tagged) instead.
+            start_new_session=True,
         )
         self.pid = self.proc.pid
         self.started = time.monotonic()

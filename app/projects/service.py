@@ -34,11 +34,17 @@ def is_admin(principal: Principal) -> bool:
 def role_in(principal: Principal, project: Project) -> str | None:
     if is_admin(principal):
         return "maintainer"
-    return db.session.scalar(
-        sa.select(ProjectMember.role).where(
-            ProjectMember.project_id == project.id, ProjectMember.user_id == principal.user.id
+    # one lookup per principal and project within a session (a request, a job)
+    cache = db.session.info.setdefault("sb_roles", {})
+    key = (principal.user.id, project.id)
+    if key not in cache:
+        cache[key] = db.session.scalar(
+            sa.select(ProjectMember.role).where(
+                ProjectMember.project_id == project.id,
+                ProjectMember.user_id == principal.user.id,
+            )
         )
-    )
+    return cache[key]
 
 
 def authorize(principal: Principal, project: Project, role: str) -> str:
@@ -207,6 +213,7 @@ def set_member(project: Project, user_id: int, role: str) -> ProjectMember:
         db.session.add(member)
     else:
         member.role = role
+    db.session.info.pop("sb_roles", None)
     audit.record(
         "project.member_set",
         target_type="project",
@@ -224,6 +231,7 @@ def remove_member(project: Project, user_id: int) -> None:
     if member.role == "maintainer" and _maintainers(project.id) == 1:
         raise Conflict("This is the project's last maintainer.")
     db.session.delete(member)
+    db.session.info.pop("sb_roles", None)
     audit.record(
         "project.member_remove",
         target_type="project",

@@ -10,6 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from app.errors import Conflict, NotFound
 from app.extensions import db
@@ -81,25 +83,30 @@ def _transition(
     moved = db.session.execute(
         stmt.values(**values).execution_options(synchronize_session=False)
     ).rowcount
-    return moved == 1
+    if moved != 1:
+        return False
+    # keep a loaded instance in step without reloading it (or dirtying it)
+    run = db.session.identity_map.get(identity_key(Run, run_id))
+    if run is not None:
+        for key, value in values.items():
+            set_committed_value(run, key, value)
+    return True
 
 
 def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
     """An executor takes a queued run. None when someone else already has it (or it ended)."""
-    now = utcnow()
-    if not _transition(
-        run_id,
-        {"queued"},
-        None,
-        status="assigned",
-        executor=executor,
-        lease_expires_at=now + timedelta(seconds=lease_s),
-    ):
-        db.session.rollback()
-        return None
+    run = db.session.execute(
+        sa.update(Run)
+        .where(Run.id == run_id, Run.status == "queued")
+        .values(
+            status="assigned",
+            executor=executor,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+        )
+        .returning(Run),
+        execution_options={"populate_existing": True},
+    ).scalar_one_or_none()
     db.session.commit()
-    run = db.session.get(Run, run_id)
-    db.session.refresh(run)
     return run
 
 
@@ -119,7 +126,6 @@ def mark_running(run: Run, *, pid: int | None, agent_version: str | None, lease_
     ):
         db.session.rollback()
         return False
-    db.session.refresh(run)
     lifecycle.run_changed(run)
     db.session.commit()
     live.run_status(run.id, "running")
@@ -190,7 +196,8 @@ def finish(
     requeue: bool = False,
     **extra: Any,
 ) -> Run:
-    """End a run (idempotent: a run that already ended keeps its first ending).
+    """End a run (idempotent: a run that already ended keeps its first ending). Commits the
+    caller's pending writes with it, so a run's last output and its end are one transaction.
 
     `requeue`: the run was interrupted through no fault of its own (its worker shut down), so a
     new attempt is queued whatever `max_attempts` says."""
@@ -210,11 +217,12 @@ def finish(
         lease_expires_at=None,
         **extra,
     )
-    run = get_run(run_id)
-    db.session.refresh(run)
     if not ended:
-        db.session.rollback()
+        db.session.commit()  # whatever else the caller wrote (its last log lines) stays
+        run = get_run(run_id)
+        db.session.refresh(run)
         return run
+    run = get_run(run_id)
     lifecycle.run_finished(run, requeue=requeue)
     db.session.commit()
     live.run_status(run.id, run.status, run.exit_code)

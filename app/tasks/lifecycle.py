@@ -62,7 +62,8 @@ def new_attempt(task: Task, *, reason: str | None = None) -> Run:
     task.status = "queued"
     task.status_reason = reason
     task.finished_at = None
-    dispatch(task.project_id)
+    if task.target == POOL_TARGET:
+        dispatch(task.project_id)
     return run
 
 
@@ -92,7 +93,8 @@ def run_finished(run: Run, *, requeue: bool = False) -> None:
         release_dependents(task)
     else:
         cancel_dependents(task, f"dependency #{task.id} {task.status}")
-    dispatch(task.project_id)
+    if task.project.max_concurrent_runs is not None:
+        dispatch(task.project_id)  # a slot is free: without a cap nothing waits for one
 
 
 def _dependents(task_id: int) -> list[Task]:

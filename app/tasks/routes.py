@@ -26,7 +26,8 @@ blp = Blueprint(
 def view(task, with_runs: bool = False):  # type: ignore[no-untyped-def]
     """The task with its derived fields (queue position, dependencies, runs)."""
     task.queue_position = lifecycle.queue_position(task)
-    task.depends_on = service.dependency_ids(task.id)
+    if "depends_on" not in task.__dict__:
+        task.depends_on = service.dependency_ids(task.id)
     if with_runs:
         task.runs = service.task_runs(task.id)
     return task

@@ -60,7 +60,7 @@ def _project_for_task(principal: Principal, key: str) -> Project:
     project = db.session.scalar(sa.select(Project).where(Project.key == key))
     if project is None or projects.role_in(principal, project) is None:
         raise ValidationFailed("Unknown project.", {"project": [f"no project {key!r}"]})
-    projects.authorize(principal, project, "developer")
+    projects.authorize(principal, project, "developer")  # the role is cached per request
     if project.archived_at is not None:
         raise Conflict(f"Project {key!r} is archived.")
     return project
@@ -126,6 +126,7 @@ def create_task(
     db.session.flush()
     for dep in deps:
         db.session.add(TaskDependency(task_id=task.id, depends_on_id=dep.id))
+    task.depends_on = sorted(d.id for d in deps)  # for the response, without a query
     dead = [d for d in deps if d.status in ("failed", "cancelled")]
     if dead:
         lifecycle.cancel(task, f"dependency #{dead[0].id} {dead[0].status}")

@@ -1,0 +1,318 @@
+"""Dispatch benchmark: task creation, agent start and run completion under gunicorn.
+
+Starts a real server (gunicorn + `switchboard worker`) on a fresh PostgreSQL database and a Redis
+db, then prints:
+  - task creations per second (POST /api/v1/tasks, target external: API + database only);
+  - POST -> agent process started and POST -> run completed, p50/p99, one run at a time, with a
+    trivial agent (`echo $EPOCHREALTIME`: the agent prints the moment it started);
+  - trivial runs completed per second (a burst of tasks through the worker pool);
+  - POST latency with 100 and with 100,000 tasks stored.
+Bounded in time; loopback only.
+
+    .venv/bin/python bench/dispatch.py \
+        [--database-url postgresql://postgres@127.0.0.1/test] [--redis-url redis://127.0.0.1/14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.token = token
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        payload = json.dumps(body) if body is not None else None
+        try:
+            self.conn.request(method, path, body=payload, headers=headers)
+            resp = self.conn.getresponse()
+        except (ConnectionError, http.client.HTTPException):  # idle keep-alive was closed
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self.conn.request(method, path, body=payload, headers=headers)
+            resp = self.conn.getresponse()
+        raw = resp.read()
+        return resp.status, (json.loads(raw) if raw else {})
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] * 1000
+
+
+def fresh_database(url: str, name: str) -> str:
+    base = sa.make_url(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if Client(port).call("GET", "/api/v1/health/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not become ready")
+
+
+def wait_run_done(client: Client, task_id: int, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, task = client.call("GET", f"/api/v1/tasks/{task_id}")
+        if task["status"] in ("completed", "failed", "cancelled"):
+            return task
+        time.sleep(0.002)
+    raise SystemExit(f"task {task_id} did not finish")
+
+
+def parse_time(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def creations(port: int, token: str, seconds: float, clients: int) -> tuple[float, list[float]]:
+    lat: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def worker() -> None:
+        c = Client(port, token)
+        mine = []
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            status, _ = c.call(
+                "POST",
+                "/api/v1/tasks",
+                {"project": "ext", "title": "b", "prompt": "x", "target": "external"},
+            )
+            mine.append(time.perf_counter() - t0)
+            assert status == 201
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(lat) / seconds, lat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    )
+    parser.add_argument("--runs", type=int, default=200, help="sequential runs for latency")
+    parser.add_argument("--burst", type=int, default=600, help="tasks for runs/s")
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument(
+        "--workers", type=int, default=int(os.environ.get("SWITCHBOARD_WORKER_PROCESSES", 4))
+    )
+    args = parser.parse_args()
+
+    import redis
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+    db_url = fresh_database(args.database_url, "sb_bench_dispatch")
+    instance = Path(tempfile.mkdtemp(prefix="sbbench-"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "SWITCHBOARD_INSTANCE_PATH": str(instance),
+        "PORT": str(port),
+        "DATABASE_URL": db_url,
+        "REDIS_URL": args.redis_url,
+        "SWITCHBOARD_ADMIN_USERNAME": "bench",
+        "SWITCHBOARD_ADMIN_PASSWORD": "bench-password",
+        "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
+        "SWITCHBOARD_LOG_LEVEL": "WARNING",
+        "SWITCHBOARD_WORKER_PROCESSES": str(args.workers),
+    }
+    subprocess.run(
+        [str(BIN / "switchboard"), "bootstrap"], env=env, check=True, capture_output=True, cwd=ROOT
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "gunicorn"),
+                "-c",
+                "gunicorn.conf.py",
+                "wsgi:app",
+                "--access-logfile",
+                "/dev/null",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        ),
+        subprocess.Popen(
+            [str(BIN / "switchboard"), "worker"],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        wait_ready(port)
+        _, tokens = Client(port).call(
+            "POST", "/api/v1/auth/login", {"username": "bench", "password": "bench-password"}
+        )
+        c = Client(port, tokens["access_token"])
+        for key in ("ext", "pool"):
+            status, body = c.call(
+                "POST", "/api/v1/projects", {"key": key, "name": key, "default_agent": "shell"}
+            )
+            assert status == 201, body
+        import redis as _r
+        from rq import Worker
+
+        conn = _r.Redis.from_url(args.redis_url)
+        deadline = time.monotonic() + 60
+        while Worker.count(connection=conn) < args.workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        print(
+            f"Switchboard dispatch bench: PostgreSQL + Redis, gunicorn "
+            f"WEB_CONCURRENCY={os.environ.get('WEB_CONCURRENCY', 'default')}, "
+            f"{args.workers} worker processes, {os.cpu_count()} CPUs"
+        )
+
+        # 1. creations per second
+        rate, lat = creations(port, tokens["access_token"], args.seconds, 16)
+        print(
+            f"task creations: {rate:.0f}/s (16 clients)  p50 {pct(lat, 0.5):.1f} ms  "
+            f"p99 {pct(lat, 0.99):.1f} ms"
+        )
+
+        # 2. POST -> agent started / run completed, one at a time
+        started, completed = [], []
+        for _ in range(args.runs):
+            t0 = time.time()
+            _, task = c.call(
+                "POST",
+                "/api/v1/tasks",
+                {"project": "pool", "title": "s", "prompt": "echo $EPOCHREALTIME"},
+            )
+            done = wait_run_done(c, task["id"])
+            run = done["runs"][0]
+            _, log = c.call("GET", f"/api/v1/runs/{run['id']}/log")
+            started.append(float(log["text"].strip()) - t0)
+            completed.append(parse_time(run["finished_at"]) - t0)
+        print(
+            f"POST -> agent started: p50 {pct(started, 0.5):.1f} ms  "
+            f"p99 {pct(started, 0.99):.1f} ms  ({args.runs} runs)"
+        )
+        print(
+            f"POST -> run completed: p50 {pct(completed, 0.5):.1f} ms  "
+            f"p99 {pct(completed, 0.99):.1f} ms"
+        )
+
+        # 3. runs completed per second
+        ids = []
+        t0 = time.monotonic()
+        for _ in range(args.burst):
+            ids.append(
+                c.call(
+                    "POST", "/api/v1/tasks", {"project": "pool", "title": "r", "prompt": "true"}
+                )[1]["id"]
+            )
+        for task_id in ids:
+            wait_run_done(c, task_id, timeout=120)
+        elapsed = time.monotonic() - t0
+        print(
+            f"trivial runs completed: {args.burst / elapsed:.0f}/s "
+            f"({args.burst} runs in {elapsed:.1f} s, creation included)"
+        )
+
+        # 4. POST latency at 100 and 100,000 stored tasks
+        def post_latency(n: int = 300) -> float:
+            lat = []
+            for _ in range(n):
+                t = time.perf_counter()
+                c.call(
+                    "POST",
+                    "/api/v1/tasks",
+                    {"project": "lat", "title": "l", "prompt": "x", "target": "external"},
+                )
+                lat.append(time.perf_counter() - t)
+            return pct(lat, 0.5)
+
+        c.call("POST", "/api/v1/projects", {"key": "lat", "name": "lat", "default_agent": "shell"})
+        engine = sa.create_engine(db_url)
+        with engine.begin() as conn_db:
+            conn_db.execute(
+                sa.text(
+                    "DELETE FROM tasks WHERE project_id = (SELECT id FROM projects WHERE key='lat')"
+                )
+            )
+        small = post_latency()
+        with engine.begin() as conn_db:
+            pid = conn_db.execute(sa.text("SELECT id FROM projects WHERE key='lat'")).scalar()
+            conn_db.execute(
+                sa.text(
+                    "INSERT INTO tasks (project_id, title, prompt, agent, target, priority,"
+                    " priority_rank, status, max_attempts, attempts, source, created_at,"
+                    " updated_at) SELECT :pid, 'bulk', 'x', 'shell', 'external', 'normal', 1,"
+                    " 'completed', 1, 1, 'api', now(), now() FROM generate_series(1, 100000)"
+                ),
+                {"pid": pid},
+            )
+            conn_db.execute(sa.text("ANALYZE tasks"))
+        big = post_latency()
+        print(
+            f"POST latency p50: {small:.2f} ms at ~400 tasks, {big:.2f} ms at 100,000+ "
+            f"({big / small:.2f}x)"
+        )
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
