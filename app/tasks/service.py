@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.audit import service as audit
 from app.auth.service import Principal
@@ -124,6 +125,7 @@ def create_task(
     )
     db.session.add(task)
     db.session.flush()
+    set_committed_value(task, "project", project)  # for the response, without a query
     for dep in deps:
         db.session.add(TaskDependency(task_id=task.id, depends_on_id=dep.id))
     task.depends_on = sorted(d.id for d in deps)  # for the response, without a query
