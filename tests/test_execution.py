@@ -178,7 +178,7 @@ def test_timeout_ends_timed_out(client, member, project, worker):
     assert "timed out after 1s" in run["error_summary"]
 
 
-def test_killed_worker_means_lost_then_a_successful_retry(client, member, project, worker):
+def test_killed_worker_means_lost_then_a_successful_retry(app, client, member, project, worker):
     t = create(
         client,
         member,
@@ -189,6 +189,7 @@ def test_killed_worker_means_lost_then_a_successful_retry(client, member, projec
     running = wait_status(client, member, t["id"], "running")
     first = running["runs"][0]
     pid = int(first["executor"].rsplit(":", 1)[1])
+    wait_for(lambda: agent_pids(app, first["id"]))  # its agent is alive
     os.kill(pid, signal.SIGKILL)  # the worker process executing the run
     killed_at = time.monotonic()
     done = wait_status(client, member, t["id"], ("completed", "failed"), timeout=30)
@@ -197,5 +198,7 @@ def test_killed_worker_means_lost_then_a_successful_retry(client, member, projec
     assert "lease expired" in runs[0]["error_summary"]
     assert time.monotonic() - killed_at < 30
     assert log_text(client, member, runs[1]["id"])[0] == "attempt 2\n"
+    # the orphaned agent of the killed worker was found and ended
+    wait_for(lambda: agent_pids(app, runs[0]["id"]) == [], timeout=5)
     # the supervisor replaced the killed worker process
     wait_for(lambda: len(worker.children()) == 2, timeout=10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -209,6 +210,7 @@ def execute(run_id: int) -> str:
     driver = RunDriver(run, task, agent)
     outcome: str | None = None
     code = 0
+    proc: AgentProcess | None = None
     try:
         for n in range(1, iterations + 1):
             proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin)
@@ -236,6 +238,8 @@ def execute(run_id: int) -> str:
         # worker killed mid-run (SystemExit from a cold shutdown) or our own bug: the agent
         # must not outlive us, and the run must not stay running.
         log.exception("run %s: executor failed", run_id)
+        if proc is not None:
+            proc.signal_group(signal.SIGKILL)
         db.session.rollback()
         try:
             driver.flush(final=True)
