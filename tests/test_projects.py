@@ -104,6 +104,11 @@ def test_roles_are_enforced(client, app, member, project):
         "vera": "viewer",
         "dan": "developer",
     }
+    one = client.get(f"/api/v1/projects/demo/members/{dev.id}", headers=viewer.headers)
+    assert one.get_json()["role"] == "developer"
+    assert_problem(
+        client.get(f"/api/v1/projects/demo/members/{outsider.id}", headers=viewer.headers), 404
+    )
     assert (
         client.delete(
             f"/api/v1/projects/demo/members/{viewer.id}", headers=member.headers

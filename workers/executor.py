@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from flask import current_app
 
 from app.extensions import db, get_redis
@@ -66,7 +67,8 @@ class RunDriver:
         self.batch = Batch(offset=run.log_size)
         self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(live.control_channel(run.id))
-        self.stop_requested = False
+        # a stop requested before we subscribed is in the row we took
+        self.stop_requested = run.stop_requested_at is not None
 
     # -- output --------------------------------------------------------------------------------
 
@@ -120,7 +122,11 @@ class RunDriver:
 
     def stop_signalled(self) -> bool:
         if not self.stop_requested:
-            msg = self.pubsub.get_message(timeout=0)
+            try:
+                msg = self.pubsub.get_message(timeout=0)
+            except redis.RedisError:
+                # Redis blinked: the agent goes on; lease renewal still reports stop requests
+                msg = None
             if msg and msg.get("type") == "message":
                 self.stop_requested = True
         return self.stop_requested

@@ -111,6 +111,14 @@ class Members(MethodView):
 
 @blp.route("/<key>/members/<int:user_id>")
 class Member(MethodView):
+    @requires("projects:read")
+    @blp.response(200, MemberSchema)
+    def get(self, key, user_id):
+        """One member's role (viewer)."""
+        project = service.project_for(current_principal(), key)
+        member, user = service.get_member(project, user_id)
+        return _member(member, user)
+
     @requires("projects:write")
     @blp.response(204)
     def delete(self, key, user_id):

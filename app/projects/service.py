@@ -185,6 +185,14 @@ def list_members(project: Project) -> list[tuple[ProjectMember, User]]:
     )
 
 
+def get_member(project: Project, user_id: int) -> tuple[ProjectMember, User]:
+    member = db.session.get(ProjectMember, (project.id, user_id))
+    user = db.session.get(User, user_id)
+    if member is None or user is None:
+        raise NotFound(f"User {user_id} is not a member of {project.key!r}.")
+    return member, user
+
+
 def _maintainers(project_id: int) -> int:
     return (
         db.session.scalar(

@@ -1,4 +1,4 @@
-from flask import request
+from flask import current_app, request
 from flask.views import MethodView
 
 from app.auth.guard import current_principal, requires
@@ -128,8 +128,6 @@ class TaskClaim(MethodView):
     @blp.response(200, RunSchema)
     def post(self, data, task_id):
         """An external executor takes the task's run with a lease (409 if another holds it)."""
-        from flask import current_app
-
         task = service.task_for(current_principal(), task_id, "developer")
         return service.claim(
             task, data["executor"], current_app.config["SWITCHBOARD_LEASE_SECONDS"]
