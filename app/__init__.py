@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 __version__ = "0.1.0"
 
 #: every resource module, registered in this order
-MODULES = ("health", "auth", "users", "audit", "projects", "tasks", "runs")
+MODULES = ("health", "auth", "users", "audit", "projects", "tasks", "runs", "activity")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

@@ -126,6 +126,14 @@ class Settings:
     WORKSPACE_ROOT: str = ""
     #: Custom agents as JSON: {"name": {"command": [...], "stdin": true, "parser": "text"}}.
     AGENTS: str = ""
+    #: Seconds between `:ping` comments on idle streams (and how fast a gone client is noticed).
+    STREAM_PING_SECONDS: int = 15
+    #: Concurrent streams one user may hold open (429 beyond).
+    STREAM_CAP: int = 4
+    #: The `retry:` hint sent to EventSource clients, in milliseconds.
+    STREAM_RETRY_MS: int = 3000
+    #: Lifetime of a stream token (for EventSource, which cannot send headers), in seconds.
+    STREAM_TOKEN_TTL: int = 60
     #: Where SQLite, the dev secret and the embedded Redis live.
     INSTANCE_PATH: str = field(default_factory=lambda: str(instance_path()))
 
@@ -167,6 +175,10 @@ class Settings:
             LOG_FLUSH_BYTES=_int("SWITCHBOARD_LOG_FLUSH_BYTES", d.LOG_FLUSH_BYTES),
             WORKSPACE_ROOT=env("SWITCHBOARD_WORKSPACE_ROOT", ""),
             AGENTS=env("SWITCHBOARD_AGENTS", ""),
+            STREAM_PING_SECONDS=_int("SWITCHBOARD_STREAM_PING_SECONDS", d.STREAM_PING_SECONDS),
+            STREAM_CAP=_int("SWITCHBOARD_STREAM_CAP", d.STREAM_CAP),
+            STREAM_RETRY_MS=_int("SWITCHBOARD_STREAM_RETRY_MS", d.STREAM_RETRY_MS),
+            STREAM_TOKEN_TTL=_int("SWITCHBOARD_STREAM_TOKEN_TTL", d.STREAM_TOKEN_TTL),
         )
 
     def resolve(self) -> Settings:

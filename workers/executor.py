@@ -22,7 +22,7 @@ from flask import current_app
 
 from app.extensions import db, get_redis
 from app.projects.models import Project
-from app.runs import live
+from app.runs import live, logs
 from app.runs import service as runs
 from app.runs.models import Run
 from app.tasks.models import Task
@@ -65,6 +65,8 @@ class RunDriver:
         default_timeout = cfg["SWITCHBOARD_DEFAULT_TIMEOUT_S"]
         self.timeout = task.timeout_s if task.timeout_s is not None else default_timeout
         self.batch = Batch(offset=run.log_size)
+        self.live_offset = run.log_size
+        self.live_hold = b""
         self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(live.control_channel(run.id))
         # a stop requested before we subscribed is in the row we took
@@ -74,7 +76,7 @@ class RunDriver:
 
     def on_output(self, chunk: bytes) -> None:
         b = self.batch
-        live.run_log(self.run.id, b.offset + len(b.data), chunk)
+        self._publish(chunk)
         if b.since is None:
             b.since = time.monotonic()
         b.data += chunk
@@ -84,6 +86,15 @@ class RunDriver:
             self._parse(line)
         if len(b.data) >= self.flush_bytes:
             self.flush()
+
+    def _publish(self, chunk: bytes, final: bool = False) -> None:
+        """Live subscribers get output at once, in whole UTF-8 characters."""
+        pending = self.live_hold + chunk
+        cut = len(pending) if final else logs.utf8_boundary(pending)
+        if cut:
+            live.run_log(self.run.id, self.live_offset, pending[:cut])
+            self.live_offset += cut
+        self.live_hold = pending[cut:]
 
     def _parse(self, line: bytes) -> None:
         parsed = self.agent.parse(line.decode("utf-8", "replace"))
@@ -95,6 +106,8 @@ class RunDriver:
 
     def flush(self, final: bool = False, commit: bool = True) -> None:
         b = self.batch
+        if final and self.live_hold:
+            self._publish(b"", final=True)
         if final and b.partial_line:
             self._parse(b.partial_line)
             b.partial_line = b""

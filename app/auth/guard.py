@@ -79,6 +79,13 @@ def _is_public() -> bool:
     return bool(getattr(view, "_public", False))
 
 
+def _is_stream() -> bool:
+    view = current_app.view_functions.get(request.endpoint or "")
+    cls = getattr(view, "view_class", None)
+    method = getattr(cls, request.method.lower(), None) if cls else view
+    return bool(getattr(method, "_stream", False))
+
+
 def _credential() -> str | None:
     header = request.headers.get("Authorization", "")
     if header:
@@ -96,11 +103,15 @@ def authenticate_request() -> None:
         return
     credential = _credential()
     ip = context.current().ip
-    if credential is None:
+    stream_token = request.args.get("stream_token") if _is_stream() else None
+    if credential is None and not stream_token:
         raise Unauthorized("This endpoint needs a credential.", code="unauthenticated")
     throttle.check(ip)
     try:
-        principal = service.authenticate(credential)
+        if credential is None:
+            principal = service.authenticate_stream(stream_token or "", request.path)
+        else:
+            principal = service.authenticate(credential)
     except Unauthorized:
         throttle.failed(ip)
         raise

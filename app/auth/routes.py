@@ -6,6 +6,8 @@ from app.auth.schemas import (
     LoginSchema,
     NewTokenSchema,
     RefreshSchema,
+    StreamTokenRequestSchema,
+    StreamTokenSchema,
     TokenCreateSchema,
     TokenPageSchema,
     TokenPairSchema,
@@ -47,6 +49,17 @@ class Logout(MethodView):
     def post(self, data):
         """End the login the refresh token belongs to."""
         service.logout(data["refresh_token"])
+
+
+@blp.route("/auth/stream-token")
+class StreamToken(MethodView):
+    @blp.arguments(StreamTokenRequestSchema)
+    @blp.response(201, StreamTokenSchema)
+    def post(self, data):
+        """A token for `?stream_token=` on streams under `path`, valid for 60 s (for
+        EventSource, which cannot send headers)."""
+        token, ttl = service.stream_token(current_principal(), data["path"])
+        return {"token": token, "expires_in": ttl, "path": data["path"]}
 
 
 @blp.route("/me/tokens")

@@ -61,3 +61,17 @@ class NewTokenSchema(TokenSchema):
 
 
 TokenPageSchema = page_schema(TokenSchema, "TokenPage")
+
+
+class StreamTokenRequestSchema(Schema):
+    path = ma.fields.Str(
+        required=True,
+        validate=ma.validate.Length(1, 500),
+        metadata={"description": "path prefix the token opens, e.g. /api/v1/runs/5/stream"},
+    )
+
+
+class StreamTokenSchema(ma.Schema):
+    token = ma.fields.Str()
+    expires_in = ma.fields.Int()
+    path = ma.fields.Str()

@@ -222,6 +222,37 @@ def authenticate(credential: str) -> Principal:
     )
 
 
+def stream_token(principal: Principal, path: str) -> tuple[str, int]:
+    """A token valid `STREAM_TOKEN_TTL` seconds for streams under `path`, with the caller's
+    abilities (never more)."""
+    if not path.startswith("/api/v1/") or ".." in path:
+        raise ValidationFailed("Bad path.", {"path": ["a path under /api/v1/"]})
+    ttl = _config("STREAM_TOKEN_TTL")
+    token = tokens.encode_stream(
+        current_app.config["SECRET_KEY"], principal.user.id, path, sorted(principal.abilities), ttl
+    )
+    return token, ttl
+
+
+def authenticate_stream(token: str, path: str) -> Principal:
+    try:
+        claims = tokens.decode_stream(current_app.config["SECRET_KEY"], token)
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("The stream token has expired.", code="token_expired") from exc
+    except jwt.InvalidTokenError as exc:
+        raise Unauthorized("The stream token is not valid.", code="invalid_token") from exc
+    if not path.startswith(claims["path"]):
+        raise Unauthorized("The stream token is for another path.", code="invalid_token")
+    user = db.session.get(User, int(claims["sub"]))
+    if user is None or not user.is_active:
+        raise Unauthorized("The stream token is not valid.", code="invalid_token")
+    return Principal(
+        user=user,
+        kind="stream",
+        abilities=frozenset(claims.get("abl", [])) & abilities_for_role(user.role),
+    )
+
+
 def _authenticate_pat(raw: str) -> Principal:
     pat = db.session.scalar(
         sa.select(PersonalAccessToken).where(PersonalAccessToken.token_hash == tokens.digest(raw))

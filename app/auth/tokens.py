@@ -44,6 +44,35 @@ def encode_access(secret: str, user_id: int, family_id: str | None, ttl: int, **
     return jwt.encode(payload, secret, algorithm="HS256")
 
 
+def encode_stream(secret: str, user_id: int, path: str, abilities: list[str], ttl: int) -> str:
+    """A short-lived token for one stream path prefix (EventSource cannot send headers)."""
+    now = utcnow()
+    payload = {
+        "iss": ISSUER,
+        "sub": str(user_id),
+        "typ": "stream",
+        "path": path,
+        "abl": abilities,
+        "iat": now,
+        "exp": now + timedelta(seconds=ttl),
+    }
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def decode_stream(secret: str, token: str) -> dict[str, Any]:
+    claims = jwt.decode(
+        token,
+        secret,
+        algorithms=["HS256"],
+        issuer=ISSUER,
+        options={"require": ["exp", "sub", "typ", "path"]},
+        leeway=2,
+    )
+    if claims.get("typ") != "stream":
+        raise jwt.InvalidTokenError("not a stream token")
+    return claims
+
+
 def decode_access(secret: str, token: str) -> dict[str, Any]:
     """Raises jwt.InvalidTokenError (expired, bad signature, wrong type...)."""
     claims = jwt.decode(

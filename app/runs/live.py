@@ -33,7 +33,12 @@ def publish(channel: str, message: dict[str, Any]) -> None:
 def run_log(run_id: int, offset: int, data: bytes) -> None:
     publish(
         run_channel(run_id),
-        {"type": "log", "offset": offset, "text": data.decode("utf-8", "replace")},
+        {
+            "type": "log",
+            "offset": offset,
+            "size": len(data),
+            "text": data.decode("utf-8", "replace"),
+        },
     )
 
 

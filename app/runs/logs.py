@@ -70,7 +70,7 @@ def _char_len(lead: int) -> int:
     return 1
 
 
-def _utf8_boundary(data: bytes) -> int:
+def utf8_boundary(data: bytes) -> int:
     """Length of `data` without a multi-byte UTF-8 character cut at its end."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
@@ -104,7 +104,7 @@ def read(run: Run, offset: int, limit: int) -> tuple[bytes, int]:
     data = bytes(buf)
     page = data[:limit]
     if len(data) > limit:
-        cut = _utf8_boundary(page)
+        cut = utf8_boundary(page)
         # a page holding part of one character returns the whole character
         page = page[:cut] if cut > 0 else data[: _char_len(data[0])]
     return page, offset + len(page)

@@ -22,6 +22,7 @@ from app.runs.schemas import (
     RunQuerySchema,
     RunSchema,
 )
+from app.streaming import last_event_id, sse, stream_view
 
 blp = Blueprint(
     "runs",
@@ -105,6 +106,19 @@ class RunLog(MethodView):
         if appended is not None:
             live.run_log(run.id, appended.offset, appended.data)
         return {"size": run.log_size, "stored": len(appended.data) if appended else 0}
+
+
+@blp.route("/<int:run_id>/stream")
+class RunStream(MethodView):
+    @stream_view
+    @requires("projects:read")
+    def get(self, run_id):
+        """Follow a run live: `log` (offset, text), `event` (telemetry), `status`, and `done`
+        when it has ended. Ids are `<log bytes>-<event seq>`."""
+        run_for(run_id)
+        from app.runs.stream import RunFollower
+
+        return sse(iter(RunFollower(run_id, last_event_id())), current_principal().user.id)
 
 
 @blp.route("/<int:run_id>/events")

@@ -11,6 +11,7 @@ import logging
 
 import sqlalchemy as sa
 
+from app.activity import service as activity
 from app.extensions import after_commit, db
 from app.projects.models import Project
 from app.runs.models import Run
@@ -62,6 +63,8 @@ def new_attempt(task: Task, *, reason: str | None = None) -> Run:
     task.status = "queued"
     task.status_reason = reason
     task.finished_at = None
+    note_run(run)
+    note_task(task)
     if task.target == POOL_TARGET:
         dispatch(task.project_id)
     return run
@@ -69,12 +72,17 @@ def new_attempt(task: Task, *, reason: str | None = None) -> Run:
 
 def run_changed(run: Run) -> None:
     task = db.session.get(Task, run.task_id)
+    note_run(run)
     if task is not None and task.latest_run_id == run.id:
-        task.status = TASK_FOR_RUN[run.status]
+        status = TASK_FOR_RUN[run.status]
+        if task.status != status:
+            task.status = status
+            note_task(task)
 
 
 def run_finished(run: Run, *, requeue: bool = False) -> None:
     """A run reached a terminal state (in the current transaction)."""
+    note_run(run)
     task = db.session.get(Task, run.task_id)
     if task is None or task.latest_run_id != run.id:
         return
@@ -89,6 +97,7 @@ def run_finished(run: Run, *, requeue: bool = False) -> None:
     task.status = TASK_FOR_RUN[run.status]
     task.status_reason = run.error_summary
     task.finished_at = utcnow()
+    note_task(task)
     if task.status == "completed":
         release_dependents(task)
     else:
@@ -139,12 +148,42 @@ def cancel(task: Task, reason: str) -> None:
         run = db.session.get(Run, task.latest_run_id)
         if run is not None and run.status == "queued":
             run.status, run.finished_at, run.error_summary = "cancelled", utcnow(), reason
+            note_run(run)
+    note_task(task)
     cancel_dependents(task, f"dependency #{task.id} cancelled")
 
 
 def cancel_dependents(task: Task, reason: str) -> None:
     for dependent in _dependents(task.id):
         cancel(dependent, reason)
+
+
+def note_task(task: Task) -> None:
+    """The activity feed hears of every task status change."""
+    activity.record(
+        task.project_id,
+        "task.status",
+        {
+            "task_id": task.id,
+            "title": task.title,
+            "status": task.status,
+            "reason": task.status_reason,
+        },
+    )
+
+
+def note_run(run: Run) -> None:
+    activity.record(
+        run.project_id,
+        "run.status",
+        {
+            "run_id": run.id,
+            "task_id": run.task_id,
+            "attempt": run.attempt,
+            "status": run.status,
+            "exit_code": run.exit_code,
+        },
+    )
 
 
 def queue_position(task: Task) -> int | None:

@@ -4,6 +4,8 @@ from flask.views import MethodView
 from app.auth.guard import current_principal, requires
 from app.extensions import Blueprint
 from app.runs.schemas import RunSchema
+from app.runs.stream import follow_task
+from app.streaming import last_event_id, sse, stream_view
 from app.tasks import lifecycle, service
 from app.tasks.schemas import (
     ClaimSchema,
@@ -99,6 +101,17 @@ class TaskById(MethodView):
     def delete(self, task_id):
         """Delete a task and its runs (409 while a run is in progress)."""
         service.delete_task(service.task_for(current_principal(), task_id, "developer"))
+
+
+@blp.route("/<int:task_id>/stream")
+class TaskStream(MethodView):
+    @stream_view
+    @requires("projects:read")
+    def get(self, task_id):
+        """Follow every run of a task live (retries included); each event carries `run_id`,
+        ids are `<run id>:<log bytes>-<seq>`; `done` when the task has ended."""
+        service.task_for(current_principal(), task_id)
+        return sse(follow_task(task_id, last_event_id()), current_principal().user.id)
 
 
 @blp.route("/<int:task_id>/cancel")

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.orm.attributes import set_committed_value
 
+from app.activity import service as activity
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.errors import Conflict, NotFound, ValidationFailed
@@ -134,6 +135,17 @@ def create_task(
         lifecycle.cancel(task, f"dependency #{dead[0].id} {dead[0].status}")
     elif all(d.status == "completed" for d in deps):
         lifecycle.new_attempt(task)
+    activity.record(
+        project.id,
+        "task.created",
+        {
+            "task_id": task.id,
+            "title": task.title,
+            "agent": agent,
+            "status": task.status,
+            "priority": priority,
+        },
+    )
     audit.record(
         "task.create",
         target_type="task",
@@ -262,6 +274,7 @@ def update_task(task: Task, changes: dict[str, Any]) -> Task:
                 run.status, run.finished_at = "cancelled", utcnow()
                 run.error_summary = "superseded: the task got new dependencies"
             task.status = "blocked"
+            lifecycle.note_task(task)
         db.session.execute(sa.delete(TaskDependency).where(TaskDependency.task_id == task.id))
         for dep in deps:
             db.session.add(TaskDependency(task_id=task.id, depends_on_id=dep.id))

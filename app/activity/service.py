@@ -1,0 +1,43 @@
+"""The activity feed: services record what happened; the row commits with the change and is
+published on Redis after the commit for live streams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from app.activity.models import Activity
+from app.extensions import after_commit, db
+from app.runs import live
+from app.timeutil import rfc3339, utcnow
+
+CHANNEL = "sb:activity"
+
+
+def as_dict(entry: Activity) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "project_id": entry.project_id,
+        "kind": entry.kind,
+        "data": entry.data,
+        "created_at": rfc3339(entry.created_at),
+    }
+
+
+def record(project_id: int | None, kind: str, data: dict[str, Any]) -> Activity:
+    entry = Activity(project_id=project_id, kind=kind, data=data, created_at=utcnow())
+    db.session.add(entry)
+    after_commit(lambda: live.publish(CHANNEL, as_dict(entry)))  # the id exists by then
+    return entry
+
+
+def since(after_id: int, project_ids: list[int] | None, limit: int = 500) -> list[Activity]:
+    stmt = sa.select(Activity).where(Activity.id > after_id)
+    if project_ids is not None:
+        stmt = stmt.where(Activity.project_id.in_(project_ids))
+    return list(db.session.scalars(stmt.order_by(Activity.id).limit(limit)))
+
+
+def latest_id() -> int:
+    return db.session.scalar(sa.select(sa.func.max(Activity.id))) or 0

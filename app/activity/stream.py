@@ -1,0 +1,51 @@
+"""The activity feed stream: replay from the `activities` table, then live from Redis."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from app.activity import service
+from app.streaming import Event, hub, ping_interval
+
+
+def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | None]:
+    """Activity the caller may see (`project_ids`; None: all), from `after_id` on."""
+    from app.extensions import db
+
+    allowed = None if project_ids is None else set(project_ids)
+    sent: deque[int] = deque(maxlen=5000)
+    last = after_id
+    sub = hub().subscribe([service.CHANNEL])
+    try:
+        while True:
+            # replay (first, and whenever the live feed skipped an id)
+            while True:
+                rows = service.since(last, project_ids)
+                for row in rows:
+                    if row.id not in sent:
+                        sent.append(row.id)
+                        yield Event(row.kind, service.as_dict(row), str(row.id))
+                    last = max(last, row.id)
+                db.session.remove()
+                if len(rows) < 500:
+                    break
+            ping = ping_interval()
+            while True:
+                msg = sub.get(timeout=ping)
+                if msg is None:
+                    yield None
+                    continue
+                if allowed is not None and msg.get("project_id") not in allowed:
+                    last = max(last, msg["id"]) if msg["id"] == last + 1 else last
+                    continue
+                if msg["id"] in sent:
+                    continue
+                if msg["id"] > last + 1:
+                    break  # something between is missing (not visible to us, or late): replay
+                sent.append(msg["id"])
+                last = max(last, msg["id"])
+                msg.pop("channel", None)
+                yield Event(msg["kind"], msg, str(msg["id"]))
+    finally:
+        sub.close()

@@ -1,0 +1,201 @@
+"""Live run streams: replay from the database, then follow Redis, without gaps or repeats.
+
+A stream's position is `<log bytes sent>-<last event seq>`; it is the SSE id of every event, so
+`Last-Event-ID` resumes exactly there. The stream subscribes to the run's channel before it reads
+the database; live messages it already covered are skipped or trimmed, and a live message beyond
+its position (output published before the database batch landed) sends it back to the database.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.runs import live, logs
+from app.runs.models import RUN_TERMINAL, Run, RunEvent
+from app.streaming import Event, hub, ping_interval
+from app.timeutil import rfc3339
+
+LOG_PAGE = 64 * 1024
+POSITION = re.compile(r"^(\d+)-(\d+)$")
+#: how long to wait for a database batch before re-reading it after a gap
+GAP_WAIT = 0.02
+
+
+def parse_position(value: str | None) -> tuple[int, int]:
+    match = POSITION.match(value or "")
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+class RunFollower:
+    """Follows one run from a position; yields Events (None for a heartbeat)."""
+
+    def __init__(
+        self,
+        run_id: int,
+        position: str | None,
+        *,
+        final_done: bool = True,
+        tag: dict | None = None,
+        id_prefix: str = "",
+    ) -> None:
+        self.run_id = run_id
+        self.pos, self.seq = parse_position(position)
+        self.final_done = final_done
+        self.tag = tag or {}
+        self.id_prefix = id_prefix
+        self.status_sent: str | None = None
+
+    def _id(self) -> str:
+        return f"{self.id_prefix}{self.pos}-{self.seq}"
+
+    def _event(self, name: str, data: dict) -> Event:
+        return Event(name, {**data, **self.tag}, self._id())
+
+    def _replay(self) -> Iterator[Event] | None:
+        """Everything the database has past our position. Returns whether the run is done."""
+        run = db.session.get(Run, self.run_id, populate_existing=True)
+        if run is None:
+            self.finished = True
+            return iter(())
+        out: list[Event] = []
+        while self.pos < run.log_size:
+            data, nxt = logs.read(run, self.pos, LOG_PAGE)
+            if nxt == self.pos:
+                break
+            start, self.pos = self.pos, nxt
+            out.append(
+                self._event("log", {"offset": start, "text": data.decode("utf-8", "replace")})
+            )
+        while self.seq < run.event_count:
+            rows = list(
+                db.session.scalars(
+                    sa.select(RunEvent)
+                    .where(RunEvent.run_id == run.id, RunEvent.seq > self.seq)
+                    .order_by(RunEvent.seq)
+                    .limit(500)
+                )
+            )
+            if not rows:
+                break
+            for row in rows:
+                self.seq = row.seq
+                out.append(
+                    self._event(
+                        "event",
+                        {
+                            "seq": row.seq,
+                            "type": row.type,
+                            "data": row.data,
+                            "created_at": rfc3339(row.created_at),
+                        },
+                    )
+                )
+        if run.status != self.status_sent:
+            self.status_sent = run.status
+            out.append(self._event("status", {"status": run.status, "exit_code": run.exit_code}))
+        self.finished = (
+            run.status in RUN_TERMINAL and self.pos >= run.log_size and self.seq >= run.event_count
+        )
+        self.final = {"status": run.status, "exit_code": run.exit_code}
+        db.session.remove()
+        return iter(out)
+
+    def __iter__(self) -> Iterator[Event | None]:
+        sub = hub().subscribe([live.run_channel(self.run_id)])
+        try:
+            while True:
+                yield from self._replay()
+                if self.finished:
+                    if self.final_done:
+                        yield self._event("done", self.final)
+                    return
+                yield from self._follow(sub)
+        finally:
+            sub.close()
+
+    def _follow(self, sub) -> Iterator[Event | None]:  # type: ignore[no-untyped-def]
+        """Live messages until one needs the database (a gap, or a status change)."""
+        ping = ping_interval()
+        while True:
+            msg = sub.get(timeout=ping)
+            if msg is None:
+                yield None
+                continue
+            kind = msg.get("type")
+            if kind == "log":
+                offset, size = msg["offset"], msg.get("size", len(msg["text"].encode()))
+                if offset + size <= self.pos:
+                    continue  # already sent from the database
+                if offset > self.pos:
+                    time.sleep(GAP_WAIT)  # its batch is on the way to the database
+                    return
+                raw = msg["text"].encode()[self.pos - offset :]
+                start, self.pos = self.pos, offset + size
+                yield self._event("log", {"offset": start, "text": raw.decode("utf-8", "replace")})
+            elif kind == "events":
+                for item in msg["events"]:
+                    if item["seq"] <= self.seq:
+                        continue
+                    if item["seq"] != self.seq + 1:
+                        return
+                    self.seq = item["seq"]
+                    yield self._event(
+                        "event", {"seq": item["seq"], "type": item["type"], "data": item["data"]}
+                    )
+            elif kind == "status":
+                return
+
+
+TASK_POSITION = re.compile(r"^(\d+):(\d+-\d+)$")
+
+
+def follow_task(task_id: int, position: str | None) -> Iterator[Event | None]:
+    """Every run of a task in order (retries included), each event tagged with its run id;
+    ids are `<run id>:<log bytes>-<seq>`. Ends with `done` when the task has ended."""
+    from app.tasks.models import TASK_TERMINAL, Task
+
+    match = TASK_POSITION.match(position or "")
+    after_run, run_pos = (int(match.group(1)), match.group(2)) if match else (0, None)
+    ping = ping_interval()
+    waited = 0.0
+    while True:
+        task = db.session.get(Task, task_id, populate_existing=True)
+        if task is None:
+            return
+        run_ids = list(
+            db.session.scalars(
+                sa.select(Run.id)
+                .where(Run.task_id == task_id, Run.id >= after_run)
+                .order_by(Run.id)
+            )
+        )
+        status, reason = task.status, task.status_reason
+        db.session.remove()
+        pending = [r for r in run_ids if r >= after_run]
+        if pending:
+            run_id = pending[0]
+            start = run_pos if run_id == after_run else None
+            yield from RunFollower(
+                run_id, start, final_done=False, tag={"run_id": run_id}, id_prefix=f"{run_id}:"
+            )
+            after_run, run_pos = run_id + 1, None
+            waited = 0.0
+            continue
+        if status in TASK_TERMINAL:
+            yield Event(
+                "done",
+                {"status": status, "reason": reason},
+                f"{max(after_run - 1, 0)}:0-0" if after_run else None,
+            )
+            return
+        # between runs (queued, blocked): look again shortly
+        time.sleep(0.2)
+        waited += 0.2
+        if waited >= ping:
+            waited = 0.0
+            yield None

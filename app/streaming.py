@@ -1,0 +1,357 @@
+"""Server-Sent Events over Redis pub/sub.
+
+One listener thread per process holds one Redis pub/sub connection and fans messages out to
+per-client queues; channels are subscribed while at least one client wants them (ref-counted), so a
+process receives only the traffic its clients watch. A stream subscribes *before* it replays from
+the database, so nothing published in between is missed, and skips what it already sent.
+
+`sse()` turns a generator of `Event`s into a streaming response with an immediate first comment
+(proxies flush headers), `:ping` heartbeats, a `retry:` hint and `X-Accel-Buffering: no`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Response, current_app, request
+
+from app.errors import TooManyRequests
+
+log = logging.getLogger(__name__)
+
+#: a client that falls this far behind is disconnected (it resumes with Last-Event-ID)
+QUEUE_LIMIT = 10_000
+
+
+@dataclass
+class Event:
+    event: str
+    data: Any
+    id: str | None = None
+
+    def encode(self) -> bytes:
+        lines = []
+        if self.id is not None:
+            lines.append(f"id: {self.id}")
+        lines.append(f"event: {self.event}")
+        lines.append("data: " + json.dumps(self.data, separators=(",", ":"), default=str))
+        return ("\n".join(lines) + "\n\n").encode()
+
+
+class Overflow(Exception):
+    """The client could not keep up; it will reconnect and resume."""
+
+
+class Subscription:
+    def __init__(self, hub: Hub, channels: list[str]) -> None:
+        self.hub = hub
+        self.channels = channels
+        self.queue: queue.Queue[Any] = queue.Queue(QUEUE_LIMIT)
+        self.ready = threading.Event()
+        self.overflowed = False
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        if self.overflowed:
+            raise Overflow()
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is None:
+            raise Overflow()
+        return item
+
+    def add(self, channel: str) -> None:
+        self.channels.append(channel)
+        self.hub.add(self, channel)
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self)
+
+
+class Hub:
+    """The process's single Redis pub/sub listener."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lock = threading.Lock()
+        self.subscribers: dict[str, set[Subscription]] = {}
+        self.changes: queue.Queue[tuple[str, str, Subscription | None]] = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    # -- client side -----------------------------------------------------------------------------
+
+    def subscribe(self, channels: list[str], timeout: float = 5.0) -> Subscription:
+        sub = Subscription(self, list(channels))
+        self._ensure_thread()
+        with self.lock:
+            for ch in channels:
+                self._attach(sub, ch)
+        self.changes.put(("sync", "", sub))
+        if not sub.ready.wait(timeout):
+            self.unsubscribe(sub)
+            raise RuntimeError("Redis subscription timed out")
+        return sub
+
+    def add(self, sub: Subscription, channel: str) -> None:
+        with self.lock:
+            self._attach(sub, channel)
+        sub.ready.clear()
+        self.changes.put(("sync", "", sub))
+        sub.ready.wait(5.0)
+
+    def _attach(self, sub: Subscription, channel: str) -> None:
+        self.subscribers.setdefault(channel, set()).add(sub)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            for ch in sub.channels:
+                members = self.subscribers.get(ch)
+                if members is not None:
+                    members.discard(sub)
+                    if not members:
+                        del self.subscribers[ch]
+        self.changes.put(("sync", "", None))
+
+    def channel_count(self) -> int:
+        with self.lock:
+            return len(self.subscribers)
+
+    # -- listener thread -------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            with self.lock:
+                if self.thread is None or not self.thread.is_alive():
+                    self.thread = threading.Thread(target=self._run, name="sse-hub", daemon=True)
+                    self.thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self._listen()
+                failures = 0
+            except Exception as exc:  # Redis went away: tell clients to reconnect, then retry
+                failures += 1
+                if failures == 1:
+                    log.warning("stream hub lost Redis (%s); reconnecting", exc)
+                with self.lock:
+                    for members in self.subscribers.values():
+                        for sub in members:
+                            sub.overflowed = True
+                            with contextlib.suppress(queue.Full):
+                                sub.queue.put_nowait(None)
+                time.sleep(0.5)
+
+    def _listen(self) -> None:
+        client = redis.Redis.from_url(self.url, health_check_interval=30)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        active: set[str] = set()
+        try:
+            while True:
+                self._sync(pubsub, active)
+                msg = pubsub.get_message(timeout=0.05) if active else None
+                if not active:
+                    time.sleep(0.05)
+                if msg is None:
+                    continue
+                channel = msg["channel"].decode()
+                try:
+                    data = json.loads(msg["data"])
+                except ValueError:
+                    continue
+                with self.lock:
+                    targets = list(self.subscribers.get(channel, ()))
+                for sub in targets:
+                    try:
+                        sub.queue.put_nowait({"channel": channel, **data})
+                    except queue.Full:
+                        sub.overflowed = True
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def _sync(self, pubsub: redis.client.PubSub, active: set[str]) -> None:
+        woken: list[Subscription] = []
+        try:
+            while True:
+                _kind, _ch, sub = self.changes.get_nowait()
+                if sub is not None:
+                    woken.append(sub)
+        except queue.Empty:
+            pass
+        if not woken and not self._dirty(active):
+            return
+        with self.lock:
+            wanted = set(self.subscribers)
+        new, gone = wanted - active, active - wanted
+        if new:
+            pubsub.subscribe(*new)
+        if gone:
+            pubsub.unsubscribe(*gone)
+        active.clear()
+        active.update(wanted)
+        for sub in woken:
+            sub.ready.set()
+
+    def _dirty(self, active: set[str]) -> bool:
+        with self.lock:
+            return set(self.subscribers) != active
+
+
+_hubs: dict[str, Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+def hub() -> Hub:
+    url = current_app.config["SWITCHBOARD_REDIS_URL"]
+    with _hubs_lock:
+        if url not in _hubs:
+            _hubs[url] = Hub(url)
+        return _hubs[url]
+
+
+# -- per-user cap on concurrent streams -----------------------------------------------------------
+
+
+class StreamSlot:
+    """A user's open stream, counted in Redis so the cap holds across processes; each slot
+    expires unless refreshed, so a crashed process cannot leak slots."""
+
+    def __init__(self, user_id: int, cap: int, ttl: int) -> None:
+        from app.extensions import get_redis
+
+        self.redis = get_redis()
+        self.key = f"sb:streams:{user_id}"
+        self.member = uuid.uuid4().hex
+        self.ttl = ttl
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.zremrangebyscore(self.key, "-inf", now)
+        pipe.zadd(self.key, {self.member: now + ttl})
+        pipe.zcard(self.key)
+        pipe.expire(self.key, ttl)
+        count = pipe.execute()[2]
+        if count > cap:
+            self.redis.zrem(self.key, self.member)
+            raise TooManyRequests(f"At most {cap} streams may be open at once.", retry_after=5)
+
+    def refresh(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis.zadd(self.key, {self.member: time.time() + self.ttl})
+            self.redis.expire(self.key, self.ttl)
+
+    def release(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis.zrem(self.key, self.member)
+
+
+def last_event_id() -> str | None:
+    return request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
+
+
+def _no_delay() -> None:
+    """Small events must leave at once, not wait for Nagle and delayed ACKs (~40 ms)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def sse(events: Iterator[Event | None], user_id: int) -> Response:
+    """A streaming response from `events`, which yields an `Event` to send or None when it has
+    waited `ping_interval()` with nothing to say (a heartbeat goes out instead)."""
+    cfg = current_app.config
+    slot = StreamSlot(
+        user_id,
+        cfg["SWITCHBOARD_STREAM_CAP"],
+        ttl=max(30, cfg["SWITCHBOARD_STREAM_PING_SECONDS"] * 3),
+    )
+    _no_delay()
+    from app.extensions import db
+
+    db.session.remove()  # streams hold no database connection between replays
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    done = object()
+
+    def body() -> Iterator[bytes]:
+        # Each step runs in its own app context, entered and left between yields: a stream
+        # holds no context (nor database session) while it waits for its client.
+        try:
+            yield f": stream open\nretry: {cfg['SWITCHBOARD_STREAM_RETRY_MS']}\n\n".encode()
+            while True:
+                with app.app_context():
+                    event = next(events, done)
+                if event is done:
+                    return
+                if event is None:
+                    slot.refresh()
+                    yield b":ping\n\n"
+                else:
+                    yield event.encode()  # type: ignore[union-attr]
+        except Overflow:
+            return
+        finally:
+            slot.release()
+            with contextlib.suppress(Exception), app.app_context():
+                events.close()  # type: ignore[attr-defined]
+
+    resp = Response(body(), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+def ping_interval() -> float:
+    return float(current_app.config["SWITCHBOARD_STREAM_PING_SECONDS"])
+
+
+STREAM_DOC = {
+    "responses": {
+        "200": {
+            "description": "Server-Sent Events (`text/event-stream`). Each event has `id:` "
+            "(resume with the `Last-Event-ID` header or `?last_event_id=`), `event:` and "
+            "`data:` (JSON); `:ping` comments keep idle connections open.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    },
+    "parameters": [
+        {
+            "in": "query",
+            "name": "last_event_id",
+            "schema": {"type": "string"},
+            "description": "resume after this event id (EventSource sends the header itself)",
+        },
+        {
+            "in": "query",
+            "name": "stream_token",
+            "schema": {"type": "string"},
+            "description": "a token from POST /api/v1/auth/stream-token, for clients that cannot "
+            "send headers (EventSource)",
+        },
+    ],
+}
+
+
+def stream_view(func):  # type: ignore[no-untyped-def]
+    """Mark a view as a stream: it accepts `?stream_token=` and is documented as SSE."""
+    from flask_smorest.utils import deepupdate
+
+    func._stream = True
+    apidoc = getattr(func, "_apidoc", {})
+    apidoc["manual_doc"] = deepupdate(apidoc.get("manual_doc", {}), STREAM_DOC)
+    func._apidoc = apidoc
+    return func
