@@ -298,3 +298,90 @@ def project(app: Flask, client: FlaskClient, member: Account) -> dict:
     )
     assert resp.status_code == 201, resp.get_json()
     return resp.get_json()
+
+
+class LiveServer:
+    """A real gunicorn serving the test database and Redis, for what the test client cannot
+    show: sockets, threads, streaming to a browser."""
+
+    def __init__(self, app: Flask, **extra: str) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(app.config["SWITCHBOARD_INSTANCE_PATH"]) / f"web-{self.port}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = worker_env(
+            app,
+            GUNICORN_BIND=f"127.0.0.1:{self.port}",
+            WEB_CONCURRENCY="1",
+            GUNICORN_THREADS="16",
+            SWITCHBOARD_STREAM_PING_SECONDS="1",
+            **extra,
+        )
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        self.proc = subprocess.Popen(
+            [str(gunicorn), "-c", "gunicorn.conf.py", "wsgi:app"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+            start_new_session=True,
+        )
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v1/health", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, self.log_path.read_text()
+                time.sleep(0.1)
+
+    def worker_pids(self) -> list[int]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    out.append(int(entry.name))
+        return out
+
+    def threads(self) -> int:
+        total = 0
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Threads:"):
+                    total += int(line.split()[1])
+        return total
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def live(app: Flask, client: FlaskClient) -> Iterator[LiveServer]:
+    server = LiveServer(app)
+    yield server
+    server.stop()
+    print("---- web output ----\n" + server.output())
