@@ -1,0 +1,315 @@
+"""Live stream benchmark: delay from an agent printing a line to a subscriber receiving it.
+
+Starts gunicorn (one process, many threads: each open stream holds one) and `switchboard worker`
+on a fresh PostgreSQL database and a Redis db, then prints:
+  - print -> receive delay (p50, p99) with one subscriber per run over many runs;
+  - the same with 100, 500 and 1,000 subscribers of one run, and how many streams stalled
+    (missed bytes or waited more than a second);
+  - lines per second ingested for one run printing as fast as it can, and that none were lost;
+  - the web process's memory idle and with 1,000 idle streams.
+The agent stamps each line with `$EPOCHREALTIME`, so the delay is measured end to end on one
+clock. Bounded in time; loopback only.
+
+    .venv/bin/python bench/streams.py [--runs 200] [--fanout 100,500,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dispatch import BIN, ROOT, Client, free_port, fresh_database, pct, wait_ready
+
+
+class Stream:
+    """One SSE connection read without a thread of its own."""
+
+    def __init__(self, port: int, path: str, token: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        self.sock.setblocking(False)
+        self.buf = b""
+        self.raw = b""
+        self.need: int | None = None
+        self.header_done = False
+        self.text = ""
+        self.partial = ""
+        self.done = False
+        self.delays: list[float] = []
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.raw += data
+        if not self.header_done:
+            if b"\r\n\r\n" not in self.raw:
+                return
+            self.raw = self.raw.split(b"\r\n\r\n", 1)[1]
+            self.header_done = True
+        while True:  # HTTP/1.1 chunked transfer encoding
+            if self.need is None:
+                if b"\r\n" not in self.raw:
+                    break
+                size, self.raw = self.raw.split(b"\r\n", 1)
+                self.need = int(size.split(b";")[0], 16)
+            if len(self.raw) < self.need + 2:
+                break
+            self.buf += self.raw[: self.need]
+            self.raw = self.raw[self.need + 2 :]
+            self.need = None
+        self.frames(now)
+
+    def frames(self, now: float) -> None:
+        import json
+
+        while b"\n\n" in self.buf:
+            block, self.buf = self.buf.split(b"\n\n", 1)
+            event, payload = None, None
+            for line in block.split(b"\n"):
+                if line.startswith(b"event: "):
+                    event = line[7:].decode()
+                elif line.startswith(b"data: "):
+                    payload = json.loads(line[6:])
+            if event == "log":
+                self.text += payload["text"]
+                lines = (self.partial + payload["text"]).split("\n")
+                self.partial = lines.pop()
+                for stamp in lines:
+                    with contextlib.suppress(ValueError):
+                        self.delays.append(now - float(stamp))
+            elif event == "done":
+                self.done = True
+
+
+def pump(streams: list[Stream], until, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    sel = selectors.DefaultSelector()
+    for s in streams:
+        sel.register(s.sock, selectors.EVENT_READ, s)
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        for key, _ in sel.select(0.5):
+            try:
+                data = key.fileobj.recv(262144)
+            except BlockingIOError:
+                continue
+            now = time.time()
+            if data:
+                key.data.feed(data, now)
+            else:
+                sel.unregister(key.fileobj)
+    sel.close()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children; NaN when it is gone (it crashed)."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            return float("nan")
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+    )
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--fanout", default="100,500,1000")
+    parser.add_argument("--ingest-lines", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    import redis
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+    db_url = fresh_database(args.database_url, "sb_bench_streams")
+    instance = Path(tempfile.mkdtemp(prefix="sbbench-"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "SWITCHBOARD_INSTANCE_PATH": str(instance),
+        "PORT": str(port),
+        "DATABASE_URL": db_url,
+        "REDIS_URL": args.redis_url,
+        "SWITCHBOARD_ADMIN_USERNAME": "bench",
+        "SWITCHBOARD_ADMIN_PASSWORD": "bench-password",
+        "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
+        "SWITCHBOARD_LOG_LEVEL": "WARNING",
+        "SWITCHBOARD_STREAM_CAP": "5000",
+        "WEB_CONCURRENCY": "1",
+        "GUNICORN_THREADS": "1200",
+        "SWITCHBOARD_WORKER_PROCESSES": "2",
+    }
+    subprocess.run(
+        [str(BIN / "switchboard"), "bootstrap"], env=env, check=True, capture_output=True, cwd=ROOT
+    )
+    web = subprocess.Popen(
+        [
+            str(BIN / "gunicorn"),
+            "-c",
+            "gunicorn.conf.py",
+            "wsgi:app",
+            "--access-logfile",
+            "/dev/null",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    pool = subprocess.Popen(
+        [str(BIN / "switchboard"), "worker"],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(port)
+        _, tokens = Client(port).call(
+            "POST", "/api/v1/auth/login", {"username": "bench", "password": "bench-password"}
+        )
+        token = tokens["access_token"]
+        c = Client(port, token)
+        c.call("POST", "/api/v1/projects", {"key": "s", "name": "s", "default_agent": "shell"})
+        time.sleep(3)  # worker processes up
+        web_pid = children(web.pid)[0]
+        idle = rss_mb(web_pid)
+        print(
+            f"Switchboard stream bench: PostgreSQL + Redis, 1 gunicorn process x 1200 "
+            f"threads, {os.cpu_count()} CPUs"
+        )
+
+        stamp_script = "for i in $(seq 1 {n}); do echo $EPOCHREALTIME; sleep {gap}; done"
+
+        # 1. one subscriber per run
+        delays, stalled = [], 0
+        for _ in range(args.runs):
+            _, t = c.call(
+                "POST",
+                "/api/v1/tasks",
+                {
+                    "project": "s",
+                    "title": "s",
+                    # a moment for the subscriber to connect: lines printed before it listens
+                    # reach it from the database replay, which is not what this measures
+                    "prompt": "sleep 0.2; " + stamp_script.format(n=10, gap=0.01),
+                },
+            )
+            s = Stream(port, f"/api/v1/runs/{t['latest_run_id']}/stream", token)
+            pump([s], lambda s=s: s.done, 30)
+            delays += s.delays
+            stalled += (not s.done) or any(d > 1 for d in s.delays)
+            s.sock.close()
+        print(
+            f"1 subscriber per run ({args.runs} runs, {len(delays)} lines): "
+            f"p50 {pct(delays, 0.5):.2f} ms  p99 {pct(delays, 0.99):.2f} ms  "
+            f"stalled streams {stalled}"
+        )
+
+        # 2. many subscribers of one run
+        for n in [int(x) for x in args.fanout.split(",")]:
+            _, t = c.call(
+                "POST",
+                "/api/v1/tasks",
+                {
+                    "project": "s",
+                    "title": "f",
+                    "prompt": "sleep 3; " + stamp_script.format(n=100, gap=0.02),
+                },
+            )
+            streams = [
+                Stream(port, f"/api/v1/runs/{t['latest_run_id']}/stream", token) for _ in range(n)
+            ]
+            pump(streams, lambda ss=streams: all(s.done for s in ss), 120)
+            lines = [d for s in streams for d in s.delays]
+            expected = streams[0].text if streams else ""
+            bad = sum(
+                1
+                for s in streams
+                if not s.done or s.text != expected or any(d > 1 for d in s.delays)
+            )
+            print(
+                f"{n} subscribers of one run: p50 {pct(lines, 0.5):.2f} ms  "
+                f"p99 {pct(lines, 0.99):.2f} ms  stalled streams {bad}"
+            )
+            if n == max(int(x) for x in args.fanout.split(",")):
+                print(
+                    f"web process memory: {idle:.0f} MB idle, {rss_mb(web_pid):.0f} MB "
+                    f"with {n} open streams"
+                )
+            for s in streams:
+                s.sock.close()
+
+        # 3. ingest
+        _, t = c.call(
+            "POST",
+            "/api/v1/tasks",
+            {"project": "s", "title": "i", "prompt": f"seq 1 {args.ingest_lines}"},
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            _, task = c.call("GET", f"/api/v1/tasks/{t['id']}")
+            if task["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.2)
+        run = task["runs"][0]
+        from datetime import datetime
+
+        took = datetime.fromisoformat(
+            run["finished_at"].replace("Z", "+00:00")
+        ) - datetime.fromisoformat(run["started_at"].replace("Z", "+00:00"))
+        expected = sum(len(str(i)) + 1 for i in range(1, args.ingest_lines + 1))
+        print(
+            f"ingest: {args.ingest_lines / took.total_seconds():,.0f} lines/s "
+            f"({args.ingest_lines:,} lines in {took.total_seconds():.2f} s), stored "
+            f"{run['log_size']:,} of {expected:,} bytes"
+        )
+    finally:
+        for p in (web, pool):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in (web, pool):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+if __name__ == "__main__":
+    main()
