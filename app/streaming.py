@@ -72,6 +72,20 @@ class Subscription:
             raise Overflow()
         return item
 
+    def drain(self, limit: int) -> list[dict[str, Any]]:
+        """Messages already waiting, without blocking."""
+        items = []
+        while len(items) < limit:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.overflowed = True
+                break
+            items.append(item)
+        return items
+
     def add(self, channel: str) -> None:
         self.channels.append(channel)
         self.hub.add(self, channel)
@@ -270,7 +284,7 @@ def _no_delay() -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def sse(events: Iterator[Event | None], user_id: int) -> Response:
+def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
     """A streaming response from `events`, which yields an `Event` to send or None when it has
     waited `ping_interval()` with nothing to say (a heartbeat goes out instead)."""
     cfg = current_app.config
@@ -300,6 +314,8 @@ def sse(events: Iterator[Event | None], user_id: int) -> Response:
                 if event is None:
                     slot.refresh()
                     yield b":ping\n\n"
+                elif isinstance(event, bytes):
+                    yield event  # already encoded (shared by many subscribers)
                 else:
                     yield event.encode()  # type: ignore[union-attr]
         except Overflow:

@@ -24,6 +24,8 @@ LOG_PAGE = 64 * 1024
 POSITION = re.compile(r"^(\d+)-(\d+)$")
 #: how long to wait for a database batch before re-reading it after a gap
 GAP_WAIT = 0.02
+#: live messages handled per wake-up at most
+BATCH = 200
 
 
 def parse_position(value: str | None) -> tuple[int, int]:
@@ -118,37 +120,74 @@ class RunFollower:
         finally:
             sub.close()
 
-    def _follow(self, sub) -> Iterator[Event | None]:  # type: ignore[no-untyped-def]
-        """Live messages until one needs the database (a gap, or a status change)."""
+    def _follow(self, sub) -> Iterator[Event | bytes | None]:  # type: ignore[no-untyped-def]
+        """Live messages until one needs the database (a gap, or a status change). Messages
+        that are already waiting are handled together and sent as one write: under load a
+        stream wakes once for many lines instead of once per line."""
         ping = ping_interval()
         while True:
             msg = sub.get(timeout=ping)
             if msg is None:
                 yield None
                 continue
-            kind = msg.get("type")
-            if kind == "log":
-                offset, size = msg["offset"], msg.get("size", len(msg["text"].encode()))
-                if offset + size <= self.pos:
-                    continue  # already sent from the database
-                if offset > self.pos:
-                    time.sleep(GAP_WAIT)  # its batch is on the way to the database
-                    return
-                raw = msg["text"].encode()[self.pos - offset :]
-                start, self.pos = self.pos, offset + size
-                yield self._event("log", {"offset": start, "text": raw.decode("utf-8", "replace")})
-            elif kind == "events":
-                for item in msg["events"]:
-                    if item["seq"] <= self.seq:
-                        continue
-                    if item["seq"] != self.seq + 1:
-                        return
-                    self.seq = item["seq"]
-                    yield self._event(
-                        "event", {"seq": item["seq"], "type": item["type"], "data": item["data"]}
-                    )
-            elif kind == "status":
+            batch = [msg, *sub.drain(BATCH)]
+            out: list[bytes] = []
+            back = False
+            for item in batch:
+                if self._handle(item, out):
+                    back = True
+                    break
+            if out:
+                yield b"".join(out)
+            if back:
                 return
+
+    def _handle(self, msg: dict, out: list[bytes]) -> bool:
+        """Append the frames `msg` gives to `out`; True when the database must be read."""
+        kind = msg.get("type")
+        if kind == "log":
+            offset, size = msg["offset"], msg.get("size", len(msg["text"].encode()))
+            if offset + size <= self.pos:
+                return False  # already sent from the database
+            if offset > self.pos:
+                time.sleep(GAP_WAIT)  # its batch is on the way to the database
+                return True
+            if offset == self.pos and not self.tag and not self.id_prefix:
+                # the common case, the same for every subscriber at this position:
+                # encode once per message (and seq), not once per subscriber
+                cache = msg.setdefault("_sse", {})
+                frame = cache.get(self.seq)
+                if frame is None:
+                    frame = cache[self.seq] = Event(
+                        "log",
+                        {"offset": offset, "text": msg["text"]},
+                        f"{offset + size}-{self.seq}",
+                    ).encode()
+                self.pos = offset + size
+                out.append(frame)
+                return False
+            raw = msg["text"].encode()[self.pos - offset :]
+            start, self.pos = self.pos, offset + size
+            out.append(
+                self._event(
+                    "log", {"offset": start, "text": raw.decode("utf-8", "replace")}
+                ).encode()
+            )
+        elif kind == "events":
+            for item in msg["events"]:
+                if item["seq"] <= self.seq:
+                    continue
+                if item["seq"] != self.seq + 1:
+                    return True
+                self.seq = item["seq"]
+                out.append(
+                    self._event(
+                        "event", {"seq": item["seq"], "type": item["type"], "data": item["data"]}
+                    ).encode()
+                )
+        elif kind == "status":
+            return True
+        return False
 
 
 TASK_POSITION = re.compile(r"^(\d+):(\d+-\d+)$")
