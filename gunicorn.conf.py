@@ -37,3 +37,20 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 control_socket_disable = not os.environ.get("GUNICORN_CONTROL_SOCKET")
 if os.environ.get("GUNICORN_CONTROL_SOCKET"):
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """Start every gthread thread before serving. Left to start on demand, each thread is
+    created by the worker's main loop, which must then win the GIL against hundreds of busy
+    stream threads per start: with hundreds of clients arriving at once that main loop stalls
+    past gunicorn's watchdog."""
+    import threading
+
+    pool = getattr(worker, "tpool", None)
+    count = worker.cfg.threads
+    if pool is None or count <= 1:
+        return
+    barrier = threading.Barrier(count + 1, timeout=60)
+    for _ in range(count):
+        pool.submit(barrier.wait)
+    barrier.wait()

@@ -94,7 +94,8 @@ def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict
     """Wait for the task's run to end by listening on its live channel (polling the API would
     load the very server being measured), then read the task once."""
     pubsub = conn.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"sb:run:{task['latest_run_id']}")
+    db = conn.connection_pool.connection_kwargs.get("db", 0)  # channels carry the db number
+    pubsub.subscribe(f"sb:{db}:run:{task['latest_run_id']}")
     try:
         _, now = client.call("GET", f"/api/v1/tasks/{task['id']}")
         deadline = time.monotonic() + timeout

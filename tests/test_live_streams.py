@@ -59,7 +59,10 @@ def test_clients_leave_no_threads_or_subscriptions(app, client, member, project)
     server = LiveServer(app, SWITCHBOARD_STREAM_CAP="1000")
     try:
         t = create(client, member, prompt="x", target="external")
-        channel = f"sb:run:{t['latest_run_id']}"
+        with app.app_context():
+            from app.runs.live import run_channel
+
+            channel = run_channel(t["latest_run_id"])
         path = f"/api/v1/runs/{t['latest_run_id']}/stream"
         r = redis.Redis.from_url(app.config["SWITCHBOARD_REDIS_URL"])
 

@@ -12,8 +12,6 @@ from app.extensions import after_commit, db
 from app.runs import live
 from app.timeutil import rfc3339, utcnow
 
-CHANNEL = "sb:activity"
-
 
 def as_dict(entry: Activity) -> dict[str, Any]:
     return {
@@ -28,7 +26,8 @@ def as_dict(entry: Activity) -> dict[str, Any]:
 def record(project_id: int | None, kind: str, data: dict[str, Any]) -> Activity:
     entry = Activity(project_id=project_id, kind=kind, data=data, created_at=utcnow())
     db.session.add(entry)
-    after_commit(lambda: live.publish(CHANNEL, as_dict(entry)))  # the id exists by then
+    channel = live.activity_channel()
+    after_commit(lambda: live.publish(channel, as_dict(entry)))  # the id exists by then
     return entry
 
 

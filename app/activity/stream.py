@@ -16,7 +16,9 @@ def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | Non
     allowed = None if project_ids is None else set(project_ids)
     sent: deque[int] = deque(maxlen=5000)
     last = after_id
-    sub = hub().subscribe([service.CHANNEL])
+    from app.runs.live import activity_channel
+
+    sub = hub().subscribe([activity_channel()])
     try:
         while True:
             # replay (first, and whenever the live feed skipped an id)

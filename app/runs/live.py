@@ -15,12 +15,34 @@ from app.extensions import get_redis
 log = logging.getLogger(__name__)
 
 
+def namespace() -> str:
+    """Pub/sub channels ignore Redis database numbers: installations (or test sessions) sharing
+    a Redis server on different dbs would hear each other. Channels carry the db number."""
+    from flask import current_app
+
+    url = current_app.config["SWITCHBOARD_REDIS_URL"]
+    return f"sb:{channel_db(url)}"
+
+
+def channel_db(url: str) -> str:
+    from urllib.parse import parse_qs, urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        return parse_qs(parsed.query).get("db", ["0"])[0]
+    return (parsed.path or "/0").strip("/") or "0"
+
+
 def run_channel(run_id: int) -> str:
-    return f"sb:run:{run_id}"
+    return f"{namespace()}:run:{run_id}"
 
 
 def control_channel(run_id: int) -> str:
-    return f"sb:run:{run_id}:control"
+    return f"{namespace()}:run:{run_id}:control"
+
+
+def activity_channel() -> str:
+    return f"{namespace()}:activity"
 
 
 def publish(channel: str, message: dict[str, Any]) -> None:
