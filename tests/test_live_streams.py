@@ -4,6 +4,8 @@ installed) a real browser's EventSource."""
 import http.client
 import shutil
 import threading
+import time
+from datetime import datetime
 
 import pytest
 import redis
@@ -35,20 +37,26 @@ def _frames(resp):
                 yield frame
 
 
-def test_lines_arrive_while_the_agent_runs(client, member, project, worker, live):
+@pytest.mark.parametrize("when", ["before it starts", "while it runs"])
+def test_lines_arrive_while_the_agent_runs(client, member, project, worker, live, when):
     t = create(client, member, prompt="echo first; sleep 2; echo second")
-    running = wait_status(client, member, t["id"], "running")
-    run_id = running["latest_run_id"]
-    conn, resp = _stream(live, f"/api/v1/runs/{run_id}/stream", member.headers)
+    if when == "while it runs":
+        run_id = wait_status(client, member, t["id"], "running")["latest_run_id"]
+        path = f"/api/v1/runs/{run_id}/stream"
+    else:
+        path = f"/api/v1/tasks/{t['id']}/stream"  # subscribed before the run is even taken
+    conn, resp = _stream(live, path, member.headers)
     assert resp.getheader("Content-Type").startswith("text/event-stream")
     assert resp.getheader("X-Accel-Buffering") == "no"
     text = ""
     for frame in _frames(resp):
         if frame.event == "log":
             text += frame.data["text"]
-            if "first" in text and "second" not in text:
-                # seen while the agent is still sleeping before "second"
-                assert task(client, member, t["id"])["status"] == "running"
+            if text == "first\n":
+                # it must arrive while the agent still sleeps before "second"
+                started = task(client, member, t["id"])["runs"][0]["started_at"]
+                start = datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp()
+                assert time.time() - start < 1.5, time.time() - start
         if frame.event == "done":
             break
     conn.close()

@@ -26,6 +26,9 @@ POSITION = re.compile(r"^(\d+)-(\d+)$")
 GAP_WAIT = 0.02
 #: live messages handled per wake-up at most
 BATCH = 200
+#: how soon after a replay to look at the database once more (a batch is written every 100 ms)
+RECHECK_AFTER = 0.15
+GAP, REPLAY = "gap", "replay"
 
 
 def parse_position(value: str | None) -> tuple[int, int]:
@@ -107,8 +110,14 @@ class RunFollower:
         db.session.remove()
         return iter(out)
 
-    def __iter__(self) -> Iterator[Event | None]:
+    def __iter__(self) -> Iterator[Event | bytes | None]:
         sub = hub().subscribe([live.run_channel(self.run_id)])
+        #: live messages kept across a trip to the database (the one that showed a gap, and
+        #: those behind it): once the database has caught up they are trimmed or sent
+        self.pending: list[dict] = []
+        #: output published before we subscribed reaches the database a batch later: look
+        #: there once more shortly after each replay that follows a start or a gap
+        self.recheck = True
         try:
             while True:
                 yield from self._replay()
@@ -126,32 +135,43 @@ class RunFollower:
         stream wakes once for many lines instead of once per line."""
         ping = ping_interval()
         while True:
-            msg = sub.get(timeout=ping)
-            if msg is None:
-                yield None
-                continue
-            batch = [msg, *sub.drain(BATCH)]
+            if self.pending:
+                batch, self.pending = self.pending, []
+            else:
+                msg = sub.get(timeout=RECHECK_AFTER if self.recheck else ping)
+                if msg is None:
+                    if self.recheck:
+                        self.recheck = False
+                        return
+                    yield None
+                    continue
+                batch = [msg, *sub.drain(BATCH)]
             out: list[bytes] = []
-            back = False
-            for item in batch:
-                if self._handle(item, out):
-                    back = True
+            for i, item in enumerate(batch):
+                verdict = self._handle(item, out)
+                if verdict == GAP:
+                    self.pending = batch[i:]
+                    self.recheck = True
+                    time.sleep(GAP_WAIT)  # its batch is on the way to the database
+                    break
+                if verdict == REPLAY:
+                    self.pending = batch[i + 1 :]
                     break
             if out:
                 yield b"".join(out)
-            if back:
+            if self.pending or verdict in (GAP, REPLAY):
                 return
 
-    def _handle(self, msg: dict, out: list[bytes]) -> bool:
-        """Append the frames `msg` gives to `out`; True when the database must be read."""
+    def _handle(self, msg: dict, out: list[bytes]) -> str | None:
+        """Append the frames `msg` gives to `out`; GAP or REPLAY when the database must be
+        read (GAP: `msg` itself is not covered yet)."""
         kind = msg.get("type")
         if kind == "log":
             offset, size = msg["offset"], msg.get("size", len(msg["text"].encode()))
             if offset + size <= self.pos:
-                return False  # already sent from the database
+                return None  # already sent from the database
             if offset > self.pos:
-                time.sleep(GAP_WAIT)  # its batch is on the way to the database
-                return True
+                return GAP
             if offset == self.pos and not self.tag and not self.id_prefix:
                 # the common case, the same for every subscriber at this position:
                 # encode once per message (and seq), not once per subscriber
@@ -165,7 +185,7 @@ class RunFollower:
                     ).encode()
                 self.pos = offset + size
                 out.append(frame)
-                return False
+                return None
             raw = msg["text"].encode()[self.pos - offset :]
             start, self.pos = self.pos, offset + size
             out.append(
@@ -178,7 +198,7 @@ class RunFollower:
                 if item["seq"] <= self.seq:
                     continue
                 if item["seq"] != self.seq + 1:
-                    return True
+                    return GAP
                 self.seq = item["seq"]
                 out.append(
                     self._event(
@@ -186,8 +206,8 @@ class RunFollower:
                     ).encode()
                 )
         elif kind == "status":
-            return True
-        return False
+            return REPLAY
+        return None
 
 
 TASK_POSITION = re.compile(r"^(\d+):(\d+-\d+)$")
