@@ -86,10 +86,6 @@ class Subscription:
             items.append(item)
         return items
 
-    def add(self, channel: str) -> None:
-        self.channels.append(channel)
-        self.hub.add(self, channel)
-
     def close(self) -> None:
         self.hub.unsubscribe(self)
 
@@ -101,7 +97,8 @@ class Hub:
         self.url = url
         self.lock = threading.Lock()
         self.subscribers: dict[str, set[Subscription]] = {}
-        self.changes: queue.Queue[tuple[str, str, Subscription | None]] = queue.Queue()
+        #: wakes the listener to (un)subscribe; a Subscription is told when it is listening
+        self.changes: queue.Queue[Subscription | None] = queue.Queue()
         self.thread: threading.Thread | None = None
 
     # -- client side -----------------------------------------------------------------------------
@@ -112,18 +109,11 @@ class Hub:
         with self.lock:
             for ch in channels:
                 self._attach(sub, ch)
-        self.changes.put(("sync", "", sub))
+        self.changes.put(sub)
         if not sub.ready.wait(timeout):
             self.unsubscribe(sub)
             raise RuntimeError("Redis subscription timed out")
         return sub
-
-    def add(self, sub: Subscription, channel: str) -> None:
-        with self.lock:
-            self._attach(sub, channel)
-        sub.ready.clear()
-        self.changes.put(("sync", "", sub))
-        sub.ready.wait(5.0)
 
     def _attach(self, sub: Subscription, channel: str) -> None:
         self.subscribers.setdefault(channel, set()).add(sub)
@@ -136,7 +126,7 @@ class Hub:
                     members.discard(sub)
                     if not members:
                         del self.subscribers[ch]
-        self.changes.put(("sync", "", None))
+        self.changes.put(None)
 
     def channel_count(self) -> int:
         with self.lock:
@@ -201,7 +191,7 @@ class Hub:
         woken: list[Subscription] = []
         try:
             while True:
-                _kind, _ch, sub = self.changes.get_nowait()
+                sub = self.changes.get_nowait()
                 if sub is not None:
                     woken.append(sub)
         except queue.Empty:
