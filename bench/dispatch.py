@@ -16,78 +16,12 @@ Bounded in time; loopback only.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import sqlalchemy as sa
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Client:
-    def __init__(self, port: int, token: str | None = None) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        self.token = token
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        payload = json.dumps(body) if body is not None else None
-        try:
-            self.conn.request(method, path, body=payload, headers=headers)
-            resp = self.conn.getresponse()
-        except (ConnectionError, http.client.HTTPException):  # idle keep-alive was closed
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            self.conn.request(method, path, body=payload, headers=headers)
-            resp = self.conn.getresponse()
-        raw = resp.read()
-        return resp.status, (json.loads(raw) if raw else {})
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))] * 1000
-
-
-def fresh_database(url: str, name: str) -> str:
-    base = sa.make_url(url.replace("postgresql://", "postgresql+psycopg://", 1))
-    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return base.set(database=name).render_as_string(hide_password=False)
-
-
-def wait_ready(port: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if Client(port).call("GET", "/api/v1/health/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not become ready")
+from harness import Client, Server, fresh_database, pct
 
 
 def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
@@ -165,65 +99,20 @@ def main() -> None:
 
     redis.Redis.from_url(args.redis_url).flushdb()
     db_url = fresh_database(args.database_url, "sb_bench_dispatch")
-    instance = Path(tempfile.mkdtemp(prefix="sbbench-"))
-    port = free_port()
-    env = {
-        **os.environ,
-        "SWITCHBOARD_INSTANCE_PATH": str(instance),
-        "PORT": str(port),
-        "DATABASE_URL": db_url,
-        "REDIS_URL": args.redis_url,
-        "SWITCHBOARD_ADMIN_USERNAME": "bench",
-        "SWITCHBOARD_ADMIN_PASSWORD": "bench-password",
+    settings = {
         "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
-        "SWITCHBOARD_LOG_LEVEL": "WARNING",
         "SWITCHBOARD_WORKER_PROCESSES": str(args.workers),
     }
-    subprocess.run(
-        [str(BIN / "switchboard"), "bootstrap"], env=env, check=True, capture_output=True, cwd=ROOT
-    )
-    procs = [
-        subprocess.Popen(
-            [
-                str(BIN / "gunicorn"),
-                "-c",
-                "gunicorn.conf.py",
-                "wsgi:app",
-                "--access-logfile",
-                "/dev/null",
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        ),
-        subprocess.Popen(
-            [str(BIN / "switchboard"), "worker"],
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-        ),
-    ]
-    try:
-        wait_ready(port)
-        _, tokens = Client(port).call(
-            "POST", "/api/v1/auth/login", {"username": "bench", "password": "bench-password"}
-        )
-        c = Client(port, tokens["access_token"])
+    with Server(database_url=db_url, redis_url=args.redis_url, worker=True, **settings) as server:
+        port = server.port
+        c = server.client()
+        token = c.token
         for key in ("ext", "pool"):
             status, body = c.call(
                 "POST", "/api/v1/projects", {"key": key, "name": key, "default_agent": "shell"}
             )
             assert status == 201, body
-        import redis as _r
-        from rq import Worker
-
-        conn = _r.Redis.from_url(args.redis_url)
-        deadline = time.monotonic() + 60
-        while Worker.count(connection=conn) < args.workers and time.monotonic() < deadline:
-            time.sleep(0.1)
+        conn = redis.Redis.from_url(args.redis_url)
 
         print(
             f"Switchboard dispatch bench: PostgreSQL + Redis, gunicorn "
@@ -232,7 +121,7 @@ def main() -> None:
         )
 
         # 1. creations per second
-        rate, lat = creations(port, tokens["access_token"], args.seconds, 16)
+        rate, lat = creations(port, token, args.seconds, 16)
         print(
             f"task creations: {rate:.0f}/s (16 clients)  p50 {pct(lat, 0.5):.1f} ms  "
             f"p99 {pct(lat, 0.99):.1f} ms"
@@ -268,7 +157,7 @@ def main() -> None:
         t0 = time.monotonic()
 
         def creator(n: int) -> None:
-            cc = Client(port, tokens["access_token"])
+            cc = Client(port, token)
             for _ in range(n):
                 body = {"project": "pool", "title": "r", "prompt": "true"}
                 ids.append(cc.call("POST", "/api/v1/tasks", body)[1]["id"])
@@ -329,11 +218,6 @@ def main() -> None:
             f"POST latency p50: {small:.2f} ms at ~400 tasks, {big:.2f} ms at 100,000+ "
             f"({big / small:.2f}x)"
         )
-    finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,11 @@ import argparse
 import contextlib
 import os
 import selectors
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dispatch import BIN, ROOT, Client, free_port, fresh_database, pct, wait_ready
+from harness import Server, children, fresh_database, pct
 
 
 class Stream:
@@ -126,19 +121,6 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -157,58 +139,19 @@ def main() -> None:
 
     redis.Redis.from_url(args.redis_url).flushdb()
     db_url = fresh_database(args.database_url, "sb_bench_streams")
-    instance = Path(tempfile.mkdtemp(prefix="sbbench-"))
-    port = free_port()
-    env = {
-        **os.environ,
-        "SWITCHBOARD_INSTANCE_PATH": str(instance),
-        "PORT": str(port),
-        "DATABASE_URL": db_url,
-        "REDIS_URL": args.redis_url,
-        "SWITCHBOARD_ADMIN_USERNAME": "bench",
-        "SWITCHBOARD_ADMIN_PASSWORD": "bench-password",
+    settings = {
         "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
-        "SWITCHBOARD_LOG_LEVEL": "WARNING",
         "SWITCHBOARD_STREAM_CAP": "5000",
         "WEB_CONCURRENCY": "1",
         "GUNICORN_THREADS": "1200",
         "SWITCHBOARD_WORKER_PROCESSES": "2",
     }
-    subprocess.run(
-        [str(BIN / "switchboard"), "bootstrap"], env=env, check=True, capture_output=True, cwd=ROOT
-    )
-    web = subprocess.Popen(
-        [
-            str(BIN / "gunicorn"),
-            "-c",
-            "gunicorn.conf.py",
-            "wsgi:app",
-            "--access-logfile",
-            "/dev/null",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    pool = subprocess.Popen(
-        [str(BIN / "switchboard"), "worker"],
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(port)
-        _, tokens = Client(port).call(
-            "POST", "/api/v1/auth/login", {"username": "bench", "password": "bench-password"}
-        )
-        token = tokens["access_token"]
-        c = Client(port, token)
+    with Server(database_url=db_url, redis_url=args.redis_url, worker=True, **settings) as server:
+        port = server.port
+        c = server.client()
+        token = c.token
         c.call("POST", "/api/v1/projects", {"key": "s", "name": "s", "default_agent": "shell"})
-        time.sleep(3)  # worker processes up
-        web_pid = children(web.pid)[0]
+        web_pid = children(server.web.pid)[0]
         idle = rss_mb(web_pid)
         print(
             f"Switchboard stream bench: PostgreSQL + Redis, 1 gunicorn process x 1200 "
@@ -300,15 +243,6 @@ def main() -> None:
             f"({args.ingest_lines:,} lines in {took.total_seconds():.2f} s), stored "
             f"{run['log_size']:,} of {expected:,} bytes"
         )
-    finally:
-        for p in (web, pool):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in (web, pool):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 if __name__ == "__main__":

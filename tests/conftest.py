@@ -220,6 +220,20 @@ def worker_env(app: Flask, **extra: str) -> dict[str, str]:
     return env
 
 
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
 class WorkerPool:
     """A real `switchboard worker` (supervisor + worker processes) for one test."""
 
@@ -242,16 +256,7 @@ class WorkerPool:
         )
 
     def children(self) -> list[int]:
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    out.append(int(entry.name))
-        return out
+        return child_pids(self.proc.pid)
 
     def output(self) -> str:
         return self.log_path.read_text()
@@ -344,16 +349,7 @@ class LiveServer:
                 time.sleep(0.1)
 
     def worker_pids(self) -> list[int]:
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    out.append(int(entry.name))
-        return out
+        return child_pids(self.proc.pid)
 
     def threads(self) -> int:
         total = 0

@@ -1,0 +1,196 @@
+"""What every benchmark needs: a real server on a temporary instance, an HTTP client, figures.
+
+`Server` bootstraps a fresh instance (database upgraded, an admin `bench`), starts gunicorn and,
+when asked, `switchboard worker` and an embedded Redis, waits until ready and stops everything on
+exit. Loopback only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ADMIN = {"username": "bench", "password": "bench-password"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-quantile of durations in seconds, in milliseconds."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] * 1000
+
+
+class Client:
+    """A keep-alive JSON client that reconnects when an idle connection was closed."""
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.token = token
+
+    def call(
+        self, method: str, path: str, body: dict | None = None, headers: dict | None = None
+    ) -> tuple[int, Any]:
+        hdrs = {"Content-Type": "application/json"} if body is not None else {}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        hdrs.update(headers or {})
+        payload = json.dumps(body) if body is not None else None
+        try:
+            self.conn.request(method, path, body=payload, headers=hdrs)
+            resp = self.conn.getresponse()
+        except (ConnectionError, http.client.HTTPException):  # idle keep-alive was closed
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self.conn.request(method, path, body=payload, headers=hdrs)
+            resp = self.conn.getresponse()
+        raw = resp.read()
+        return resp.status, (json.loads(raw) if raw else {})
+
+    def login(self) -> str:
+        status, tokens = self.call("POST", "/api/v1/auth/login", ADMIN)
+        assert status == 200, tokens
+        self.token = tokens["access_token"]
+        return self.token
+
+
+def fresh_database(url: str, name: str) -> str:
+    """Create (or recreate) database `name` on the PostgreSQL server of `url`."""
+    base = sa.make_url(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+class Server:
+    def __init__(
+        self,
+        *,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        worker: bool = False,
+        **settings: str,
+    ) -> None:
+        self.instance = Path(tempfile.mkdtemp(prefix="sbbench-"))
+        self.port = free_port()
+        self.worker = worker
+        self.env = {
+            **os.environ,
+            "SWITCHBOARD_INSTANCE_PATH": str(self.instance),
+            "PORT": str(self.port),
+            "SWITCHBOARD_ADMIN_USERNAME": ADMIN["username"],
+            "SWITCHBOARD_ADMIN_PASSWORD": ADMIN["password"],
+            "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            **settings,
+        }
+        if database_url:
+            self.env["DATABASE_URL"] = database_url
+        if redis_url:
+            self.env["REDIS_URL"] = redis_url
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, *argv: str, quiet: bool = False) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            list(argv),
+            env=self.env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL if quiet else None,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Server:
+        if "REDIS_URL" not in self.env:
+            self._start(str(BIN / "switchboard"), "embedded-redis")
+            self.env["REDIS_URL"] = f"unix://{self.instance / 'redis.sock'}"
+        subprocess.run(
+            [str(BIN / "switchboard"), "bootstrap"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
+        self.web = self._start(
+            str(BIN / "gunicorn"),
+            "-c",
+            "gunicorn.conf.py",
+            "wsgi:app",
+            "--access-logfile",
+            "/dev/null",
+            "--log-level",
+            "warning",
+        )
+        if self.worker:
+            self._start(str(BIN / "switchboard"), "worker", quiet=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if Client(self.port).call("GET", "/api/v1/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("server did not become ready")
+            time.sleep(0.2)
+        if self.worker:
+            self.wait_for_workers(int(self.env.get("SWITCHBOARD_WORKER_PROCESSES", 4)))
+        return self
+
+    def wait_for_workers(self, count: int) -> None:
+        import redis
+        from rq import Worker
+
+        conn = redis.Redis.from_url(self.env["REDIS_URL"])
+        deadline = time.monotonic() + 60
+        while Worker.count(connection=conn) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def client(self) -> Client:
+        c = Client(self.port)
+        c.login()
+        return c
+
+    def __exit__(self, *_exc: object) -> None:
+        for proc in reversed(self.procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
