@@ -11,37 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 
-from harness import ADMIN, Client, Server, pct
-
-
-def hammer(port: int, headers: dict, seconds: float, clients: int) -> tuple[int, list[float], int]:
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client() -> None:
-        c = Client(port)
-        mine: list[float] = []
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            status, _ = c.call("GET", "/api/v1/me", headers=headers)
-            mine.append(time.perf_counter() - t0)
-            if status != 200:
-                with lock:
-                    errors[0] += 1
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(latencies), latencies, errors[0]
+from harness import ADMIN, Client, Server, load, pct
 
 
 def main() -> None:
@@ -79,7 +51,10 @@ def main() -> None:
             ("GET /me with PAT", {"X-API-Key": pat}),
             ("GET /me with JWT", {"Authorization": f"Bearer {jwt}"}),
         ):
-            n, lat, errors = hammer(server.port, headers, args.seconds, args.clients)
+            lat, errors = load(
+                server.port, None, args.seconds, args.clients, "GET", "/api/v1/me", headers=headers
+            )
+            n = len(lat)
             print(
                 f"{label}: {n / args.seconds:.0f} req/s  p50 {pct(lat, 0.5):.1f} ms  "
                 f"p99 {pct(lat, 0.99):.1f} ms  errors {errors}"

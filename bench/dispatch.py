@@ -21,7 +21,7 @@ import threading
 import time
 
 import sqlalchemy as sa
-from harness import Client, Server, fresh_database, pct
+from harness import Client, Server, fresh_database, load, pct
 
 
 def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
@@ -48,34 +48,6 @@ def parse_time(stamp: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def creations(port: int, token: str, seconds: float, clients: int) -> tuple[float, list[float]]:
-    lat: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def worker() -> None:
-        c = Client(port, token)
-        mine = []
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            status, _ = c.call(
-                "POST",
-                "/api/v1/tasks",
-                {"project": "ext", "title": "b", "prompt": "x", "target": "external"},
-            )
-            mine.append(time.perf_counter() - t0)
-            assert status == 201
-        with lock:
-            lat.extend(mine)
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(lat) / seconds, lat
 
 
 def main() -> None:
@@ -121,7 +93,17 @@ def main() -> None:
         )
 
         # 1. creations per second
-        rate, lat = creations(port, token, args.seconds, 16)
+        lat, failed = load(
+            port,
+            token,
+            args.seconds,
+            16,
+            "POST",
+            "/api/v1/tasks",
+            {"project": "ext", "title": "b", "prompt": "x", "target": "external"},
+        )
+        assert failed == 0, f"{failed} creations failed"
+        rate = len(lat) / args.seconds
         print(
             f"task creations: {rate:.0f}/s (16 clients)  p50 {pct(lat, 0.5):.1f} ms  "
             f"p99 {pct(lat, 0.99):.1f} ms"

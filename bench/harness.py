@@ -15,11 +15,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+from workers.process import child_pids as children  # noqa: F401 - for the benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -72,6 +75,42 @@ class Client:
         return self.token
 
 
+def load(
+    port: int,
+    token: str | None,
+    seconds: float,
+    clients: int,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    headers: dict | None = None,
+) -> tuple[list[float], int]:
+    """`clients` threads sending the same request for `seconds`: latencies and failures."""
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        c = Client(port, token)
+        mine, bad = [], 0
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            status, _ = c.call(method, path, body, headers)
+            mine.append(time.perf_counter() - t0)
+            bad += status >= 300
+        with lock:
+            latencies.extend(mine)
+            failures[0] += bad
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, failures[0]
+
+
 def fresh_database(url: str, name: str) -> str:
     """Create (or recreate) database `name` on the PostgreSQL server of `url`."""
     base = sa.make_url(url.replace("postgresql://", "postgresql+psycopg://", 1))
@@ -81,19 +120,6 @@ def fresh_database(url: str, name: str) -> str:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return base.set(database=name).render_as_string(hide_password=False)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 class Server:

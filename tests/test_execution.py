@@ -6,6 +6,8 @@ import time
 
 from helpers import wait_for
 
+from workers.process import find_tagged
+
 
 def create(client, acct, **fields):
     body = {"project": "demo", "title": fields.pop("title", "t"), **fields}
@@ -125,21 +127,10 @@ def test_missing_agent_binary_fails_clearly(client, member, project, app, monkey
 def agent_pids(app, run_id: int) -> list[int]:
     """Processes started for this run by this test session's workers (run ids repeat across
     parallel test sessions; instance paths do not)."""
-    markers = (
-        f"SWITCHBOARD_RUN_ID={run_id}\0".encode(),
-        f"SWITCHBOARD_INSTANCE_PATH={app.config['SWITCHBOARD_INSTANCE_PATH']}\0".encode(),
+    return find_tagged(
+        f"SWITCHBOARD_RUN_ID={run_id}",
+        f"SWITCHBOARD_INSTANCE_PATH={app.config['SWITCHBOARD_INSTANCE_PATH']}",
     )
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                    env = fh.read()
-            except OSError:
-                continue
-            if all(m in env for m in markers):
-                found.append(int(entry.name))
-    return found
 
 
 def test_stop_ends_cancelled_and_kills_every_process(app, client, member, project, worker):

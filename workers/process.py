@@ -27,15 +27,15 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
-def kill_tagged(*markers: str) -> list[int]:
-    """SIGKILL every process whose environment holds all `markers` ("NAME=value"): the agents
-    of a worker that died without stopping them. Linux only (/proc); elsewhere a no-op."""
-    wanted = [m.encode() + b"\0" for m in markers]
-    killed = []
+def find_tagged(*markers: str) -> list[int]:
+    """Processes whose environment holds all `markers` ("NAME=value"). Linux only (/proc);
+    elsewhere nothing is found."""
+    wanted = [b"\0" + m.encode() + b"\0" for m in markers]
+    found = []
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return killed
+        return found
     for name in entries:
         if not name.isdigit():
             continue
@@ -44,11 +44,40 @@ def kill_tagged(*markers: str) -> list[int]:
                 env = b"\0" + fh.read()
         except OSError:
             continue
-        if all(b"\0" + m in env for m in wanted):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(name), signal.SIGKILL)
-                killed.append(int(name))
+        if all(m in env for m in wanted):
+            found.append(int(name))
+    return found
+
+
+def kill_tagged(*markers: str) -> list[int]:
+    """SIGKILL every process tagged with all `markers`: the agents of a worker that died
+    without stopping them."""
+    killed = []
+    for pid in find_tagged(*markers):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     return killed
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(name))
+    return out
 
 
 class AgentProcess:
