@@ -15,13 +15,12 @@ Bounded in time; loopback only.
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
 
 import sqlalchemy as sa
-from harness import Client, Server, fresh_database, load, pct
+from harness import Client, Server, backend_parser, fresh_database, load, pct
 
 
 def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
@@ -51,14 +50,7 @@ def parse_time(stamp: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
-    )
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-    )
+    parser = backend_parser(redis_db=14)
     parser.add_argument("--runs", type=int, default=200, help="sequential runs for latency")
     parser.add_argument("--burst", type=int, default=600, help="tasks for runs/s")
     parser.add_argument("--seconds", type=float, default=5)

@@ -7,6 +7,7 @@ exit. Loopback only.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -27,6 +28,20 @@ from workers.process import child_pids as children  # noqa: F401 - for the bench
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ADMIN = {"username": "bench", "password": "bench-password"}
+
+
+def backend_parser(redis_db: int) -> argparse.ArgumentParser:
+    """Options naming the PostgreSQL server and the Redis db a benchmark may wipe."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{redis_db}"),
+    )
+    return parser
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ clock. Bounded in time; loopback only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import selectors
@@ -23,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from harness import Server, children, fresh_database, pct
+from harness import Server, backend_parser, children, fresh_database, pct
 
 
 class Stream:
@@ -122,14 +121,7 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
-    )
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
-    )
+    parser = backend_parser(redis_db=15)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--fanout", default="100,500,1000")
     parser.add_argument("--ingest-lines", type=int, default=1_000_000)
