@@ -10,7 +10,18 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 __version__ = "0.1.0"
 
 #: every resource module, registered in this order
-MODULES = ("health", "auth", "users", "audit", "projects", "tasks", "runs", "activity")
+MODULES = (
+    "health",
+    "auth",
+    "users",
+    "audit",
+    "projects",
+    "tasks",
+    "runs",
+    "activity",
+    "webhooks",
+    "subscriptions",
+)
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

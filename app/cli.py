@@ -167,7 +167,10 @@ def worker(processes: int | None, queues: str | None, burst: bool, child: bool) 
         run_worker(app, names, burst=burst)
         return
     count = processes or app.config["SWITCHBOARD_WORKER_PROCESSES"]
-    click.echo(f"worker pool: {count} processes on {', '.join(names or ['all queues'])}")
+    if names:
+        click.echo(f"worker pool: {count} processes on {', '.join(names)}")
+    else:
+        click.echo(f"worker pool: {count} processes for runs, 1 for webhook events")
     Supervisor(app, count, names).run()
 
 

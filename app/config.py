@@ -7,6 +7,7 @@ types so tests can override any of them with `create_app({...})`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -134,6 +135,16 @@ class Settings:
     STREAM_RETRY_MS: int = 3000
     #: Lifetime of a stream token (for EventSource, which cannot send headers), in seconds.
     STREAM_TOKEN_TTL: int = 60
+    #: Largest webhook delivery accepted, in bytes (GitHub's own cap is 25 MB).
+    WEBHOOK_MAX_BODY_BYTES: int = 25 * 1024 * 1024
+    #: Seconds to wait before each retry of a failed outbound delivery; one attempt more than
+    #: entries in all, then the delivery is a dead letter.
+    WEBHOOK_RETRY_SCHEDULE: str = "10,60,300,1800,7200"
+    #: Seconds an outbound delivery may take (connect + response).
+    WEBHOOK_TIMEOUT_S: int = 10
+    #: Networks (CIDR, comma-separated) outbound deliveries may reach although they are loopback
+    #: or private; empty refuses every non-public address (SSRF).
+    WEBHOOK_ALLOWED_NETWORKS: str = ""
     #: Where SQLite, the dev secret and the embedded Redis live.
     INSTANCE_PATH: str = field(default_factory=lambda: str(instance_path()))
 
@@ -179,6 +190,14 @@ class Settings:
             STREAM_CAP=_int("SWITCHBOARD_STREAM_CAP", d.STREAM_CAP),
             STREAM_RETRY_MS=_int("SWITCHBOARD_STREAM_RETRY_MS", d.STREAM_RETRY_MS),
             STREAM_TOKEN_TTL=_int("SWITCHBOARD_STREAM_TOKEN_TTL", d.STREAM_TOKEN_TTL),
+            WEBHOOK_MAX_BODY_BYTES=_int(
+                "SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES", d.WEBHOOK_MAX_BODY_BYTES
+            ),
+            WEBHOOK_RETRY_SCHEDULE=env(
+                "SWITCHBOARD_WEBHOOK_RETRY_SCHEDULE", d.WEBHOOK_RETRY_SCHEDULE
+            ),
+            WEBHOOK_TIMEOUT_S=_int("SWITCHBOARD_WEBHOOK_TIMEOUT_S", d.WEBHOOK_TIMEOUT_S),
+            WEBHOOK_ALLOWED_NETWORKS=env("SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", ""),
         )
 
     def resolve(self) -> Settings:
@@ -203,6 +222,14 @@ class Settings:
             self.REDIS_URL = f"unix://{embedded_redis_socket(instance)}"
         if not self.WORKSPACE_ROOT:
             self.WORKSPACE_ROOT = str(instance / "workspaces")
+        try:
+            retry_schedule(self.WEBHOOK_RETRY_SCHEDULE)
+        except ValueError as exc:
+            raise ConfigError(f"SWITCHBOARD_WEBHOOK_RETRY_SCHEDULE is not valid: {exc}") from exc
+        try:
+            allowed_networks(self.WEBHOOK_ALLOWED_NETWORKS)
+        except ValueError as exc:
+            raise ConfigError(f"SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS is not valid: {exc}") from exc
         if self.AGENTS:
             from workers.agents import custom_agents
 
@@ -225,6 +252,20 @@ class Settings:
             "JSON_SORT_KEYS": False,
             "RATELIMIT_ENABLED": self.RATE_LIMIT_ENABLED,
         }
+
+
+def retry_schedule(raw: str) -> list[float]:
+    """`"10,60,300"` -> [10.0, 60.0, 300.0]; empty means no retries."""
+    delays = [float(part) for part in raw.split(",") if part.strip()]
+    if any(d < 0 for d in delays):
+        raise ValueError("delays must be zero or more seconds")
+    return delays
+
+
+def allowed_networks(raw: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [
+        ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip()
+    ]
 
 
 def engine_options(url: str) -> dict[str, object]:

@@ -140,11 +140,24 @@ def _write_limit() -> str:
     return current_app.config["SWITCHBOARD_RATE_LIMIT_WRITE"]
 
 
+def _exempt_from_limits() -> bool:
+    from app.requests import is_webhook_receiver
+
+    return is_webhook_receiver()
+
+
 limiter = Limiter(
     _principal_key,
     application_limits=[
-        ApplicationLimit(_read_limit, scope="read", methods=["GET", "HEAD"]),
-        ApplicationLimit(_write_limit, scope="write", methods=["POST", "PUT", "PATCH", "DELETE"]),
+        ApplicationLimit(
+            _read_limit, scope="read", methods=["GET", "HEAD"], exempt_when=_exempt_from_limits
+        ),
+        ApplicationLimit(
+            _write_limit,
+            scope="write",
+            methods=["POST", "PUT", "PATCH", "DELETE"],
+            exempt_when=_exempt_from_limits,
+        ),
     ],
     # RateLimit-* headers are written by app.requests (IETF names, reset in seconds)
     headers_enabled=False,

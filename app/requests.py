@@ -30,10 +30,24 @@ class PayloadTooLarge(DomainError):
     status, code = 413, "payload_too_large"
 
 
-def accepts_any_body(func):  # type: ignore[no-untyped-def]
-    """Mark a view that reads non-JSON bodies itself (webhook receivers)."""
-    func._any_body = True
+def webhook_receiver(func):  # type: ignore[no-untyped-def]
+    """Mark a view that takes deliveries from other systems: it reads its raw body itself (JSON
+    or form-encoded), accepts `SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES`, is not rate limited per
+    principal (a sender has no principal; bad signatures count as auth failures instead), and its
+    stored event is its audit trail."""
+    func._webhook_receiver = True
     return func
+
+
+def _view_flag(name: str) -> bool:
+    view = current_app.view_functions.get(request.endpoint or "")
+    cls = getattr(view, "view_class", None)
+    method = getattr(cls, request.method.lower(), None) if cls else view
+    return bool(getattr(method, name, False))
+
+
+def is_webhook_receiver() -> bool:
+    return request.endpoint is not None and _view_flag("_webhook_receiver")
 
 
 def _begin() -> None:
@@ -43,22 +57,18 @@ def _begin() -> None:
     audit.begin_scope()
 
 
-def _view_accepts_any_body() -> bool:
-    view = current_app.view_functions.get(request.endpoint or "")
-    cls = getattr(view, "view_class", None)
-    method = getattr(cls, request.method.lower(), None) if cls else view
-    return bool(getattr(method, "_any_body", False))
-
-
 def _check_body() -> None:
     if request.method not in MUTATING:
         return
+    receiver = is_webhook_receiver()
+    if receiver:
+        request.max_content_length = current_app.config["SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES"]
     length = request.content_length
     limit = request.max_content_length
     if length is not None and limit is not None and length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     has_body = bool(length) or "chunked" in request.headers.get("Transfer-Encoding", "")
-    if not has_body or _view_accepts_any_body():
+    if not has_body or receiver:
         return
     if request.mimetype not in JSON_TYPES and not request.mimetype.endswith("+json"):
         raise UnsupportedMediaType(
@@ -72,6 +82,7 @@ def _audit_mutation(response: Response) -> Response:
         request.method not in MUTATING
         or not request.path.startswith("/api/v1/")
         or audit.recorded_in_scope()
+        or is_webhook_receiver()
         or response.status_code in (401, 404, 405, 413, 415, 429)
     ):
         return response

@@ -248,7 +248,9 @@ class Background:
 class WorkerPool(Background):
     """A real `switchboard worker` (supervisor + worker processes) for one test."""
 
-    def __init__(self, app: Flask, processes: int = 2, **extra: str) -> None:
+    def __init__(
+        self, app: Flask, processes: int = 2, queues: str | None = None, **extra: str
+    ) -> None:
         import sys
 
         self.log_path = Path(app.config["SWITCHBOARD_INSTANCE_PATH"]) / (
@@ -256,8 +258,11 @@ class WorkerPool(Background):
         )
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         switchboard = Path(sys.executable).parent / "switchboard"
+        argv = [str(switchboard), "worker", "--processes", str(processes)]
+        if queues:
+            argv += ["--queues", queues]
         self.proc = subprocess.Popen(
-            [str(switchboard), "worker", "--processes", str(processes)],
+            argv,
             env=worker_env(app, **extra),
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -55,7 +55,7 @@ def _exercise(base: str, instance: Path) -> None:
         assert resp.status == 200 and json.load(resp)["access_token"]
     # the worker pool's processes are connected to the embedded Redis too
     conn = redis.Redis(unix_socket_path=str(instance / "redis.sock"))
-    wait_for(lambda: Worker.count(connection=conn) == 2, timeout=30)
+    wait_for(lambda: Worker.count(connection=conn) == 3, timeout=30)  # 2 for runs, 1 for events
     # honcho, redis, gunicorn master and worker, the RQ worker (and their shells)
     assert len(find_tagged(f"SWITCHBOARD_INSTANCE_PATH={instance}")) >= 5
 

@@ -192,4 +192,4 @@ def test_killed_worker_means_lost_then_a_successful_retry(app, client, member, p
     # the orphaned agent of the killed worker was found and ended
     wait_for(lambda: agent_pids(app, runs[0]["id"]) == [], timeout=5)
     # the supervisor replaced the killed worker process
-    wait_for(lambda: len(worker.children()) == 2, timeout=10)
+    wait_for(lambda: len(worker.children()) == 3, timeout=10)  # 2 for runs, 1 for events

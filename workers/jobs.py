@@ -14,3 +14,15 @@ def sweep() -> dict[str, int]:
     from app.runs.sweep import sweep as run_sweep
 
     return run_sweep()
+
+
+def drain_events() -> int:
+    from app.webhooks.service import drain
+
+    return drain()
+
+
+def deliver(delivery_id: int) -> str:
+    from app.subscriptions.service import deliver as send
+
+    return send(delivery_id)

@@ -4,7 +4,8 @@
 processes alive (restarting any that die, e.g. after kill -9) and runs the maintenance sweep every
 few seconds. Each worker process is an RQ worker that runs jobs inside the app context, in the
 process itself: our jobs mostly wait on an agent, which is its own process already, and a fork per
-job costs ~13 ms here. One worker process executes one agent at a time.
+job costs ~13 ms here. One worker process executes one agent at a time; one more takes the `events`
+queue (webhook matching, outbound deliveries) so that those never wait behind a long agent run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flask import Flask
 from rq import Queue, SimpleWorker
 from sqlalchemy.orm import configure_mappers
 
-from app.extensions import ALL_QUEUES, db, get_redis
+from app.extensions import ALL_QUEUES, RUN_QUEUES, db, get_redis
 from workers.process import die_with_parent
 
 log = logging.getLogger("workers.pool")
@@ -76,18 +77,26 @@ def sweep_once(app: Flask, interval: int) -> dict[str, int] | None:
             db.session.remove()
 
 
+def plan(processes: int, queue_names: list[str] | None) -> list[list[str]]:
+    """The queues of each worker process. By default `processes` of them execute runs (and
+    maintenance jobs), and one more takes the `events` queue alone: webhook matching and
+    outbound deliveries must not wait behind agents that run for an hour."""
+    if queue_names:
+        return [list(queue_names) for _ in range(processes)]
+    runs = [*RUN_QUEUES, "maintenance"]
+    return [list(runs) for _ in range(processes)] + [["events"]]
+
+
 class Supervisor:
     def __init__(self, app: Flask, processes: int, queue_names: list[str] | None) -> None:
         self.app = app
-        self.processes = processes
-        self.queue_names = queue_names
+        self.plan = plan(processes, queue_names)
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, queues: list[str]) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "flask", "--app", "app:create_app", "worker", "--child"]
-        if self.queue_names:
-            argv += ["--queues", ",".join(self.queue_names)]
+        argv += ["--queues", ",".join(queues)]
         # its own session: Ctrl-C reaches the supervisor, which stops the children in order
         child = subprocess.Popen(
             argv, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM)
@@ -102,7 +111,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         interval = self.app.config["SWITCHBOARD_SWEEP_INTERVAL"]
-        self.children = [self._spawn() for _ in range(self.processes)]
+        self.children = [self._spawn(queues) for queues in self.plan]
         next_sweep = time.monotonic()
         while not self.stopping:
             for i, child in enumerate(self.children):
@@ -112,7 +121,7 @@ class Supervisor:
                         child.pid,
                         child.returncode,
                     )
-                    self.children[i] = self._spawn()
+                    self.children[i] = self._spawn(self.plan[i])
             if time.monotonic() >= next_sweep:
                 sweep_once(self.app, interval)
                 next_sweep = time.monotonic() + interval

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from app.activity.models import Activity
 from app.extensions import after_commit, db
 from app.runs import live
+from app.subscriptions import service as subscriptions
 from app.timeutil import rfc3339, utcnow
 
 
@@ -26,6 +27,7 @@ def as_dict(entry: Activity) -> dict[str, Any]:
 def record(project_id: int | None, kind: str, data: dict[str, Any]) -> Activity:
     entry = Activity(project_id=project_id, kind=kind, data=data, created_at=utcnow())
     db.session.add(entry)
+    subscriptions.fanout(project_id, kind, data)
     channel = live.activity_channel()
     after_commit(lambda: live.publish(channel, as_dict(entry)))  # the id exists by then
     return entry

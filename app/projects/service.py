@@ -75,6 +75,15 @@ def get_project(key: str) -> Project:
     return project
 
 
+def project_keys(ids: set[int]) -> dict[int, str]:
+    """Project keys by id, for responses that name projects (one query)."""
+    if not ids:
+        return {}
+    return dict(
+        db.session.execute(sa.select(Project.id, Project.key).where(Project.id.in_(ids))).all()
+    )
+
+
 def project_for(principal: Principal, key: str, role: str = "viewer") -> Project:
     project = get_project(key)
     authorize(principal, project, role)

@@ -6,6 +6,8 @@
 - A dispatched run whose job vanished from Redis (Redis restarted) is enqueued again; the job only
   acts on a run that is still queued, so a duplicate is harmless.
 - Projects with free capacity get their next queued runs.
+- Webhook events nobody is matching get their drain job again; outbound deliveries that are due
+  are queued (see app.webhooks and app.subscriptions).
 Every step is a conditional update, so two sweeps at once do no harm.
 """
 
@@ -22,9 +24,11 @@ from rq.job import Job, JobStatus
 from app.extensions import db, get_redis
 from app.runs import service as runs
 from app.runs.models import Run
+from app.subscriptions import service as subscriptions
 from app.tasks import lifecycle
 from app.tasks.models import Task
 from app.timeutil import utcnow
+from app.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 #: a dispatched run may sit this long in a busy queue before we check that its job exists
@@ -120,6 +124,8 @@ def sweep() -> dict[str, int]:
         "timed_out": time_out_external(),
         "requeued": requeue_lost_jobs(),
         "dispatched": dispatch_all(),
+        "events_kicked": webhooks.kick_stale(),
+        **subscriptions.sweep(),
     }
     db.session.commit()
     return result

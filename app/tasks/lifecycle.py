@@ -159,7 +159,12 @@ def cancel_dependents(task: Task, reason: str) -> None:
 
 
 def note_task(task: Task) -> None:
-    """The activity feed hears of every task status change."""
+    """The activity feed hears of every task status change (and a webhook's event of the end
+    of the tasks it made)."""
+    if task.source == "webhook" and task.status in TASK_TERMINAL:
+        from app.webhooks import service as webhooks
+
+        webhooks.task_finished(task)
     activity.record(
         task.project_id,
         "task.status",

@@ -94,6 +94,25 @@ def create_task(
     existing = _idempotent(principal, idempotency_key)
     if existing is not None:
         return Created(existing, True)
+    task = build_task(principal, data, idempotency_key)
+    try:
+        db.session.commit()
+    except sa.exc.IntegrityError:
+        # the same key raced in from another request: answer with the winner
+        db.session.rollback()
+        winner = _idempotent(principal, idempotency_key)
+        if winner is None:
+            raise
+        return Created(winner, True)
+    return Created(task, False)
+
+
+def build_task(
+    principal: Principal, data: dict[str, Any], idempotency_key: str | None = None
+) -> Task:
+    """Add a task (and its first run, if it can start) to the session without committing, so a
+    caller can commit it with its own rows (a webhook's match). Validation errors raise before
+    anything is added."""
     project = _project_for_task(principal, data["project"])
     agent = data.get("agent") or project.default_agent
     if agent not in known_agents():
@@ -159,16 +178,7 @@ def create_task(
             "depends_on": [d.id for d in deps],
         },
     )
-    try:
-        db.session.commit()
-    except sa.exc.IntegrityError:
-        # the same key raced in from another request: answer with the winner
-        db.session.rollback()
-        winner = _idempotent(principal, idempotency_key)
-        if winner is None:
-            raise
-        return Created(winner, True)
-    return Created(task, False)
+    return task
 
 
 def get_task(task_id: int) -> Task:

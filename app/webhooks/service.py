@@ -1,0 +1,540 @@
+"""Webhook sources, receiving deliveries, the stored events and the rules that turn them into
+tasks.
+
+Receiving only verifies, stores and acknowledges; matching happens on the `events` queue. One
+drain job takes every `received` event in order (`drain`), and a Redis flag keeps at most one such
+job waiting, so a burst of deliveries costs one round trip to Redis each, not an RQ job each.
+The maintenance sweep kicks the drain again for events left behind (Redis restarted, a worker
+died), and claiming an event is a conditional update, so nothing is matched twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import sqlalchemy as sa
+from flask import current_app
+from jinja2 import TemplateError
+
+from app import context
+from app.audit import service as audit
+from app.auth.abilities import abilities_for_role
+from app.auth.service import Principal
+from app.errors import BadRequest, Conflict, DomainError, NotFound, Unauthorized, ValidationFailed
+from app.extensions import db, get_queue, get_redis
+from app.pagination import Page, paginate
+from app.projects import service as projects
+from app.projects.models import Project
+from app.tasks import service as tasks
+from app.tasks.models import TASK_TERMINAL, Task
+from app.timeutil import utcnow
+from app.users.models import User
+from app.webhooks import matching, signatures
+from app.webhooks.models import EventMatch, Rule, WebhookEvent, WebhookSource
+
+log = logging.getLogger(__name__)
+
+#: (signature, event, delivery) headers per source kind
+HEADERS = {
+    "github": ("X-Hub-Signature-256", "X-GitHub-Event", "X-GitHub-Delivery"),
+    "generic": (
+        "X-Switchboard-Signature-256",
+        "X-Switchboard-Event",
+        "X-Switchboard-Delivery",
+    ),
+}
+#: never stored with an event
+SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-key")
+DRAIN_FLAG = "sb:events:drain-queued"
+#: received events older than this many sweep intervals are kicked again by the sweep (a
+#: duplicate drain is harmless: claiming an event is a conditional update)
+STALE_AFTER_SWEEPS = 2
+
+
+class UnsupportedBody(DomainError):
+    status, code = 415, "unsupported_media_type"
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def list_sources() -> list[WebhookSource]:
+    return list(db.session.scalars(sa.select(WebhookSource).order_by(WebhookSource.name)))
+
+
+def get_source(name: str) -> WebhookSource:
+    source = db.session.scalar(sa.select(WebhookSource).where(WebhookSource.name == name))
+    if source is None:
+        raise NotFound(f"No webhook source {name!r}.")
+    return source
+
+
+def create_source(principal: Principal, data: dict[str, Any]) -> tuple[WebhookSource, str]:
+    """The new source and its secret (generated when none is given), shown this once."""
+    if db.session.scalar(sa.select(WebhookSource.id).where(WebhookSource.name == data["name"])):
+        raise Conflict(f"A webhook source named {data['name']!r} exists.")
+    secret = data.get("secret") or secrets.token_urlsafe(32)
+    source = WebhookSource(
+        name=data["name"], kind=data["kind"], secret=secret, created_by=principal.user.id
+    )
+    db.session.add(source)
+    db.session.flush()
+    audit.record(
+        "webhook_source.create",
+        target_type="webhook_source",
+        target_id=source.name,
+        payload={"kind": source.kind},
+    )
+    db.session.commit()
+    return source, secret
+
+
+def delete_source(name: str) -> None:
+    source = get_source(name)
+    used = db.session.scalar(sa.select(sa.func.count(Rule.id)).where(Rule.source_id == source.id))
+    if used:
+        raise Conflict(f"{used} rule(s) use source {name!r}; delete or change them first.")
+    db.session.delete(source)
+    audit.record("webhook_source.delete", target_type="webhook_source", target_id=name)
+    db.session.commit()
+
+
+# --- receiving -------------------------------------------------------------------------------
+
+
+@dataclass
+class Receipt:
+    event: WebhookEvent
+    duplicate: bool = False
+    ping: bool = False
+
+
+def _payload(body: bytes, mimetype: str) -> Any:
+    try:
+        if mimetype == "application/json" or mimetype.endswith("+json"):
+            return json.loads(body)
+        if mimetype == "application/x-www-form-urlencoded":
+            form = parse_qs(body.decode("utf-8"), strict_parsing=False)
+            if "payload" not in form:
+                raise BadRequest("A form-encoded delivery needs a 'payload' field.")
+            return json.loads(form["payload"][0])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"The delivery's body is not valid JSON: {exc}") from None
+    raise UnsupportedBody(
+        "Send 'application/json' or 'application/x-www-form-urlencoded' with a 'payload' field."
+    )
+
+
+def _stored_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name: value[:1000]
+        for name, value in headers.items()
+        if name.lower() not in SECRET_HEADERS and "signature" not in name.lower()
+    }
+
+
+def receive(
+    name: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    mimetype: str,
+    remote_addr: str | None,
+) -> Receipt:
+    """Verify and store one delivery (once per delivery id). Nothing is stored unless the
+    signature holds."""
+    source = db.session.scalar(sa.select(WebhookSource).where(WebhookSource.name == name))
+    if source is None:
+        raise NotFound(f"No webhook source {name!r}.")
+    sig_header, event_header, delivery_header = HEADERS[source.kind]
+    if not signatures.verify(source.secret, body, headers.get(sig_header)):
+        raise Unauthorized(
+            f"Missing or wrong {sig_header}: sign the raw body with HMAC-SHA256 and the "
+            "source's secret.",
+            code="bad_signature",
+        )
+    event_type = (headers.get(event_header) or "").strip()
+    if not event_type:
+        raise BadRequest(f"The {event_header} header is required.")
+    payload = _payload(body, mimetype)
+    delivery_id = (headers.get(delivery_header) or "").strip()[:200]
+    if not delivery_id:  # no id from the sender: the same body is the same delivery
+        delivery_id = "sha256:" + hashlib.sha256(body).hexdigest()
+    ping = event_type == "ping"
+    now = utcnow()
+    event = WebhookEvent(
+        source_id=source.id,
+        source_name=source.name,
+        delivery_id=delivery_id,
+        event_type=event_type[:100],
+        action=str(payload.get("action"))[:100]
+        if isinstance(payload, dict) and payload.get("action")
+        else None,
+        headers=_stored_headers(headers),
+        payload=payload,
+        state="skipped" if ping else "received",
+        remote_addr=remote_addr,
+        received_at=now,
+        processed_at=now if ping else None,
+    )
+    db.session.add(event)
+    try:
+        db.session.commit()
+    except sa.exc.IntegrityError:
+        db.session.rollback()
+        existing = db.session.scalar(
+            sa.select(WebhookEvent).where(
+                WebhookEvent.source_name == source.name,
+                WebhookEvent.delivery_id == delivery_id,
+            )
+        )
+        if existing is None:
+            raise
+        return Receipt(existing, duplicate=True, ping=ping)
+    if not ping:
+        try:
+            kick()
+        except Exception:  # stored and acknowledged; the sweep kicks the drain later
+            log.exception("could not queue the event drain; the sweep will")
+    return Receipt(event, ping=ping)
+
+
+def kick(force: bool = False) -> None:
+    """Make sure one drain job is waiting on the `events` queue."""
+    redis = get_redis()
+    if force:
+        redis.delete(DRAIN_FLAG)
+    if not redis.set(DRAIN_FLAG, "1", nx=True, ex=600):
+        return
+    try:
+        get_queue("events").enqueue(
+            "workers.jobs.drain_events",
+            job_timeout=3600,
+            result_ttl=0,
+            failure_ttl=24 * 3600,
+            description="match received webhook events",
+        )
+    except Exception:
+        redis.delete(DRAIN_FLAG)
+        raise
+
+
+def kick_stale() -> int:
+    """For the sweep: received events nobody is matching (their kick was lost)."""
+    after = timedelta(seconds=STALE_AFTER_SWEEPS * current_app.config["SWITCHBOARD_SWEEP_INTERVAL"])
+    stale = db.session.scalar(
+        sa.select(sa.func.count(WebhookEvent.id)).where(
+            WebhookEvent.state == "received", WebhookEvent.received_at < utcnow() - after
+        )
+    )
+    if stale:
+        kick(force=True)
+    return stale or 0
+
+
+# --- matching --------------------------------------------------------------------------------
+
+
+def drain() -> int:
+    """Match every received event, oldest first; what the `events` queue's job does."""
+    get_redis().delete(DRAIN_FLAG)  # from here on, a new delivery queues another drain
+    done = 0
+    while True:
+        ids = list(
+            db.session.scalars(
+                sa.select(WebhookEvent.id)
+                .where(WebhookEvent.state == "received")
+                .order_by(WebhookEvent.id)
+                .limit(200)
+            )
+        )
+        db.session.rollback()
+        if not ids:
+            return done
+        for event_id in ids:
+            process_event(event_id)
+            done += 1
+
+
+def process_event(event_id: int, *, replay: bool = False) -> WebhookEvent | None:
+    """Match one event against its source's rules: one task per matching rule, ever."""
+    if not replay:
+        claim = db.session.execute(
+            sa.update(WebhookEvent)
+            .where(WebhookEvent.id == event_id, WebhookEvent.state == "received")
+            .values(state="matched")
+        )
+        if claim.rowcount != 1:  # type: ignore[attr-defined]
+            db.session.rollback()
+            return None
+    event = db.session.get(WebhookEvent, event_id, populate_existing=True)
+    if event is None:
+        raise NotFound(f"No event {event_id}.")
+    try:
+        _match(event)
+        db.session.commit()
+    except Exception as exc:
+        log.exception("event %s: matching failed", event_id)
+        db.session.rollback()
+        db.session.execute(
+            sa.update(WebhookEvent)
+            .where(WebhookEvent.id == event_id)
+            .values(state="failed", error=f"internal error: {exc}"[:2000], processed_at=utcnow())
+        )
+        db.session.commit()
+    return db.session.get(WebhookEvent, event_id, populate_existing=True)
+
+
+def _author(rule: Rule) -> Principal | None:
+    user = db.session.get(User, rule.author_id) if rule.author_id else None
+    if user is None or not user.is_active:
+        return None
+    return Principal(user=user, abilities=abilities_for_role(user.role), kind="rule")
+
+
+def _match(event: WebhookEvent) -> None:
+    rules = list(
+        db.session.scalars(
+            sa.select(Rule)
+            .where(Rule.source_id == event.source_id, Rule.enabled.is_(True))
+            .order_by(Rule.id)
+        )
+    )
+    done = set(
+        db.session.scalars(sa.select(EventMatch.rule_id).where(EventMatch.event_id == event.id))
+    )
+    matched_any, errors = bool(done), []
+    for rule in rules:
+        if rule.id in done:
+            continue
+        verdict = matching.evaluate(rule, event.event_type, event.action, event.payload)
+        if not verdict.matched:
+            continue
+        matched_any = True
+        try:
+            _dispatch(event, rule, verdict.context)
+        except TemplateError as exc:
+            errors.append(f"rule {rule.id} ({rule.name}): template error: {exc}")
+        except DomainError as exc:
+            detail = exc.detail
+            if exc.extra.get("errors"):
+                detail += " " + json.dumps(exc.extra["errors"])
+            errors.append(f"rule {rule.id} ({rule.name}): {detail}")
+    event.processed_at = utcnow()
+    if errors:
+        event.state, event.error = "failed", "; ".join(errors)[:4000]
+    elif matched_any:
+        event.state, event.error = "dispatched", None
+        _follow(event)
+    else:
+        event.state = "skipped"
+
+
+def _dispatch(event: WebhookEvent, rule: Rule, extra: dict[str, Any]) -> None:
+    spec = matching.render_task(
+        rule.task,
+        event_type=event.event_type,
+        action=event.action,
+        delivery_id=event.delivery_id,
+        payload=event.payload,
+        extra=extra,
+    )
+    principal = _author(rule)
+    if principal is None:
+        raise ValidationFailed("the rule's author is gone or disabled; save the rule again")
+    project = db.session.get(Project, rule.project_id)
+    assert project is not None
+    spec.update(
+        project=project.key, source="webhook", source_ref=f"event:{event.id}/rule:{rule.id}"
+    )
+    acting = replace(context.current(), user_id=principal.user.id, via=f"rule:{rule.id}")
+    with context.acting_as(acting):
+        task = tasks.build_task(principal, spec)
+    db.session.add(
+        EventMatch(event_id=event.id, rule_id=rule.id, project_id=project.id, task_id=task.id)
+    )
+
+
+def _follow(event: WebhookEvent) -> None:
+    """A dispatched event completes when all its tasks completed, fails when one did not."""
+    if event.state != "dispatched":
+        return
+    rows = db.session.execute(
+        sa.select(Task.id, Task.status)
+        .join(EventMatch, EventMatch.task_id == Task.id)
+        .where(EventMatch.event_id == event.id)
+    ).all()
+    if not rows or any(status not in TASK_TERMINAL for _id, status in rows):
+        return
+    bad = [f"task #{task_id} {status}" for task_id, status in rows if status != "completed"]
+    event.state = "failed" if bad else "completed"
+    event.error = ", ".join(bad) or None
+
+
+def task_finished(task: Task) -> None:
+    """Called when a webhook's task ends: its event may now be complete."""
+    event_id = db.session.scalar(
+        sa.select(EventMatch.event_id).where(EventMatch.task_id == task.id)
+    )
+    if event_id is None:
+        return
+    event = db.session.get(WebhookEvent, event_id)
+    if event is not None:
+        _follow(event)
+
+
+def replay(event: WebhookEvent) -> WebhookEvent:
+    audit.record("webhook_event.replay", target_type="webhook_event", target_id=event.id)
+    result = process_event(event.id, replay=True)
+    assert result is not None
+    return result
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def _visible(principal: Principal, stmt: sa.Select[Any]) -> sa.Select[Any]:
+    ids = projects.visible_project_ids(principal)
+    if ids is None:
+        return stmt
+    return stmt.where(
+        sa.exists().where(EventMatch.event_id == WebhookEvent.id, EventMatch.project_id.in_(ids))
+    )
+
+
+def list_events(
+    principal: Principal,
+    *,
+    state: str | None = None,
+    source: str | None = None,
+    project: str | None = None,
+    type: str | None = None,
+    cursor: int | None = None,
+    limit: int = 50,
+) -> Page[WebhookEvent]:
+    stmt = _visible(principal, sa.select(WebhookEvent))
+    if state:
+        stmt = stmt.where(WebhookEvent.state == state)
+    if source:
+        stmt = stmt.where(WebhookEvent.source_name == source)
+    if type:
+        stmt = stmt.where(WebhookEvent.event_type == type)
+    if project:
+        stmt = stmt.where(
+            sa.exists().where(
+                EventMatch.event_id == WebhookEvent.id,
+                EventMatch.project_id == Project.id,
+                Project.key == project,
+            )
+        )
+    return paginate(stmt, WebhookEvent.id, cursor=cursor, limit=limit)
+
+
+def event_for(principal: Principal, event_id: int) -> WebhookEvent:
+    event = db.session.scalar(
+        _visible(principal, sa.select(WebhookEvent).where(WebhookEvent.id == event_id))
+    )
+    if event is None:
+        raise NotFound(f"No event {event_id}.")
+    return event
+
+
+def event_matches(event_id: int) -> list[EventMatch]:
+    return list(
+        db.session.scalars(
+            sa.select(EventMatch).where(EventMatch.event_id == event_id).order_by(EventMatch.id)
+        )
+    )
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+
+def _check_rule(data: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the source name and check templates, agent and target; 422 on any problem."""
+    errors: dict[str, list[str]] = {}
+    values = dict(data)
+    if "source" in data:
+        source_id = db.session.scalar(
+            sa.select(WebhookSource.id).where(WebhookSource.name == data["source"])
+        )
+        if source_id is None:
+            errors["source"] = [f"no webhook source {data['source']!r}"]
+        values["source_id"] = source_id
+        del values["source"]
+    task = data.get("task")
+    if task is not None:
+        for field in ("title", "prompt"):
+            problem = matching.check_template(task[field])
+            if problem:
+                errors[f"task.{field}"] = [f"template error: {problem}"]
+        agent = task.get("agent")
+        if agent and agent not in tasks.known_agents():
+            errors["task.agent"] = [f"unknown agent {agent!r}"]
+        target = task.get("target")
+        if target and target not in tasks.TARGETS:
+            errors["task.target"] = [f"one of {', '.join(tasks.TARGETS)}"]
+        values["task"] = {k: v for k, v in task.items() if v is not None}
+    if errors:
+        raise ValidationFailed("The rule is not valid.", errors)
+    return values
+
+
+def create_rule(principal: Principal, project: Project, data: dict[str, Any]) -> Rule:
+    values = _check_rule(data)
+    rule = Rule(project_id=project.id, author_id=principal.user.id, **values)
+    db.session.add(rule)
+    db.session.flush()
+    audit.record(
+        "rule.create",
+        target_type="rule",
+        target_id=rule.id,
+        payload={"project": project.key, "name": rule.name, "event": rule.event},
+    )
+    db.session.commit()
+    return rule
+
+
+def rule_for(principal: Principal, rule_id: int, role: str = "viewer") -> Rule:
+    rule = db.session.get(Rule, rule_id)
+    if rule is None:
+        raise NotFound(f"No rule {rule_id}.")
+    try:
+        projects.authorize(principal, db.session.get(Project, rule.project_id), role)
+    except NotFound:
+        raise NotFound(f"No rule {rule_id}.") from None
+    return rule
+
+
+def list_rules(project: Project, *, cursor: int | None, limit: int) -> Page[Rule]:
+    stmt = sa.select(Rule).where(Rule.project_id == project.id)
+    return paginate(stmt, Rule.id, cursor=cursor, limit=limit, newest_first=False)
+
+
+def update_rule(principal: Principal, rule: Rule, changes: dict[str, Any]) -> Rule:
+    values = _check_rule(changes)
+    for key, value in values.items():
+        setattr(rule, key, value)
+    rule.author_id = principal.user.id  # whoever saves it last answers for its tasks
+    audit.record(
+        "rule.update", target_type="rule", target_id=rule.id, payload={"fields": sorted(changes)}
+    )
+    db.session.commit()
+    return rule
+
+
+def delete_rule(rule: Rule) -> None:
+    db.session.delete(rule)
+    audit.record("rule.delete", target_type="rule", target_id=rule.id)
+    db.session.commit()
+
+
+def source_names() -> dict[int, str]:
+    return dict(db.session.execute(sa.select(WebhookSource.id, WebhookSource.name)).all())

@@ -1,0 +1,395 @@
+"""Inbound webhooks: signed deliveries from GitHub (real payloads from @octokit/webhooks-examples)
+and generic senders become events, and project rules turn events into tasks on the `events`
+queue of a real worker."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+from conftest import WorkerPool, account
+from helpers import assert_problem, count, wait_for
+
+from app.webhooks.signatures import sign
+
+FIXTURES = Path(__file__).parent / "fixtures" / "github"
+SECRET = "gh-webhook-secret-for-tests"
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def deliver(client, payload, event, *, source="gh", secret=SECRET, delivery=None, form=False):
+    """POST the way GitHub does: the signature covers the exact bytes sent."""
+    if form:
+        body = urlencode({"payload": json.dumps(payload)}).encode()
+        content_type = "application/x-www-form-urlencoded"
+    else:
+        body = json.dumps(payload).encode()
+        content_type = "application/json"
+    headers = {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "X-Hub-Signature-256": sign(secret, body),
+        "User-Agent": "GitHub-Hookshot/test",
+    }
+    return client.post(
+        f"/api/v1/webhooks/{source}", data=body, headers=headers, content_type=content_type
+    )
+
+
+@pytest.fixture
+def events_worker(app, client) -> Iterator[WorkerPool]:
+    """A real `switchboard worker` taking only the `events` queue (and sweeping)."""
+    pool = WorkerPool(app, processes=1, queues="events")
+    yield pool
+    pool.stop()
+    print("---- worker output ----\n" + pool.output())
+
+
+@pytest.fixture
+def gh(client, admin) -> dict:
+    resp = client.post(
+        "/api/v1/webhook-sources",
+        headers=admin.headers,
+        json={"name": "gh", "kind": "github", "secret": SECRET},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+def add_rule(client, who, project="demo", **overrides) -> dict:
+    body = {
+        "name": "agent label",
+        "source": "gh",
+        "event": "issues",
+        "actions": ["labeled"],
+        "conditions": {"label": "bug"},
+        "task": {
+            "title": "Fix: {{ issue.title }}",
+            "prompt": "Issue #{{ issue.number }}: {{ issue.title }}\n\n{{ issue.body }}",
+            "target": "external",
+        },
+    }
+    body.update(overrides)
+    resp = client.post(f"/api/v1/projects/{project}/rules", headers=who.headers, json=body)
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+def event(client, who, event_id) -> dict:
+    resp = client.get(f"/api/v1/events/{event_id}", headers=who.headers)
+    assert resp.status_code == 200, resp.get_json()
+    return resp.get_json()
+
+
+def settled(client, who, event_id, states=("skipped", "dispatched", "completed", "failed")):
+    return wait_for(
+        lambda: (e := event(client, who, event_id))["state"] in states and e, timeout=15
+    )
+
+
+def test_githubs_published_test_vector():
+    assert (
+        sign("It's a Secret to Everybody", b"Hello, World!")
+        == "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    )
+
+
+def test_sources_are_admin_only_and_secrets_are_shown_once(client, admin, member, gh):
+    assert gh["secret"] == SECRET and gh["url"].endswith("/api/v1/webhooks/gh")
+    listed = client.get("/api/v1/webhook-sources", headers=admin.headers).get_json()["data"]
+    assert [s["name"] for s in listed] == ["gh"] and "secret" not in listed[0]
+    generated = client.post(
+        "/api/v1/webhook-sources", headers=admin.headers, json={"name": "ci", "kind": "generic"}
+    ).get_json()
+    assert len(generated["secret"]) >= 32
+    assert_problem(
+        client.post(
+            "/api/v1/webhook-sources", headers=admin.headers, json={"name": "gh", "kind": "github"}
+        ),
+        409,
+    )
+    assert_problem(
+        client.post(
+            "/api/v1/webhook-sources", headers=member.headers, json={"name": "x", "kind": "github"}
+        ),
+        403,
+    )
+
+
+def test_bad_or_missing_signature_is_401_and_stores_nothing(app, client, gh):
+    from app.webhooks.models import WebhookEvent
+
+    payload = fixture("issues.labeled")
+    assert_problem(deliver(client, payload, "issues", secret="wrong-secret"), 401, "bad_signature")
+    body = json.dumps(payload).encode()
+    unsigned = client.post(
+        "/api/v1/webhooks/gh",
+        data=body,
+        content_type="application/json",
+        headers={"X-GitHub-Event": "issues", "X-GitHub-Delivery": "d-1"},
+    )
+    assert_problem(unsigned, 401)
+    tampered = client.post(
+        "/api/v1/webhooks/gh",
+        data=body + b" ",
+        content_type="application/json",
+        headers={"X-GitHub-Event": "issues", "X-Hub-Signature-256": sign(SECRET, body)},
+    )
+    assert_problem(tampered, 401)
+    assert count(app, WebhookEvent) == 0
+    assert_problem(deliver(client, payload, "issues", source="nope"), 404)
+
+
+def test_ping_answers_200(client, gh):
+    resp = deliver(client, fixture("ping"), "ping")
+    assert resp.status_code == 200 and resp.get_json()["state"] == "skipped"
+
+
+def test_labeled_issue_makes_one_task_even_when_delivered_twice(
+    app, client, admin, member, project, gh, events_worker
+):
+    from app.tasks.models import Task
+
+    add_rule(client, member)
+    payload = fixture("issues.labeled")
+    first = deliver(client, payload, "issues", delivery="delivery-1")
+    assert first.status_code == 202, first.get_json()
+    receipt = first.get_json()
+    assert receipt["duplicate"] is False and receipt["state"] == "received"
+    again = deliver(client, payload, "issues", delivery="delivery-1")
+    assert again.status_code == 200 and again.get_json() == {**receipt, "duplicate": True}
+
+    done = settled(client, admin, receipt["id"])
+    assert done["state"] == "dispatched", done
+    assert len(done["tasks"]) == 1 and done["matches"][0]["project"] == "demo"
+    assert "signature" not in json.dumps(done["headers"]).lower()
+    task = client.get(f"/api/v1/tasks/{done['tasks'][0]}", headers=member.headers).get_json()
+    issue = payload["issue"]
+    assert task["title"] == f"Fix: {issue['title']}"
+    assert issue["title"] in task["prompt"] and issue["body"] in task["prompt"]
+    assert task["source"] == "webhook" and task["status"] == "queued"
+    assert count(app, Task) == 1
+    # the member sees the event through the project; a stranger does not
+    mine = client.get("/api/v1/events?project=demo", headers=member.headers).get_json()["data"]
+    assert [e["id"] for e in mine] == [receipt["id"]]
+    bob = account(app, client, "bob")
+    assert client.get("/api/v1/events", headers=bob.headers).get_json()["data"] == []
+    assert_problem(client.get(f"/api/v1/events/{receipt['id']}", headers=bob.headers), 404)
+
+
+def test_three_rules_three_tasks_unmatched_skipped_and_template_errors_fail(
+    app, client, admin, member, project, gh, events_worker
+):
+    from app.tasks.models import Task
+
+    for name in ("one", "two", "three"):
+        add_rule(client, member, name=name)
+    labeled = deliver(client, fixture("issues.labeled"), "issues").get_json()
+    assert len(settled(client, admin, labeled["id"])["tasks"]) == 3
+
+    push = deliver(client, fixture("push"), "push").get_json()
+    assert settled(client, admin, push["id"])["state"] == "skipped"
+
+    add_rule(
+        client,
+        member,
+        name="broken",
+        event="pull_request",
+        actions=["opened"],
+        conditions={},
+        task={"title": "{{ issue.title }}", "prompt": "x", "target": "external"},
+    )
+    pr = deliver(client, fixture("pull_request.opened"), "pull_request").get_json()
+    failed = settled(client, admin, pr["id"])
+    assert failed["state"] == "failed" and "'issue' is undefined" in failed["error"], failed
+    assert count(app, Task) == 3
+
+    # replay (admin) matches again: still one task per rule
+    replayed = client.post(f"/api/v1/events/{labeled['id']}/replay", headers=admin.headers)
+    assert replayed.status_code == 200 and len(replayed.get_json()["tasks"]) == 3
+    assert count(app, Task) == 3
+    assert_problem(
+        client.post(f"/api/v1/events/{labeled['id']}/replay", headers=member.headers), 403
+    )
+
+
+def test_form_encoded_push_and_branch_condition(client, admin, member, project, gh, events_worker):
+    add_rule(
+        client,
+        member,
+        name="on push",
+        event="push",
+        actions=[],
+        conditions={"branch": "master", "repository": "codertocat/*"},
+        task={
+            "title": "Review {{ after[:7] }}",
+            "prompt": "{{ head_commit.message }}",
+            "target": "external",
+        },
+    )
+    payload = fixture("push")
+    receipt = deliver(client, payload, "push", form=True).get_json()
+    done = settled(client, admin, receipt["id"])
+    assert done["state"] == "dispatched" and done["payload"] == payload
+    task = client.get(f"/api/v1/tasks/{done['tasks'][0]}", headers=member.headers).get_json()
+    assert task["title"] == f"Review {payload['after'][:7]}"
+
+
+def test_comment_command_and_bots_ignored(client, admin, member, project, gh, events_worker):
+    add_rule(
+        client,
+        member,
+        name="slash agent",
+        event="issue_comment",
+        actions=["created"],
+        conditions={"command": "/agent"},
+        task={
+            "title": "{{ issue.title }}",
+            "prompt": "{{ command_args }}",
+            "target": "external",
+        },
+    )
+    payload = fixture("issue_comment.created")
+    plain = deliver(client, payload, "issue_comment").get_json()
+    assert settled(client, admin, plain["id"])["state"] == "skipped"
+
+    payload["comment"]["body"] = "Thanks!\n/agent fix the spelling please"
+    asked = deliver(client, payload, "issue_comment").get_json()
+    done = settled(client, admin, asked["id"])
+    task = client.get(f"/api/v1/tasks/{done['tasks'][0]}", headers=member.headers).get_json()
+    assert task["prompt"] == "fix the spelling please"
+
+    payload["sender"] = {**payload["sender"], "login": "switchboard[bot]", "type": "Bot"}
+    bot = deliver(client, payload, "issue_comment").get_json()
+    assert settled(client, admin, bot["id"])["state"] == "skipped"
+
+
+def test_event_follows_its_tasks_to_completed(client, admin, member, project, gh, events_worker):
+    add_rule(client, member)
+    receipt = deliver(client, fixture("issues.labeled"), "issues").get_json()
+    task_id = settled(client, admin, receipt["id"])["tasks"][0]
+    run = client.post(
+        f"/api/v1/tasks/{task_id}/claim", headers=member.headers, json={"executor": "ext-1"}
+    ).get_json()
+    resp = client.post(
+        f"/api/v1/runs/{run['id']}/complete",
+        headers=member.headers,
+        json={"executor": "ext-1", "status": "succeeded", "exit_code": 0},
+    )
+    assert resp.status_code == 200, resp.get_json()
+    assert event(client, admin, receipt["id"])["state"] == "completed"
+
+
+def test_generic_source_and_stale_events_are_picked_up(app, client, admin, member, project):
+    """A generic sender; the delivery is stored while no worker runs, and a worker started later
+    matches it (the sweep kicks events left `received`)."""
+    from app.extensions import get_redis
+    from app.webhooks.service import DRAIN_FLAG
+
+    secret = client.post(
+        "/api/v1/webhook-sources",
+        headers=admin.headers,
+        json={"name": "ci", "kind": "generic", "secret": "generic-secret-1"},
+    ).get_json()["secret"]
+    add_rule(
+        client,
+        member,
+        source="ci",
+        event="build.failed",
+        actions=[],
+        conditions={},
+        task={
+            "title": "Fix build {{ build.id }}",
+            "prompt": "{{ build.log }}",
+            "target": "external",
+        },
+    )
+    body = json.dumps({"build": {"id": 42, "log": "error: x"}}).encode()
+    headers = {
+        "X-Switchboard-Event": "build.failed",
+        "X-Switchboard-Signature-256": sign(secret, body),
+    }
+    resp = client.post(
+        "/api/v1/webhooks/ci", data=body, content_type="application/json", headers=headers
+    )
+    assert resp.status_code == 202, resp.get_json()
+    receipt = resp.get_json()
+    assert receipt["delivery_id"].startswith("sha256:")  # no id sent: the body names it
+    # Redis lost the queued drain (a restart): only the flag and queue are gone, not the event
+    with app.app_context():
+        get_redis().flushdb()
+        assert not get_redis().exists(DRAIN_FLAG)
+    pool = WorkerPool(app, processes=1, queues="events", SWITCHBOARD_SWEEP_INTERVAL="1")
+    try:
+        done = wait_for(
+            lambda: (e := event(client, admin, receipt["id"]))["state"] == "dispatched" and e,
+            timeout=20,
+        )
+    finally:
+        pool.stop()
+    task = client.get(f"/api/v1/tasks/{done['tasks'][0]}", headers=member.headers).get_json()
+    assert task["title"] == "Fix build 42" and task["prompt"] == "error: x"
+
+
+def test_rule_validation_and_roles(app, client, admin, member, project, gh):
+    bad = client.post(
+        "/api/v1/projects/demo/rules",
+        headers=member.headers,
+        json={
+            "name": "x",
+            "source": "nope",
+            "event": "issues",
+            "task": {"title": "{{ issue.title", "prompt": "x", "agent": "nobody"},
+        },
+    )
+    body = assert_problem(bad, 422)
+    assert set(body["errors"]) == {"source", "task.title", "task.agent"}
+    viewer = account(app, client, "val")
+    client.post(
+        "/api/v1/projects/demo/members",
+        headers=member.headers,
+        json={"user_id": viewer.id, "role": "developer"},
+    )
+    denied = client.post(
+        "/api/v1/projects/demo/rules",
+        headers=viewer.headers,
+        json={
+            "name": "x",
+            "source": "gh",
+            "event": "issues",
+            "task": {"title": "t", "prompt": "p"},
+        },
+    )
+    assert_problem(denied, 403)
+    rule = add_rule(client, member)
+    assert (
+        client.get("/api/v1/projects/demo/rules", headers=viewer.headers).get_json()["data"][0][
+            "id"
+        ]
+        == rule["id"]
+    )
+    patched = client.patch(
+        f"/api/v1/rules/{rule['id']}", headers=member.headers, json={"enabled": False}
+    )
+    assert patched.status_code == 200 and patched.get_json()["enabled"] is False
+    assert_problem(client.delete("/api/v1/webhook-sources/gh", headers=admin.headers), 409)
+    assert client.delete(f"/api/v1/rules/{rule['id']}", headers=member.headers).status_code == 204
+    assert client.delete("/api/v1/webhook-sources/gh", headers=admin.headers).status_code == 204
+
+
+def test_receivers_take_large_bodies_and_are_not_rate_limited(app, client, gh, monkeypatch):
+    monkeypatch.setitem(app.config, "SWITCHBOARD_RATE_LIMIT_WRITE", "2/minute")
+    payload = fixture("issues.labeled")
+    payload["issue"]["body"] = "x" * (2 * 1024 * 1024)  # over the API's 1 MB, under 25 MB
+    for _ in range(3):
+        resp = deliver(client, payload, "issues")
+        assert resp.status_code == 202, resp.get_json()
+    monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES", 1024)
+    assert_problem(deliver(client, payload, "issues"), 413)
