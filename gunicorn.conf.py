@@ -17,7 +17,7 @@ bind = os.environ.get("GUNICORN_BIND") or (
 )
 worker_class = "gthread"
 workers = _env_int("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count()))
-threads = _env_int("GUNICORN_THREADS", 32)
+threads = _env_int("GUNICORN_THREADS", 16)
 timeout = _env_int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _env_int("GUNICORN_KEEPALIVE", 5)

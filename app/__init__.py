@@ -42,6 +42,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(settings.flask_config())
     app.config.update(openapi_config())
     configure_logging(app)
+    from app.webhooks.ingress import WebhookIngress
+
+    app.wsgi_app = WebhookIngress(app.wsgi_app, app)  # type: ignore[method-assign]
     if settings.TRUSTED_PROXIES:
         n = settings.TRUSTED_PROXIES
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore

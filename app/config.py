@@ -272,4 +272,6 @@ def engine_options(url: str) -> dict[str, object]:
     if url.startswith("sqlite"):
         # Threads share the file; a busy writer makes others wait instead of failing at once.
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    # no pool_pre_ping: it costs a round trip on every checkout; app.extensions pings only
+    # connections that sat idle (see _ping_idle_connection)
+    return {"pool_size": 10, "max_overflow": 20}

@@ -6,6 +6,7 @@ built lazily from the app's config the first time they are asked for.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,34 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across crashes, not power loss
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+
+
+#: a pooled connection idle longer than this is tested before use
+PING_IDLE_SECONDS = 5.0
+
+
+@sa.event.listens_for(Engine, "checkin")
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["sb_checked_in"] = time.monotonic()
+
+
+@sa.event.listens_for(Engine, "checkout")
+def _ping_idle_connection(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Pessimistic disconnect handling for idle connections only (a database restart, a proxy's
+    idle timeout): a busy server does not pay a ping per request as with `pool_pre_ping`. A
+    dead connection raises DisconnectionError, and the pool retries with a fresh one."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        return
+    idle_since = record.info.get("sb_checked_in")
+    if idle_since is None or time.monotonic() - idle_since < PING_IDLE_SECONDS:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+        dbapi_connection.rollback()
+    except Exception as exc:
+        raise sa.exc.DisconnectionError(str(exc)) from exc
 
 
 def after_commit(callback: Callable[[], None]) -> None:

@@ -285,7 +285,7 @@ def worker(app: Flask, client: FlaskClient) -> Iterator[WorkerPool]:
         conn = get_redis()
     # ready when both worker processes listen, so timings measure runs, not Python start-up
     wait_for_ready = time.monotonic() + 30
-    while Worker.count(connection=conn) < 2:
+    while Worker.count(connection=conn) < 3:  # 2 for runs, 1 for events
         assert time.monotonic() < wait_for_ready, pool.output()
         time.sleep(0.05)
     yield pool

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -23,6 +24,7 @@ from urllib.parse import parse_qs
 import sqlalchemy as sa
 from flask import current_app
 from jinja2 import TemplateError
+from sqlalchemy.dialects import postgresql, sqlite
 
 from app import context
 from app.audit import service as audit
@@ -54,6 +56,10 @@ HEADERS = {
 #: never stored with an event
 SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-key")
 DRAIN_FLAG = "sb:events:drain-queued"
+#: how long a receiving process trusts that it saw the drain flag set
+FLAG_MEMO_SECONDS = 0.05
+#: how long a process trusts what it read of a source
+SOURCE_CACHE_SECONDS = 5.0
 #: received events older than this many sweep intervals are kicked again by the sweep (a
 #: duplicate drain is harmless: claiming an event is a conditional update)
 STALE_AFTER_SWEEPS = 2
@@ -87,6 +93,7 @@ def create_source(principal: Principal, data: dict[str, Any]) -> tuple[WebhookSo
     )
     db.session.add(source)
     db.session.flush()
+    _source_cache().pop(source.name, None)
     audit.record(
         "webhook_source.create",
         target_type="webhook_source",
@@ -105,27 +112,71 @@ def delete_source(name: str) -> None:
     db.session.delete(source)
     audit.record("webhook_source.delete", target_type="webhook_source", target_id=name)
     db.session.commit()
+    _source_cache().pop(name, None)
 
 
 # --- receiving -------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Receipt:
-    event: WebhookEvent
+    id: int
+    delivery_id: str
+    event: str
+    state: str
     duplicate: bool = False
     ping: bool = False
 
 
-def _payload(body: bytes, mimetype: str) -> Any:
+@dataclass(frozen=True)
+class _Source:
+    id: int
+    name: str
+    kind: str
+    secret: str
+
+
+def _source_cache() -> dict[str, tuple[float, _Source]]:
+    return current_app.extensions.setdefault("switchboard_webhook_sources", {})
+
+
+def _receiving_source(name: str) -> _Source | None:
+    """The source by name, remembered for a few seconds: a burst of deliveries reads it once.
+    Secrets never change in place, and a deleted source is forgotten here at once and by other
+    processes within `SOURCE_CACHE_SECONDS`."""
+    cache = _source_cache()
+    hit = cache.get(name)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < SOURCE_CACHE_SECONDS:
+        return hit[1]
+    row = db.session.execute(
+        sa.select(
+            WebhookSource.id, WebhookSource.name, WebhookSource.kind, WebhookSource.secret
+        ).where(WebhookSource.name == name)
+    ).first()
+    if row is None:
+        cache.pop(name, None)
+        return None
+    source = _Source(*row)
+    cache[name] = (now, source)
+    return source
+
+
+def _parse(body: bytes, mimetype: str) -> tuple[Any, str | None]:
+    """The payload, and its JSON text when the body is that text already (stored as sent)."""
     try:
         if mimetype == "application/json" or mimetype.endswith("+json"):
-            return json.loads(body)
+            payload = json.loads(body)
+            try:
+                return payload, body.decode("utf-8")
+            except UnicodeDecodeError:  # UTF-16/32 JSON: store it re-encoded
+                return payload, None
         if mimetype == "application/x-www-form-urlencoded":
             form = parse_qs(body.decode("utf-8"), strict_parsing=False)
             if "payload" not in form:
                 raise BadRequest("A form-encoded delivery needs a 'payload' field.")
-            return json.loads(form["payload"][0])
+            text = form["payload"][0]
+            return json.loads(text), text
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The delivery's body is not valid JSON: {exc}") from None
     raise UnsupportedBody(
@@ -141,6 +192,48 @@ def _stored_headers(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+_EVENT_COLUMNS = (
+    "source_id",
+    "source_name",
+    "delivery_id",
+    "event_type",
+    "action",
+    "headers",
+    "payload",
+    "state",
+    "remote_addr",
+    "received_at",
+    "processed_at",
+)
+_insert_statements: dict[str, Any] = {}
+
+
+def _insert_statement(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING id, built once per dialect (building and
+    compiling it per delivery cost more than executing it). The payload is bound as the JSON
+    text that was sent, not parsed and encoded again."""
+    if dialect not in _insert_statements:
+        table = WebhookEvent.__table__
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        values: dict[str, Any] = {name: sa.bindparam(name) for name in _EVENT_COLUMNS}
+        payload = sa.bindparam("payload", type_=sa.Text())
+        values["payload"] = sa.cast(payload, sa.JSON()) if dialect == "postgresql" else payload
+        values["headers"] = sa.bindparam("headers", type_=sa.JSON())
+        _insert_statements[dialect] = (
+            insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["source_name", "delivery_id"])
+            .returning(table.c.id)
+        )
+    return _insert_statements[dialect]
+
+
+def _insert_once(values: dict[str, Any]) -> int | None:
+    """Store the event in its own short transaction: its id, or None for a redelivery."""
+    with db.engine.begin() as conn:
+        return conn.execute(_insert_statement(conn.dialect.name), values).scalar()
+
+
 def receive(
     name: str,
     body: bytes,
@@ -149,8 +242,8 @@ def receive(
     remote_addr: str | None,
 ) -> Receipt:
     """Verify and store one delivery (once per delivery id). Nothing is stored unless the
-    signature holds."""
-    source = db.session.scalar(sa.select(WebhookSource).where(WebhookSource.name == name))
+    signature holds. The hot path of every webhook: one INSERT, one commit, one Redis SET."""
+    source = _receiving_source(name)
     if source is None:
         raise NotFound(f"No webhook source {name!r}.")
     sig_header, event_header, delivery_header = HEADERS[source.kind]
@@ -160,58 +253,62 @@ def receive(
             "source's secret.",
             code="bad_signature",
         )
-    event_type = (headers.get(event_header) or "").strip()
+    event_type = (headers.get(event_header) or "").strip()[:100]
     if not event_type:
         raise BadRequest(f"The {event_header} header is required.")
-    payload = _payload(body, mimetype)
+    payload, text = _parse(body, mimetype)
     delivery_id = (headers.get(delivery_header) or "").strip()[:200]
     if not delivery_id:  # no id from the sender: the same body is the same delivery
         delivery_id = "sha256:" + hashlib.sha256(body).hexdigest()
+    action = payload.get("action") if isinstance(payload, dict) else None
     ping = event_type == "ping"
+    state = "skipped" if ping else "received"
     now = utcnow()
-    event = WebhookEvent(
-        source_id=source.id,
-        source_name=source.name,
-        delivery_id=delivery_id,
-        event_type=event_type[:100],
-        action=str(payload.get("action"))[:100]
-        if isinstance(payload, dict) and payload.get("action")
-        else None,
-        headers=_stored_headers(headers),
-        payload=payload,
-        state="skipped" if ping else "received",
-        remote_addr=remote_addr,
-        received_at=now,
-        processed_at=now if ping else None,
+    new_id = _insert_once(
+        {
+            "source_id": source.id,
+            "source_name": source.name,
+            "delivery_id": delivery_id,
+            "event_type": event_type,
+            "action": str(action)[:100] if action else None,
+            "headers": _stored_headers(headers),
+            "payload": text if text is not None else json.dumps(payload),
+            "state": state,
+            "remote_addr": remote_addr,
+            "received_at": now,
+            "processed_at": now if ping else None,
+        }
     )
-    db.session.add(event)
-    try:
-        db.session.commit()
-    except sa.exc.IntegrityError:
-        db.session.rollback()
-        existing = db.session.scalar(
-            sa.select(WebhookEvent).where(
-                WebhookEvent.source_name == source.name,
-                WebhookEvent.delivery_id == delivery_id,
+    if new_id is None:
+        row = db.session.execute(
+            sa.select(WebhookEvent.id, WebhookEvent.state).where(
+                WebhookEvent.source_name == source.name, WebhookEvent.delivery_id == delivery_id
             )
-        )
-        if existing is None:
-            raise
-        return Receipt(existing, duplicate=True, ping=ping)
+        ).one()
+        return Receipt(row.id, delivery_id, event_type, row.state, duplicate=True, ping=ping)
     if not ping:
         try:
             kick()
         except Exception:  # stored and acknowledged; the sweep kicks the drain later
             log.exception("could not queue the event drain; the sweep will")
-    return Receipt(event, ping=ping)
+    return Receipt(new_id, delivery_id, event_type, state, ping=ping)
 
 
 def kick(force: bool = False) -> None:
-    """Make sure one drain job is waiting on the `events` queue."""
+    """Make sure one drain job is waiting on the `events` queue.
+
+    A process that saw the flag set less than `FLAG_MEMO_SECONDS` ago skips asking Redis again
+    (under load that is most deliveries). It stays safe because a drain job, after clearing the
+    flag, waits longer than that before its last look at the table (`drain`)."""
+    memo = current_app.extensions.setdefault("switchboard_drain_flag", [0.0])
+    started = time.monotonic()
+    if not force and started - memo[0] < FLAG_MEMO_SECONDS:
+        return
     redis = get_redis()
     if force:
         redis.delete(DRAIN_FLAG)
     if not redis.set(DRAIN_FLAG, "1", nx=True, ex=600):
+        memo[0] = started  # it was there at some moment after `started`
         return
     try:
         get_queue("events").enqueue(
@@ -224,6 +321,7 @@ def kick(force: bool = False) -> None:
     except Exception:
         redis.delete(DRAIN_FLAG)
         raise
+    memo[0] = started
 
 
 def kick_stale() -> int:
@@ -242,25 +340,89 @@ def kick_stale() -> int:
 # --- matching --------------------------------------------------------------------------------
 
 
-def drain() -> int:
-    """Match every received event, oldest first; what the `events` queue's job does."""
-    get_redis().delete(DRAIN_FLAG)  # from here on, a new delivery queues another drain
+def drain(batch: int = 200, linger: float = 1.0, pause: float = 0.05) -> int:
+    """Match every received event, oldest first; what the `events` queue's job does.
+
+    Events that no rule could take (most of a busy organisation's traffic) are marked `skipped`
+    a batch at a time; only events that some rule takes are processed one by one. The job
+    stays `linger` seconds after the last event, so a steady stream of deliveries is matched
+    in batches by one job instead of queueing a job each: while it runs, the Redis flag stays
+    set and receivers queue nothing. It clears the flag only after finding nothing, then looks
+    once more, so an event stored just before the flag went is never left behind."""
     done = 0
+    idle_since: float | None = None
     while True:
-        ids = list(
-            db.session.scalars(
-                sa.select(WebhookEvent.id)
-                .where(WebhookEvent.state == "received")
-                .order_by(WebhookEvent.id)
-                .limit(200)
-            )
-        )
-        db.session.rollback()
-        if not ids:
+        found = _drain_batch(batch)
+        done += found
+        if found:
+            idle_since = None
+            if found < batch:
+                time.sleep(pause)  # let a few more arrive: bigger batches, fewer queries
+            continue
+        now = time.monotonic()
+        idle_since = idle_since or now
+        if now - idle_since < linger:
+            time.sleep(pause * 2)
+            continue
+        get_redis().delete(DRAIN_FLAG)  # from here on, a new delivery queues another drain
+        time.sleep(FLAG_MEMO_SECONDS * 2)  # receivers that skipped the flag have committed
+        found = _drain_batch(batch)
+        done += found
+        if not found:
             return done
-        for event_id in ids:
-            process_event(event_id)
-            done += 1
+        if not get_redis().set(DRAIN_FLAG, "1", nx=True, ex=600):
+            return done  # a receiver queued another drain, which takes the rest
+        idle_since = None
+
+
+def _drain_batch(batch: int) -> int:
+    rows = db.session.execute(
+        sa.select(
+            WebhookEvent.id,
+            WebhookEvent.source_id,
+            WebhookEvent.event_type,
+            WebhookEvent.action,
+            WebhookEvent.payload,
+        )
+        .where(WebhookEvent.state == "received")
+        .order_by(WebhookEvent.id)
+        .limit(batch)
+    ).all()
+    if not rows:
+        db.session.rollback()
+        return 0
+    rules = _rules_by_source({row.source_id for row in rows})
+    unmatched = [
+        row.id
+        for row in rows
+        if not any(
+            matching.evaluate(rule, row.event_type, row.action, row.payload).matched
+            for rule in rules.get(row.source_id, [])
+        )
+    ]
+    if unmatched:
+        db.session.execute(
+            sa.update(WebhookEvent)
+            .where(WebhookEvent.id.in_(unmatched), WebhookEvent.state == "received")
+            .values(state="skipped", processed_at=utcnow())
+        )
+    db.session.commit()
+    skipped = set(unmatched)
+    for row in rows:
+        if row.id not in skipped:
+            process_event(row.id)
+    return len(rows)
+
+
+def _rules_by_source(source_ids: set[int | None]) -> dict[int, list[Rule]]:
+    found: dict[int, list[Rule]] = {}
+    for rule in db.session.scalars(
+        sa.select(Rule)
+        .where(Rule.source_id.in_(source_ids - {None}), Rule.enabled.is_(True))
+        .order_by(Rule.id)
+    ):
+        found.setdefault(rule.source_id, []).append(rule)
+    return found
 
 
 def process_event(event_id: int, *, replay: bool = False) -> WebhookEvent | None:
@@ -300,13 +462,7 @@ def _author(rule: Rule) -> Principal | None:
 
 
 def _match(event: WebhookEvent) -> None:
-    rules = list(
-        db.session.scalars(
-            sa.select(Rule)
-            .where(Rule.source_id == event.source_id, Rule.enabled.is_(True))
-            .order_by(Rule.id)
-        )
-    )
+    rules = _rules_by_source({event.source_id}).get(event.source_id or 0, [])
     done = set(
         db.session.scalars(sa.select(EventMatch.rule_id).where(EventMatch.event_id == event.id))
     )

@@ -1,0 +1,156 @@
+"""Webhook acknowledgement benchmark: signed, distinct GitHub deliveries under gunicorn.
+
+Starts a real server (gunicorn + `switchboard worker`, so matching runs beside the receiver as it
+would in production) on a fresh PostgreSQL database and a Redis db, adds a `github` source and a
+rule, then `--clients` threads POST distinct deliveries of a real `issues.labeled` payload
+(13 KB, from @octokit/webhooks-examples), each signed with HMAC-SHA256 as GitHub signs it.
+Prints deliveries acknowledged per second, p50/p99 acknowledgement latency, and how long the
+events queue took to match them all. Bounded in time; loopback only.
+
+    .venv/bin/python bench/webhooks.py [--seconds 10] [--clients 8] \
+        [--database-url postgresql://postgres@127.0.0.1/test] [--redis-url redis://127.0.0.1/13]
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import uuid
+
+import sqlalchemy as sa
+from harness import ROOT, Server, backend_parser, fresh_database, pct
+
+from app.webhooks.signatures import sign
+
+SECRET = "bench-webhook-secret"
+PAYLOAD = json.loads((ROOT / "tests/fixtures/github/issues.labeled.json").read_text())
+
+
+def deliveries(count: int) -> list[tuple[bytes, dict[str, str]]]:
+    """Distinct signed deliveries, built before the clock starts."""
+    out = []
+    for i in range(count):
+        payload = {**PAYLOAD, "issue": {**PAYLOAD["issue"], "number": i}}
+        body = json.dumps(payload).encode()
+        out.append(
+            (
+                body,
+                {
+                    "Content-Type": "application/json",
+                    "X-GitHub-Event": "issues",
+                    "X-GitHub-Delivery": str(uuid.uuid4()),
+                    "X-Hub-Signature-256": sign(SECRET, body),
+                },
+            )
+        )
+    return out
+
+
+def main() -> None:
+    parser = backend_parser(redis_db=13)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=6000, help="deliveries prepared")
+    args = parser.parse_args()
+
+    import redis
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+    database_url = fresh_database(args.database_url, "switchboard_bench_webhooks")
+    with Server(
+        database_url=database_url,
+        redis_url=args.redis_url,
+        worker=True,
+        SWITCHBOARD_WORKER_PROCESSES="1",
+        SWITCHBOARD_RATE_LIMIT_WRITE="100000000/minute",
+    ) as server:
+        admin = server.client()
+        status, body = admin.call(
+            "POST",
+            "/api/v1/webhook-sources",
+            {"name": "gh", "kind": "github", "secret": SECRET},
+        )
+        assert status == 201, body
+        admin.call("POST", "/api/v1/projects", {"key": "bench", "name": "Bench"})
+        status, body = admin.call(
+            "POST",
+            "/api/v1/projects/bench/rules",
+            {
+                "name": "only the agent label",
+                "source": "gh",
+                "event": "issues",
+                "actions": ["labeled"],
+                "conditions": {"label": "agent"},  # the payload's label is `bug`: skipped
+                "task": {"title": "{{ issue.title }}", "prompt": "{{ issue.body }}"},
+            },
+        )
+        assert status == 201, body
+
+        prepared = [deliveries(args.per_client) for _ in range(args.clients)]
+        latencies: list[float] = []
+        failures = [0]
+        lock = threading.Lock()
+        start = threading.Barrier(args.clients + 1)
+        stop_at = [0.0]
+
+        def client(batch: list[tuple[bytes, dict[str, str]]]) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            mine, bad = [], 0
+            start.wait()
+            for body, headers in batch:
+                if time.monotonic() >= stop_at[0]:
+                    break
+                t0 = time.perf_counter()
+                conn.request("POST", "/api/v1/webhooks/gh", body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                mine.append(time.perf_counter() - t0)
+                bad += resp.status != 202
+            with lock:
+                latencies.extend(mine)
+                failures[0] += bad
+
+        threads = [threading.Thread(target=client, args=(b,)) for b in prepared]
+        for t in threads:
+            t.start()
+        stop_at[0] = time.monotonic() + args.seconds
+        began = time.monotonic()
+        start.wait()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - began
+        acked = len(latencies)
+
+        engine = sa.create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
+        deadline = time.monotonic() + 300
+        with engine.connect() as conn:
+            while time.monotonic() < deadline:
+                left = conn.execute(
+                    sa.text("SELECT count(*) FROM webhook_events WHERE state = 'received'")
+                ).scalar()
+                conn.commit()
+                if not left:
+                    break
+                time.sleep(0.2)
+            matched_after = time.monotonic() - began
+            stored = conn.execute(sa.text("SELECT count(*) FROM webhook_events")).scalar()
+        engine.dispose()
+
+        print(
+            f"Switchboard webhook bench: PostgreSQL + Redis, {args.clients} clients, "
+            f"{args.seconds:.0f}s, {len(prepared[0][0][0]) // 1024} KB signed deliveries"
+        )
+        print(
+            f"acknowledged: {acked / elapsed:.0f}/s  p50 {pct(latencies, 0.5):.1f} ms  "
+            f"p99 {pct(latencies, 0.99):.1f} ms  failures {failures[0]}"
+        )
+        print(
+            f"stored {stored} of {acked}; all matched {matched_after:.1f}s after the first "
+            f"({'left behind' if left else 'none left'})"
+        )
+
+
+if __name__ == "__main__":
+    main()
