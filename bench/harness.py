@@ -209,7 +209,8 @@ class Server:
                 raise SystemExit("server did not become ready")
             time.sleep(0.2)
         if self.worker:
-            self.wait_for_workers(int(self.env.get("SWITCHBOARD_WORKER_PROCESSES", 4)))
+            # the run processes, and one more for the `events` queue
+            self.wait_for_workers(int(self.env.get("SWITCHBOARD_WORKER_PROCESSES", 4)) + 1)
         return self
 
     def wait_for_workers(self, count: int) -> None:

@@ -393,3 +393,27 @@ def test_receivers_take_large_bodies_and_are_not_rate_limited(app, client, gh, m
         assert resp.status_code == 202, resp.get_json()
     monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES", 1024)
     assert_problem(deliver(client, payload, "issues"), 413)
+
+
+def test_fast_path_and_flask_view_answer_alike(client, gh):
+    """JSON deliveries are answered by the WSGI fast path, form-encoded ones by the Flask view."""
+    answers = []
+    for form in (False, True):
+        resp = deliver(client, fixture("push"), "push", form=form, delivery=f"d-{form}")
+        assert resp.status_code == 202 and resp.mimetype == "application/json"
+        assert resp.headers["Cache-Control"] == "no-store" and resp.headers["X-Request-ID"]
+        answers.append(resp.get_json())
+    assert answers[0].keys() == answers[1].keys()
+    assert [a["state"] for a in answers] == ["received", "received"]
+    body = json.dumps({"zen": "hi"}).encode()
+    mine = client.post(
+        "/api/v1/webhooks/gh",
+        data=body,
+        content_type="application/json",
+        headers={
+            "X-GitHub-Event": "ping",
+            "X-Hub-Signature-256": sign(SECRET, body),
+            "X-Request-ID": "trace-123",
+        },
+    )
+    assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "trace-123"
