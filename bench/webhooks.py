@@ -74,6 +74,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=6000, help="deliveries prepared")
+    parser.add_argument(
+        "--reconnect-every",
+        type=int,
+        default=0,
+        help="open a new connection every N deliveries (0: one keep-alive connection per client)",
+    )
     args = parser.parse_args()
 
     import redis
@@ -122,10 +128,15 @@ def main() -> None:
             buffer = bytearray()
             mine, bad = [], 0
             start.wait()
-            for request in batch:
+            for n, request in enumerate(batch, 1):
                 if time.monotonic() >= stop_at[0]:
                     break
                 t0 = time.perf_counter()
+                if args.reconnect_every and n % args.reconnect_every == 0:
+                    sock.close()  # as senders do: a new connection now and then
+                    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    buffer.clear()
                 sock.sendall(request)
                 status = read_response(sock, buffer)
                 mine.append(time.perf_counter() - t0)

@@ -10,6 +10,7 @@ died), and claiming an event is a conditional update, so nothing is matched twic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,14 +18,13 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
 import sqlalchemy as sa
 from flask import current_app
 from jinja2 import TemplateError
-from sqlalchemy.dialects import postgresql, sqlite
 
 from app import context
 from app.audit import service as audit
@@ -205,33 +205,56 @@ _EVENT_COLUMNS = (
     "received_at",
     "processed_at",
 )
-_insert_statements: dict[str, Any] = {}
+_JSON_COLUMNS = ("headers", "payload")
 
 
-def _insert_statement(dialect: str) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING RETURNING id, built once per dialect (building and
-    compiling it per delivery cost more than executing it). The payload is bound as the JSON
-    text that was sent, not parsed and encoded again."""
-    if dialect not in _insert_statements:
-        table = WebhookEvent.__table__
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        values: dict[str, Any] = {name: sa.bindparam(name) for name in _EVENT_COLUMNS}
-        payload = sa.bindparam("payload", type_=sa.Text())
-        values["payload"] = sa.cast(payload, sa.JSON()) if dialect == "postgresql" else payload
-        values["headers"] = sa.bindparam("headers", type_=sa.JSON())
-        _insert_statements[dialect] = (
-            insert(table)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["source_name", "delivery_id"])
-            .returning(table.c.id)
-        )
-    return _insert_statements[dialect]
+def _insert_sql(dialect: str) -> str:
+    """The one statement of the hottest path, written out: through SQLAlchemy's Connection it
+    cost half as much again as on the pooled DBAPI connection. The payload is bound as the JSON
+    text that was sent, never parsed and encoded again."""
+    if dialect == "postgresql":
+        marks = [f"%({c})s::json" if c in _JSON_COLUMNS else f"%({c})s" for c in _EVENT_COLUMNS]
+    else:
+        marks = [f":{c}" for c in _EVENT_COLUMNS]
+    return (
+        f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(_EVENT_COLUMNS)}) "
+        f"VALUES ({', '.join(marks)}) "
+        "ON CONFLICT (source_name, delivery_id) DO NOTHING RETURNING id"
+    )
+
+
+_INSERT_SQL = {name: _insert_sql(name) for name in ("postgresql", "sqlite")}
+
+
+def _db_time(value: datetime | None, dialect: str) -> Any:
+    """What UTCDateTime stores: naive UTC (SQLite: SQLAlchemy's text format)."""
+    if value is None:
+        return None
+    naive = value.astimezone(UTC).replace(tzinfo=None)
+    return naive if dialect == "postgresql" else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _insert_once(values: dict[str, Any]) -> int | None:
     """Store the event in its own short transaction: its id, or None for a redelivery."""
-    with db.engine.begin() as conn:
-        return conn.execute(_insert_statement(conn.dialect.name), values).scalar()
+    dialect = db.engine.dialect.name
+    params = dict(values)
+    params["headers"] = json.dumps(values["headers"])
+    for column in ("received_at", "processed_at"):
+        params[column] = _db_time(values[column], dialect)
+    conn = db.engine.raw_connection()  # pooled: checkout/checkin as for any other use
+    try:
+        cursor = conn.cursor()
+        cursor.execute(_INSERT_SQL[dialect], params)
+        row = cursor.fetchone()
+        cursor.close()
+        conn.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.rollback()
+        raise
+    finally:
+        conn.close()
+    return row[0] if row else None
 
 
 def receive(
