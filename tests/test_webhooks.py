@@ -5,6 +5,7 @@ queue of a real worker."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -417,3 +418,49 @@ def test_fast_path_and_flask_view_answer_alike(client, gh):
         },
     )
     assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "trace-123"
+
+
+def test_templates_are_sandboxed():
+    from jinja2 import TemplateError
+
+    from app.webhooks.matching import render_task
+
+    def render(prompt):
+        return render_task(
+            {"title": "t", "prompt": prompt},
+            event_type="issues",
+            action="labeled",
+            delivery_id="d",
+            payload={"issue": {"title": "x"}},
+            extra={},
+        )["prompt"]
+
+    assert render("{{ issue.title * 3 }} {{ event }}/{{ action }}") == "xxx issues/labeled"
+    for evil in (
+        "{{ issue.__class__.__mro__ }}",
+        "{{ 'x' * 10**9 }}",
+        "{{ 2 ** 100000 }}",
+        "{{ issue.nope }}",
+    ):
+        with pytest.raises(TemplateError):
+            render(evil)
+
+
+def test_deliveries_are_kept_while_redis_is_away(app, client, gh, monkeypatch):
+    """Stored and acknowledged without Redis (the sweep has them matched later), and without
+    every delivery waiting for Redis again."""
+    import redis
+
+    from app.webhooks.models import WebhookEvent
+
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    monkeypatch.setitem(app.extensions, "switchboard_redis", dead)
+    monkeypatch.setitem(app.extensions, "switchboard_queues", {})
+    timings = []
+    for _ in range(3):
+        started = time.monotonic()
+        resp = deliver(client, fixture("issues.labeled"), "issues")
+        timings.append(time.monotonic() - started)
+        assert resp.status_code == 202, resp.get_json()
+    assert sum(timings[1:]) < 0.5, timings  # after one failure, Redis is not asked again
+    assert count(app, WebhookEvent) == 3

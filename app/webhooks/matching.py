@@ -18,12 +18,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 TITLE_MAX = 300
 PROMPT_MAX = 200_000
 
-_env = SandboxedEnvironment(
+#: the largest string or number `*` and `**` may make in a template (the sandbox guards
+#: attribute access, not arithmetic: `{{ "x" * 10**9 }}` would take a gigabyte)
+BINOP_LIMIT = 1_000_000
+
+
+class _Sandbox(SandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 100:
+            raise SecurityError("exponent too large in a template")
+        if operator == "*":
+            sizes = [len(v) if isinstance(v, str | list) else 1 for v in (left, right)]
+            counts = [abs(int(v)) if isinstance(v, int) else 1 for v in (left, right)]
+            if max(sizes) * max(counts) > BINOP_LIMIT:
+                raise SecurityError("result too large in a template")
+        return super().call_binop(context, operator, left, right)
+
+
+_env = _Sandbox(
     undefined=StrictUndefined,
     autoescape=False,
     finalize=lambda value: "" if value is None else value,

@@ -58,6 +58,8 @@ SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-key")
 DRAIN_FLAG = "sb:events:drain-queued"
 #: how long a receiving process trusts that it saw the drain flag set
 FLAG_MEMO_SECONDS = 0.05
+#: after Redis failed to answer, receivers stop asking it for this long
+REDIS_BACKOFF_SECONDS = 5.0
 #: how long a process trusts what it read of a source
 SOURCE_CACHE_SECONDS = 5.0
 #: received events older than this many sweep intervals are kicked again by the sweep (a
@@ -328,9 +330,16 @@ def kick(force: bool = False) -> None:
     if not force and started - memo[0] < FLAG_MEMO_SECONDS:
         return
     redis = get_redis()
-    if force:
-        redis.delete(DRAIN_FLAG)
-    if not redis.set(DRAIN_FLAG, "1", nx=True, ex=600):
+    try:
+        if force:
+            redis.delete(DRAIN_FLAG)
+        flagged = redis.set(DRAIN_FLAG, "1", nx=True, ex=600)
+    except Exception:
+        # Redis is away: do not make every delivery wait for it; the sweep kicks the drain
+        # for whatever was stored meanwhile once Redis answers again
+        memo[0] = started + REDIS_BACKOFF_SECONDS
+        raise
+    if not flagged:
         memo[0] = started  # it was there at some moment after `started`
         return
     try:
