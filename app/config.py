@@ -145,6 +145,8 @@ class Settings:
     #: Networks (CIDR, comma-separated) outbound deliveries may reach although they are loopback
     #: or private; empty refuses every non-public address (SSRF).
     WEBHOOK_ALLOWED_NETWORKS: str = ""
+    #: Days that finished webhook events and outbound deliveries are kept (0: forever).
+    WEBHOOK_RETENTION_DAYS: int = 30
     #: Where SQLite, the dev secret and the embedded Redis live.
     INSTANCE_PATH: str = field(default_factory=lambda: str(instance_path()))
 
@@ -198,6 +200,9 @@ class Settings:
             ),
             WEBHOOK_TIMEOUT_S=_int("SWITCHBOARD_WEBHOOK_TIMEOUT_S", d.WEBHOOK_TIMEOUT_S),
             WEBHOOK_ALLOWED_NETWORKS=env("SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", ""),
+            WEBHOOK_RETENTION_DAYS=_int(
+                "SWITCHBOARD_WEBHOOK_RETENTION_DAYS", d.WEBHOOK_RETENTION_DAYS
+            ),
         )
 
     def resolve(self) -> Settings:

@@ -464,3 +464,42 @@ def test_deliveries_are_kept_while_redis_is_away(app, client, gh, monkeypatch):
         assert resp.status_code == 202, resp.get_json()
     assert sum(timings[1:]) < 0.5, timings  # after one failure, Redis is not asked again
     assert count(app, WebhookEvent) == 3
+
+
+def test_retention_forgets_old_finished_events_and_deliveries(app, client, gh):
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from app.extensions import db
+    from app.runs.sweep import retention
+    from app.subscriptions.models import Delivery, DeliveryAttempt, Subscription
+    from app.timeutil import utcnow
+    from app.webhooks.models import WebhookEvent
+
+    ids = [deliver(client, fixture("push"), "push").get_json()["id"] for _ in range(4)]
+    old = utcnow() - timedelta(days=31)
+    with app.app_context():
+        states = dict(zip(ids, ("skipped", "failed", "received", "skipped"), strict=True))
+        for event_id, state in states.items():
+            db.session.execute(
+                sa.update(WebhookEvent)
+                .where(WebhookEvent.id == event_id)
+                .values(state=state, received_at=old if event_id != ids[3] else utcnow())
+            )
+        sub = Subscription(url="https://example.com/", secret="s" * 16, events=["*"])
+        db.session.add(sub)
+        db.session.flush()
+        for n, state in enumerate(("delivered", "dead", "pending")):
+            d = Delivery(subscription_id=sub.id, guid=f"g{n}", event="x", body={}, state=state)
+            d.created_at = old
+            db.session.add(d)
+            db.session.flush()
+            db.session.add(DeliveryAttempt(delivery_id=d.id, number=1, duration_ms=1))
+        db.session.commit()
+        assert retention() == {"events_pruned": 2, "deliveries_pruned": 2}
+        assert retention() == {}  # at most once an hour
+        left = db.session.scalars(sa.select(WebhookEvent.id).order_by(WebhookEvent.id)).all()
+        assert left == [ids[2], ids[3]]  # still being matched, or recent
+        assert db.session.scalars(sa.select(Delivery.state)).all() == ["pending"]
+        assert db.session.scalar(sa.select(sa.func.count(DeliveryAttempt.id))) == 1

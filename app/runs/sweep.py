@@ -18,6 +18,7 @@ import socket
 from datetime import timedelta
 
 import sqlalchemy as sa
+from flask import current_app
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -118,6 +119,21 @@ def dispatch_all() -> int:
     return picked
 
 
+RETENTION_LOCK = "sb:retention-lock"
+
+
+def retention() -> dict[str, int]:
+    """Once an hour (across all hosts): forget old finished webhook events and deliveries."""
+    days = current_app.config["SWITCHBOARD_WEBHOOK_RETENTION_DAYS"]
+    if days <= 0 or not get_redis().set(RETENTION_LOCK, "1", nx=True, ex=3600):
+        return {}
+    before = utcnow() - timedelta(days=days)
+    return {
+        "events_pruned": webhooks.prune(before),
+        "deliveries_pruned": subscriptions.prune(before),
+    }
+
+
 def sweep() -> dict[str, int]:
     result = {
         "lost": expire_leases(),
@@ -128,4 +144,5 @@ def sweep() -> dict[str, int]:
         **subscriptions.sweep(),
     }
     db.session.commit()
+    result.update(retention())
     return result

@@ -62,6 +62,7 @@ class Delivery(db.Model):
     __table_args__ = (
         sa.Index("ix_deliveries_subscription", "subscription_id", "id"),
         sa.Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        sa.Index("ix_deliveries_created_at", "created_at"),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -320,6 +320,25 @@ def sweep() -> dict[str, int]:
         db.session.execute(sa.update(Delivery).where(Delivery.id.in_(due)).values(enqueued_at=now))
         after_commit(lambda: [enqueue(i) for i in due])
     return {"deliveries_freed": freed, "deliveries_queued": len(due)}
+
+
+def prune(before: datetime, batch: int = 1000) -> int:
+    """Delete delivered and dead deliveries created before `before`, with their attempts."""
+    deleted = 0
+    while True:
+        ids = list(
+            db.session.scalars(
+                sa.select(Delivery.id)
+                .where(Delivery.created_at < before, Delivery.state.in_(("delivered", "dead")))
+                .limit(batch)
+            )
+        )
+        if not ids:
+            return deleted
+        db.session.execute(sa.delete(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(ids)))
+        db.session.execute(sa.delete(Delivery).where(Delivery.id.in_(ids)))
+        db.session.commit()
+        deleted += len(ids)
 
 
 def redeliver(delivery: Delivery) -> Delivery:

@@ -52,6 +52,7 @@ class WebhookEvent(db.Model):
     __table_args__ = (
         sa.UniqueConstraint("source_name", "delivery_id", name="uq_webhook_events_delivery"),
         sa.Index("ix_webhook_events_state", "state", "id"),
+        sa.Index("ix_webhook_events_received_at", "received_at"),
     )
 
 

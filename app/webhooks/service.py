@@ -369,6 +369,30 @@ def kick_stale() -> int:
     return stale or 0
 
 
+#: states an event no longer leaves (retention may delete it)
+EVENT_FINISHED = ("skipped", "completed", "failed")
+
+
+def prune(before: datetime, batch: int = 1000) -> int:
+    """Delete finished events received before `before` (their matches go with them; the tasks
+    they made stay). In batches, so a large backlog never holds one long transaction."""
+    deleted = 0
+    while True:
+        ids = list(
+            db.session.scalars(
+                sa.select(WebhookEvent.id)
+                .where(WebhookEvent.received_at < before, WebhookEvent.state.in_(EVENT_FINISHED))
+                .limit(batch)
+            )
+        )
+        if not ids:
+            return deleted
+        db.session.execute(sa.delete(EventMatch).where(EventMatch.event_id.in_(ids)))
+        db.session.execute(sa.delete(WebhookEvent).where(WebhookEvent.id.in_(ids)))
+        db.session.commit()
+        deleted += len(ids)
+
+
 # --- matching --------------------------------------------------------------------------------
 
 

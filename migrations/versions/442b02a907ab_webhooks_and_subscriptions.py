@@ -67,6 +67,7 @@ def upgrade():
     )
     with op.batch_alter_table('webhook_events', schema=None) as batch_op:
         batch_op.create_index('ix_webhook_events_state', ['state', 'id'], unique=False)
+        batch_op.create_index('ix_webhook_events_received_at', ['received_at'], unique=False)
 
     op.create_table('webhook_rules',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -111,6 +112,7 @@ def upgrade():
     )
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.create_index('ix_deliveries_state_next', ['state', 'next_attempt_at'], unique=False)
+        batch_op.create_index('ix_deliveries_created_at', ['created_at'], unique=False)
         batch_op.create_index('ix_deliveries_subscription', ['subscription_id', 'id'], unique=False)
 
     op.create_table('webhook_event_matches',
@@ -164,6 +166,7 @@ def downgrade():
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_index('ix_deliveries_subscription')
         batch_op.drop_index('ix_deliveries_state_next')
+        batch_op.drop_index('ix_deliveries_created_at')
 
     op.drop_table('deliveries')
     with op.batch_alter_table('webhook_rules', schema=None) as batch_op:
@@ -173,6 +176,7 @@ def downgrade():
     op.drop_table('webhook_rules')
     with op.batch_alter_table('webhook_events', schema=None) as batch_op:
         batch_op.drop_index('ix_webhook_events_state')
+        batch_op.drop_index('ix_webhook_events_received_at')
 
     op.drop_table('webhook_events')
     with op.batch_alter_table('subscriptions', schema=None) as batch_op:
