@@ -18,6 +18,8 @@ bind = os.environ.get("GUNICORN_BIND") or (
 worker_class = "gthread"
 workers = _env_int("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count()))
 threads = _env_int("GUNICORN_THREADS", 16)
+# every open stream is a connection: gunicorn stops accepting at this many per process
+worker_connections = _env_int("GUNICORN_WORKER_CONNECTIONS", max(1000, 2 * threads))
 timeout = _env_int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _env_int("GUNICORN_KEEPALIVE", 5)

@@ -53,6 +53,52 @@ class Overflow(Exception):
     """The client could not keep up; it will reconnect and resume."""
 
 
+class Parking:
+    """A stream's socket, for the hub to write to directly while the stream's thread sleeps.
+
+    With a thousand subscribers of one busy run, waking a thousand threads per line is what a
+    Python process cannot do; writing one pre-encoded frame to a thousand sockets from the hub
+    thread it can. A stream parks only when it is caught up and idle; the hub writes the frames
+    that simply continue it (`Follower.continue_with`) and wakes the thread for anything else
+    (a status change, a gap, a slow client), which then takes its socket back."""
+
+    def __init__(self, sock: socket.socket, chunked: bool) -> None:
+        self.sock = sock
+        self.chunked = chunked
+        #: bytes of a frame the socket did not take at once: the thread sends them first
+        self.owed = b""
+        self.broken = False
+
+    def frame(self, data: bytes) -> bytes:
+        return b"%X\r\n%s\r\n" % (len(data), data) if self.chunked else data
+
+    def try_send(self, data: bytes) -> bool:
+        """Send without blocking; False when the thread must take over."""
+        framed = self.frame(data)
+        try:
+            sent = self.sock.send(framed, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.broken = True
+            return False
+        if sent < len(framed):
+            self.owed = framed[sent:]
+            return False
+        return True
+
+    def settle(self) -> None:
+        """In the stream's thread, after it woke: finish what the hub started."""
+        if self.broken:
+            raise Overflow()  # the client is gone; end the stream
+        if self.owed:
+            owed, self.owed = self.owed, b""
+            try:
+                self.sock.sendall(owed)
+            except OSError:
+                raise Overflow() from None
+
+
 class Subscription:
     def __init__(self, hub: Hub, channels: list[str]) -> None:
         self.hub = hub
@@ -60,6 +106,49 @@ class Subscription:
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_LIMIT)
         self.ready = threading.Event()
         self.overflowed = False
+        #: guards parking: the hub writes for a parked stream, its thread otherwise
+        self.lock = threading.Lock()
+        self.parked: Any = None
+        self.parking: Parking | None = None
+        self.wake = threading.Event()
+
+    def park(self, follower: Any, timeout: float) -> bool:
+        """Sleep until the hub needs this stream's thread (True) or `timeout` passes (False);
+        meanwhile the hub sends what `follower.continue_with` accepts. Returns at once (True)
+        when a message is already waiting."""
+        parking: Parking = follower.parking
+        with self.lock:
+            if not self.queue.empty() or self.overflowed:
+                return True
+            self.wake.clear()
+            self.parking = parking
+            self.parked = follower
+        try:
+            woken = self.wake.wait(timeout)
+        finally:
+            with self.lock:
+                self.parked = None
+        parking.settle()
+        return woken
+
+    def offer(self, item: dict[str, Any]) -> None:
+        """From the hub: write it for a parked stream, or queue it for the thread."""
+        with self.lock:
+            follower = self.parked
+            if follower is not None:
+                frame = follower.continue_with(item)
+                if frame is not None and self.parking is not None:
+                    if self.parking.try_send(frame):
+                        return
+                    self.parked = None  # the thread takes over (owed bytes, or broken)
+                    self.wake.set()
+                    return
+                self.parked = None
+            try:
+                self.queue.put_nowait(item)
+            except queue.Full:
+                self.overflowed = True
+            self.wake.set()
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         if self.overflowed:
@@ -157,6 +246,7 @@ class Hub:
                             sub.overflowed = True
                             with contextlib.suppress(queue.Full):
                                 sub.queue.put_nowait(None)
+                            sub.wake.set()
                 time.sleep(0.5)
 
     def _listen(self) -> None:
@@ -178,11 +268,9 @@ class Hub:
                     continue
                 with self.lock:
                     targets = list(self.subscribers.get(channel, ()))
+                item = {"channel": channel, **data}  # shared: frames are encoded once
                 for sub in targets:
-                    try:
-                        sub.queue.put_nowait({"channel": channel, **data})
-                    except queue.Full:
-                        sub.overflowed = True
+                    sub.offer(item)
         finally:
             with contextlib.suppress(Exception):
                 pubsub.close()
@@ -272,6 +360,15 @@ def _no_delay() -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def parking() -> Parking | None:
+    """This request's socket, when the server lets a stream write to it from another thread
+    (gunicorn: the socket and the response's framing are known); None elsewhere."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or request.environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0"):
+        return None
+    return Parking(sock, chunked=request.environ["SERVER_PROTOCOL"] == "HTTP/1.1")
 
 
 def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:

@@ -22,7 +22,7 @@ from app.runs.schemas import (
     RunQuerySchema,
     RunSchema,
 )
-from app.streaming import last_event_id, sse, stream_view
+from app.streaming import last_event_id, parking, sse, stream_view
 
 blp = Blueprint(
     "runs",
@@ -118,7 +118,9 @@ class RunStream(MethodView):
         run_for(run_id)
         from app.runs.stream import RunFollower
 
-        return sse(iter(RunFollower(run_id, last_event_id())), current_principal().user.id)
+        follower = RunFollower(run_id, last_event_id())
+        follower.parking = parking()
+        return sse(iter(follower), current_principal().user.id)
 
 
 @blp.route("/<int:run_id>/events")

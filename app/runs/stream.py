@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from app.extensions import db
 from app.runs import live, logs
 from app.runs.models import RUN_TERMINAL, Run, RunEvent
-from app.streaming import Event, hub, ping_interval
+from app.streaming import Event, Parking, hub, ping_interval
 from app.timeutil import rfc3339
 
 LOG_PAGE = 64 * 1024
@@ -54,6 +54,8 @@ class RunFollower:
         self.tag = tag or {}
         self.id_prefix = id_prefix
         self.status_sent: str | None = None
+        #: set by the route when the hub may write to this stream's socket (see Parking)
+        self.parking: Parking | None = None
 
     def _id(self) -> str:
         return f"{self.id_prefix}{self.pos}-{self.seq}"
@@ -137,6 +139,14 @@ class RunFollower:
         while True:
             if self.pending:
                 batch, self.pending = self.pending, []
+            elif self._may_park():
+                if not sub.park(self, ping):
+                    yield None  # idle for a ping interval: a heartbeat
+                    continue
+                msg = sub.get(timeout=0)
+                if msg is None:
+                    continue  # the hub handed the socket back with nothing to add
+                batch = [msg, *sub.drain(BATCH)]
             else:
                 msg = sub.get(timeout=RECHECK_AFTER if self.recheck else ping)
                 if msg is None:
@@ -162,6 +172,31 @@ class RunFollower:
             if self.pending or verdict in (GAP, REPLAY):
                 return
 
+    def _may_park(self) -> bool:
+        return self.parking is not None and not self.recheck and not self.tag and not self.id_prefix
+
+    def _shared_frame(self, msg: dict, offset: int, size: int) -> bytes:
+        """The log frame every subscriber at this position sends: encoded once per message."""
+        cache = msg.setdefault("_sse", {})
+        frame = cache.get(self.seq)
+        if frame is None:
+            frame = cache[self.seq] = Event(
+                "log", {"offset": offset, "text": msg["text"]}, f"{offset + size}-{self.seq}"
+            ).encode()
+        return frame
+
+    def continue_with(self, msg: dict) -> bytes | None:
+        """For the hub, while this stream is parked: the frame that `msg` adds when it simply
+        continues the log where the stream stands; None when the thread must decide."""
+        if msg.get("type") != "log":
+            return None
+        offset, size = msg["offset"], msg.get("size", len(msg["text"].encode()))
+        if offset != self.pos:
+            return None
+        frame = self._shared_frame(msg, offset, size)
+        self.pos = offset + size
+        return frame
+
     def _handle(self, msg: dict, out: list[bytes]) -> str | None:
         """Append the frames `msg` gives to `out`; GAP or REPLAY when the database must be
         read (GAP: `msg` itself is not covered yet)."""
@@ -172,19 +207,14 @@ class RunFollower:
                 return None  # already sent from the database
             if offset > self.pos:
                 return GAP
+            # live output that continues our position: nothing was published unseen before
+            # it, so the look at the database after a replay is not needed any more
+            self.recheck = False
             if offset == self.pos and not self.tag and not self.id_prefix:
                 # the common case, the same for every subscriber at this position:
                 # encode once per message (and seq), not once per subscriber
-                cache = msg.setdefault("_sse", {})
-                frame = cache.get(self.seq)
-                if frame is None:
-                    frame = cache[self.seq] = Event(
-                        "log",
-                        {"offset": offset, "text": msg["text"]},
-                        f"{offset + size}-{self.seq}",
-                    ).encode()
+                out.append(self._shared_frame(msg, offset, size))
                 self.pos = offset + size
-                out.append(frame)
                 return None
             raw = msg["text"].encode()[self.pos - offset :]
             start, self.pos = self.pos, offset + size
