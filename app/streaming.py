@@ -16,6 +16,7 @@ import json
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -79,7 +80,7 @@ class Parking:
             sent = self.sock.send(framed, socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
-        except OSError:
+        except Exception:  # gone (EPIPE, reset): the thread ends the stream
             self.broken = True
             return False
         if sent < len(framed):
@@ -366,7 +367,11 @@ def parking() -> Parking | None:
     """This request's socket, when the server lets a stream write to it from another thread
     (gunicorn: the socket and the response's framing are known); None elsewhere."""
     sock = request.environ.get("gunicorn.socket")
-    if sock is None or request.environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0"):
+    if (
+        sock is None
+        or isinstance(sock, ssl.SSLSocket)  # TLS records are gunicorn's to write
+        or request.environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0")
+    ):
         return None
     return Parking(sock, chunked=request.environ["SERVER_PROTOCOL"] == "HTTP/1.1")
 

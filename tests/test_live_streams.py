@@ -63,6 +63,66 @@ def test_lines_arrive_while_the_agent_runs(client, member, project, worker, live
     assert text == "first\nsecond\n"
 
 
+def test_many_live_subscribers_get_every_byte_once(client, member, project, worker, app):
+    """Through gunicorn, caught-up streams are written by the hub while their threads sleep
+    (parked): every subscriber, including one that keeps disconnecting and resuming with
+    Last-Event-ID, must end with exactly the stored log."""
+    script = (
+        "for i in $(seq 1 3000); do echo line-$i; "
+        "if [ $((i % 150)) = 0 ]; then sleep 0.05; fi; done"
+    )
+    live = LiveServer(app, SWITCHBOARD_STREAM_CAP="100")
+    t = create(client, member, prompt=script)
+    run_id = wait_status(client, member, t["id"], "running")["latest_run_id"]
+    path = f"/api/v1/runs/{run_id}/stream"
+    texts: dict[int, str] = {}
+
+    def follow(n: int) -> None:
+        conn, resp = _stream(live, path, member.headers, timeout=30)
+        text = ""
+        for frame in _frames(resp):
+            if frame.event == "log":
+                text += frame.data["text"]
+            if frame.event == "done":
+                break
+        conn.close()
+        texts[n] = text
+
+    def hop() -> None:
+        """Reads a few frames, hangs up, resumes from the last id, until done."""
+        text, last, done = "", None, False
+        while not done:
+            headers = dict(member.headers, **({"Last-Event-ID": last} if last else {}))
+            conn, resp = _stream(live, path, headers, timeout=30)
+            for i, frame in enumerate(_frames(resp)):
+                if frame.event == "log":
+                    text += frame.data["text"]
+                last = frame.id or last
+                if frame.event == "done":
+                    done = True
+                    break
+                if i >= 5:
+                    break
+            conn.close()
+        texts[-1] = text
+
+    threads = [threading.Thread(target=follow, args=(n,)) for n in range(3)]
+    threads.append(threading.Thread(target=hop))
+    for th in threads:
+        th.start()
+    try:
+        for th in threads:
+            th.join(timeout=60)
+    finally:
+        live.stop()
+    stored = client.get(f"/api/v1/runs/{run_id}/log?limit=1048576", headers=member.headers)
+    expected = "".join(f"line-{i}\n" for i in range(1, 3001))
+    assert stored.get_json()["text"] == expected
+    assert sorted(texts) == [-1, 0, 1, 2]
+    for n, text in texts.items():
+        assert text == expected, (n, len(text))
+
+
 def test_clients_leave_no_threads_or_subscriptions(app, client, member, project):
     server = LiveServer(app, SWITCHBOARD_STREAM_CAP="1000")
     try:
