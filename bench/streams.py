@@ -10,7 +10,7 @@ on a fresh PostgreSQL database and a Redis db, then prints:
 The agent stamps each line with `$EPOCHREALTIME`, so the delay is measured end to end on one
 clock. Bounded in time; loopback only.
 
-    .venv/bin/python bench/streams.py [--runs 200] [--fanout 100,500,1000]
+    .venv/bin/python bench/streams.py [--runs 1000] [--parallel 4] [--fanout 100,500,1000]
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def rss_mb(pid: int) -> float:
 
 def main() -> None:
     parser = backend_parser(redis_db=15)
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--parallel", type=int, default=4, help="runs followed at once")
     parser.add_argument("--fanout", default="100,500,1000")
     parser.add_argument("--ingest-lines", type=int, default=1_000_000)
     args = parser.parse_args()
@@ -158,23 +159,26 @@ def main() -> None:
 
         # 1. one subscriber per run
         delays, stalled = [], 0
-        for _ in range(args.runs):
-            _, t = c.call(
-                "POST",
-                "/api/v1/tasks",
-                {
-                    "project": "s",
-                    "title": "s",
-                    # a moment for the subscriber to connect: lines printed before it listens
-                    # reach it from the database replay, which is not what this measures
-                    "prompt": "sleep 0.2; " + stamp_script.format(n=10, gap=0.01),
-                },
-            )
-            s = Stream(port, f"/api/v1/runs/{t['latest_run_id']}/stream", token)
-            pump([s], lambda s=s: s.done, 30)
-            delays += s.delays
-            stalled += (not s.done) or any(d > 1 for d in s.delays)
-            s.sock.close()
+        for first in range(0, args.runs, args.parallel):
+            batch = []
+            for _ in range(min(args.parallel, args.runs - first)):
+                _, t = c.call(
+                    "POST",
+                    "/api/v1/tasks",
+                    {
+                        "project": "s",
+                        "title": "s",
+                        # a moment for the subscriber to connect: lines printed before it
+                        # listens reach it from the database replay, not what this measures
+                        "prompt": "sleep 0.2; " + stamp_script.format(n=10, gap=0.01),
+                    },
+                )
+                batch.append(Stream(port, f"/api/v1/runs/{t['latest_run_id']}/stream", token))
+            pump(batch, lambda b=batch: all(s.done for s in b), 30)
+            for s in batch:
+                delays += s.delays
+                stalled += (not s.done) or any(d > 1 for d in s.delays)
+                s.sock.close()
         print(
             f"1 subscriber per run ({args.runs} runs, {len(delays)} lines): "
             f"p50 {pct(delays, 0.5):.2f} ms  p99 {pct(delays, 0.99):.2f} ms  "
