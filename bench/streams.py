@@ -206,6 +206,7 @@ def main() -> None:
             ]
             pump(streams, lambda ss=streams: all(s.ready for s in ss), 120)
             took = time.monotonic() - opened
+            open_rss = rss_mb(web_pid)  # every stream open, live and idle
             go.touch()
             pump(streams, lambda ss=streams: all(s.done for s in ss), 120)
             lines = [d for s in streams for d in s.delays]
@@ -222,8 +223,8 @@ def main() -> None:
             )
             if n == max(int(x) for x in args.fanout.split(",")):
                 print(
-                    f"web process memory: {idle:.0f} MB idle, {rss_mb(web_pid):.0f} MB "
-                    f"with {n} open streams"
+                    f"web process memory: {idle:.0f} MB idle, {open_rss:.0f} MB "
+                    f"with {n} idle streams open"
                 )
             for s in streams:
                 s.sock.close()
