@@ -101,13 +101,18 @@ def after_commit(callback: Callable[[], None]) -> None:
 @sa.event.listens_for(sa.orm.Session, "after_commit")
 def _run_after_commit(session: sa.orm.Session) -> None:
     callbacks = session.info.pop("sb_after_commit", [])
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:  # the data is committed; the maintenance sweep repairs what's missed
-            import logging
+    if not callbacks:
+        return
+    from app.runs import live
 
-            logging.getLogger(__name__).exception("after-commit callback failed")
+    with live.batched():  # the transaction's notifications leave in one round trip
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # the data is committed; the maintenance sweep repairs what's missed
+                import logging
+
+                logging.getLogger(__name__).exception("after-commit callback failed")
 
 
 @sa.event.listens_for(sa.orm.Session, "after_rollback")

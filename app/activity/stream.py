@@ -47,7 +47,8 @@ def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | Non
                     break  # something between is missing (not visible to us, or late): replay
                 sent.append(msg["id"])
                 last = max(last, msg["id"])
-                msg.pop("channel", None)
-                yield Event(msg["kind"], msg, str(msg["id"]))
+                # the message is shared by every subscriber in this process: copy, never change
+                data = {k: v for k, v in msg.items() if k != "channel"}
+                yield Event(msg["kind"], data, str(msg["id"]))
     finally:
         sub.close()

@@ -6,8 +6,11 @@ stream that missed a message resumes from the database by offset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from app.extensions import get_redis
@@ -45,9 +48,40 @@ def activity_channel() -> str:
     return f"{namespace()}:activity"
 
 
-def publish(channel: str, message: dict[str, Any]) -> None:
+#: messages published while a transaction's after-commit callbacks run, sent in one round trip
+_batch: ContextVar[list[tuple[str, str]] | None] = ContextVar("sb_publish_batch", default=None)
+
+
+@contextlib.contextmanager
+def batched() -> Iterator[None]:
+    """Publish everything inside as one pipeline (in order) when the block ends."""
+    if _batch.get() is not None:
+        yield
+        return
+    pending: list[tuple[str, str]] = []
+    token = _batch.set(pending)
     try:
-        get_redis().publish(channel, json.dumps(message, separators=(",", ":")))
+        yield
+    finally:
+        _batch.reset(token)
+        if pending:
+            try:
+                pipe = get_redis().pipeline(transaction=False)
+                for channel, text in pending:
+                    pipe.publish(channel, text)
+                pipe.execute()
+            except Exception as exc:  # never let a notification break what it reports
+                log.warning("could not publish %d messages: %s", len(pending), exc)
+
+
+def publish(channel: str, message: dict[str, Any]) -> None:
+    text = json.dumps(message, separators=(",", ":"))
+    pending = _batch.get()
+    if pending is not None:
+        pending.append((channel, text))
+        return
+    try:
+        get_redis().publish(channel, text)
     except Exception as exc:  # never let a notification break the state change it reports
         log.warning("could not publish on %s: %s", channel, exc)
 

@@ -143,13 +143,16 @@ def _active() -> list[tuple[int, list[str], int | None]]:
     """Active subscriptions, read once per transaction."""
     cached = db.session.info.get(_CACHE)
     if cached is None:
-        cached = db.session.info[_CACHE] = list(
-            db.session.execute(
-                sa.select(Subscription.id, Subscription.events, Subscription.project_id).where(
-                    Subscription.active.is_(True)
-                )
-            ).all()
-        )
+        # no autoflush: the rows being recorded have nothing to do with subscriptions, and
+        # flushing them here would split the transaction's INSERTs into more statements
+        with db.session.no_autoflush:
+            cached = db.session.info[_CACHE] = list(
+                db.session.execute(
+                    sa.select(Subscription.id, Subscription.events, Subscription.project_id).where(
+                        Subscription.active.is_(True)
+                    )
+                ).all()
+            )
     return cached
 
 

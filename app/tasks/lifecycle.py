@@ -49,16 +49,17 @@ def job_id(run_id: int) -> str:
 
 def new_attempt(task: Task, *, reason: str | None = None) -> Run:
     """Queue a new run of `task` (in the current transaction) and dispatch it after commit."""
-    task.attempts += 1
+    attempt = task.attempts + 1
     run = Run(
         task_id=task.id,
         project_id=task.project_id,
-        attempt=task.attempts,
+        attempt=attempt,
         agent=task.agent,
         status="queued",
     )
     db.session.add(run)
-    db.session.flush()
+    db.session.flush()  # for the run's id; the task changes below go in one UPDATE
+    task.attempts = attempt
     task.latest_run_id = run.id
     task.status = "queued"
     task.status_reason = reason
