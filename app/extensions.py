@@ -89,6 +89,21 @@ def _ping_idle_connection(dbapi_connection: Any, record: Any, _proxy: Any) -> No
         raise sa.exc.DisconnectionError(str(exc)) from exc
 
 
+def delete_in_batches(ids: sa.Select[Any], *columns: Any, batch: int = 1000) -> int:
+    """Delete the rows whose ids `ids` selects, `batch` at a time, each batch its own
+    transaction (a large backlog never holds one long one). `columns` name what goes for those
+    ids, children first: e.g. `EventMatch.event_id, WebhookEvent.id`."""
+    deleted = 0
+    while True:
+        found = list(db.session.scalars(ids.limit(batch)))
+        if not found:
+            return deleted
+        for column in columns:
+            db.session.execute(sa.delete(column.class_).where(column.in_(found)))
+        db.session.commit()
+        deleted += len(found)
+
+
 def after_commit(callback: Callable[[], None]) -> None:
     """Run `callback` once the current transaction commits (dropped if it rolls back).
 

@@ -109,8 +109,8 @@ class Subscription:
         self.overflowed = False
         #: guards parking: the hub writes for a parked stream, its thread otherwise
         self.lock = threading.Lock()
+        #: the follower of a parked stream (its `parking` holds the socket)
         self.parked: Any = None
-        self.parking: Parking | None = None
         self.wake = threading.Event()
 
     def park(self, follower: Any, timeout: float) -> bool:
@@ -122,7 +122,6 @@ class Subscription:
             if not self.queue.empty() or self.overflowed:
                 return True
             self.wake.clear()
-            self.parking = parking
             self.parked = follower
         try:
             woken = self.wake.wait(timeout)
@@ -138,8 +137,8 @@ class Subscription:
             follower = self.parked
             if follower is not None:
                 frame = follower.continue_with(item)
-                if frame is not None and self.parking is not None:
-                    if self.parking.try_send(frame):
+                if frame is not None:
+                    if follower.parking.try_send(frame):
                         return
                     self.parked = None  # the thread takes over (owed bytes, or broken)
                     self.wake.set()

@@ -24,7 +24,7 @@ from app.audit import service as audit
 from app.auth.service import Principal
 from app.config import allowed_networks, retry_schedule
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.extensions import after_commit, db, get_queue
+from app.extensions import after_commit, db, delete_in_batches, get_queue
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
@@ -325,23 +325,12 @@ def sweep() -> dict[str, int]:
     return {"deliveries_freed": freed, "deliveries_queued": len(due)}
 
 
-def prune(before: datetime, batch: int = 1000) -> int:
+def prune(before: datetime) -> int:
     """Delete delivered and dead deliveries created before `before`, with their attempts."""
-    deleted = 0
-    while True:
-        ids = list(
-            db.session.scalars(
-                sa.select(Delivery.id)
-                .where(Delivery.created_at < before, Delivery.state.in_(("delivered", "dead")))
-                .limit(batch)
-            )
-        )
-        if not ids:
-            return deleted
-        db.session.execute(sa.delete(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(ids)))
-        db.session.execute(sa.delete(Delivery).where(Delivery.id.in_(ids)))
-        db.session.commit()
-        deleted += len(ids)
+    finished = sa.select(Delivery.id).where(
+        Delivery.created_at < before, Delivery.state.in_(("delivered", "dead"))
+    )
+    return delete_in_batches(finished, DeliveryAttempt.delivery_id, Delivery.id)
 
 
 def redeliver(delivery: Delivery) -> Delivery:

@@ -52,8 +52,11 @@ _env = _Sandbox(
 @dataclass
 class Verdict:
     matched: bool
-    reason: str = ""
     context: dict[str, Any] = field(default_factory=dict)
+
+
+#: what every failed condition answers
+NO = Verdict(False)
 
 
 def _globs(value: str | list[str]) -> list[str]:
@@ -119,26 +122,26 @@ def _branch(payload: Any) -> str | None:
 def evaluate(rule: Any, event_type: str, action: str | None, payload: Any) -> Verdict:
     """Does `rule` (event, actions, conditions) take this delivery?"""
     if rule.event not in ("*", event_type):
-        return Verdict(False, "another event")
+        return NO
     if rule.actions and action not in rule.actions:
-        return Verdict(False, f"action {action!r} not in {rule.actions}")
+        return NO
     cond = rule.conditions or {}
     if cond.get("ignore_bots", True) and is_bot(payload):
-        return Verdict(False, "sent by a bot")
+        return NO
     if cond.get("repository") and not _any_glob(
         _get(payload, "repository", "full_name"), cond["repository"]
     ):
-        return Verdict(False, "another repository")
+        return NO
     if cond.get("label") and not any(_any_glob(name, cond["label"]) for name in _labels(payload)):
-        return Verdict(False, "label not present")
+        return NO
     context: dict[str, Any] = {"command_args": ""}
     if cond.get("command"):
         args = find_command(_command_text(payload), cond["command"])
         if args is None:
-            return Verdict(False, "command not given")
+            return NO
         context["command_args"] = args
     if cond.get("branch") and not _any_glob(_branch(payload), cond["branch"]):
-        return Verdict(False, "another branch")
+        return NO
     return Verdict(True, context=context)
 
 

@@ -31,7 +31,7 @@ from app.audit import service as audit
 from app.auth.abilities import abilities_for_role
 from app.auth.service import Principal
 from app.errors import BadRequest, Conflict, DomainError, NotFound, Unauthorized, ValidationFailed
-from app.extensions import db, get_queue, get_redis
+from app.extensions import db, delete_in_batches, get_queue, get_redis
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
@@ -373,24 +373,13 @@ def kick_stale() -> int:
 EVENT_FINISHED = ("skipped", "completed", "failed")
 
 
-def prune(before: datetime, batch: int = 1000) -> int:
+def prune(before: datetime) -> int:
     """Delete finished events received before `before` (their matches go with them; the tasks
-    they made stay). In batches, so a large backlog never holds one long transaction."""
-    deleted = 0
-    while True:
-        ids = list(
-            db.session.scalars(
-                sa.select(WebhookEvent.id)
-                .where(WebhookEvent.received_at < before, WebhookEvent.state.in_(EVENT_FINISHED))
-                .limit(batch)
-            )
-        )
-        if not ids:
-            return deleted
-        db.session.execute(sa.delete(EventMatch).where(EventMatch.event_id.in_(ids)))
-        db.session.execute(sa.delete(WebhookEvent).where(WebhookEvent.id.in_(ids)))
-        db.session.commit()
-        deleted += len(ids)
+    they made stay)."""
+    finished = sa.select(WebhookEvent.id).where(
+        WebhookEvent.received_at < before, WebhookEvent.state.in_(EVENT_FINISHED)
+    )
+    return delete_in_batches(finished, EventMatch.event_id, WebhookEvent.id)
 
 
 # --- matching --------------------------------------------------------------------------------
