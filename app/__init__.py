@@ -42,8 +42,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(settings.flask_config())
     app.config.update(openapi_config())
     configure_logging(app)
+    from app.tasks.ingress import TaskIntake
     from app.webhooks.ingress import WebhookIngress
 
+    # the two busiest writes answer their plain success case before Flask (see each module)
+    app.wsgi_app = TaskIntake(app.wsgi_app, app)  # type: ignore[method-assign]
     app.wsgi_app = WebhookIngress(app.wsgi_app, app)  # type: ignore[method-assign]
     if settings.TRUSTED_PROXIES:
         n = settings.TRUSTED_PROXIES

@@ -195,6 +195,7 @@ def _exempt_from_limits() -> bool:
     return is_webhook_receiver()
 
 
+RATE_LIMIT_PREFIX = "sb-rl"
 limiter = Limiter(
     _principal_key,
     application_limits=[
@@ -213,8 +214,22 @@ limiter = Limiter(
     strategy="moving-window",
     in_memory_fallback_enabled=True,
     swallow_errors=True,
-    key_prefix="sb-rl",
+    key_prefix=RATE_LIMIT_PREFIX,
 )
+
+
+def hit_write_limit(principal_key: str) -> tuple[int, int, int] | None:
+    """Count one write against `principal_key`'s write limit exactly as the limiter's application
+    limit does (same storage keys), for a path that answers before Flask: (limit, remaining,
+    reset_at), or None when the limit is used up (the Flask view then answers the 429)."""
+    from limits import parse
+
+    item = parse(_write_limit())
+    args = (RATE_LIMIT_PREFIX, principal_key, "write")
+    if not limiter.limiter.hit(item, *args):
+        return None
+    reset, remaining = limiter.limiter.get_window_stats(item, *args)
+    return item.amount, remaining, int(reset + 1)
 
 
 def limiter_storage_uri(redis_url: str) -> str:

@@ -51,8 +51,7 @@ def is_webhook_receiver() -> bool:
 
 
 def _begin() -> None:
-    incoming = request.headers.get("X-Request-ID", "")
-    g.request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    g.request_id = request_id(request.headers.get("X-Request-ID", ""))
     context.set_current(context.ActionContext(request_id=g.request_id, ip=request.remote_addr))
     audit.begin_scope()
 
@@ -108,13 +107,24 @@ def _rate_limit_headers(response: Response) -> Response:
     """IETF RateLimit-* headers for the tightest limit this request touched."""
     current = limiter.current_limit if current_app.config.get("RATELIMIT_ENABLED") else None
     if current is not None:
-        reset = max(0, int(current.reset_at - time.time()))
-        response.headers["RateLimit-Limit"] = str(current.limit.amount)
-        response.headers["RateLimit-Remaining"] = str(current.remaining)
-        response.headers["RateLimit-Reset"] = str(reset)
+        headers = rate_limit_headers(current.limit.amount, current.remaining, current.reset_at)
+        response.headers.extend(headers)
         if response.status_code == 429:
-            response.headers.setdefault("Retry-After", str(max(1, reset)))
+            response.headers.setdefault("Retry-After", str(max(1, int(headers["RateLimit-Reset"]))))
     return response
+
+
+def rate_limit_headers(limit: int, remaining: int, reset_at: float) -> dict[str, str]:
+    return {
+        "RateLimit-Limit": str(limit),
+        "RateLimit-Remaining": str(remaining),
+        "RateLimit-Reset": str(max(0, int(reset_at - time.time()))),
+    }
+
+
+def request_id(incoming: str) -> str:
+    """The caller's X-Request-ID if it is sane, else a new one."""
+    return incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
 
 
 def _finish(response: Response) -> Response:

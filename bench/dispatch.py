@@ -15,12 +15,13 @@ Bounded in time; loopback only.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 
 import sqlalchemy as sa
-from harness import Client, Server, backend_parser, fresh_database, load, pct
+from harness import Client, Server, backend_parser, fresh_database, pct, socket_load
 
 
 def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="sequential runs for latency")
     parser.add_argument("--burst", type=int, default=600, help="tasks for runs/s")
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--clients", type=int, default=16, help="connections creating tasks")
     parser.add_argument(
         "--workers", type=int, default=int(os.environ.get("SWITCHBOARD_WORKER_PROCESSES", 4))
     )
@@ -85,19 +87,21 @@ def main() -> None:
         )
 
         # 1. creations per second
-        lat, failed = load(
-            port,
-            token,
-            args.seconds,
-            16,
-            "POST",
-            "/api/v1/tasks",
-            {"project": "ext", "title": "b", "prompt": "x", "target": "external"},
-        )
+        body = json.dumps(
+            {"project": "ext", "title": "b", "prompt": "x", "target": "external"}
+        ).encode()
+        request = (
+            f"POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        prepared = [[request] * 20000 for _ in range(args.clients)]
+        lat, statuses, elapsed = socket_load(port, prepared, args.seconds)
+        failed = sum(1 for s in statuses if s != 201)
         assert failed == 0, f"{failed} creations failed"
-        rate = len(lat) / args.seconds
+        rate = len(lat) / elapsed
         print(
-            f"task creations: {rate:.0f}/s (16 clients)  p50 {pct(lat, 0.5):.1f} ms  "
+            f"task creations: {rate:.0f}/s ({args.clients} clients)  p50 {pct(lat, 0.5):.1f} ms  "
             f"p99 {pct(lat, 0.99):.1f} ms"
         )
 

@@ -126,6 +126,72 @@ def load(
     return latencies, failures[0]
 
 
+def read_response(sock: socket.socket, buffer: bytearray) -> int:
+    """Read one response on a keep-alive connection; its status code."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buffer += chunk
+    head_end = buffer.index(b"\r\n\r\n") + 4
+    head = bytes(buffer[:head_end]).decode("latin-1")
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        if line.lower().startswith("content-length:"):
+            length = int(line.split(":", 1)[1])
+    while len(buffer) < head_end + length:
+        buffer += sock.recv(65536)
+    del buffer[: head_end + length]
+    return int(head.split(" ", 2)[1])
+
+
+def socket_load(
+    port: int, prepared: list[list[bytes]], seconds: float, reconnect_every: int = 0
+) -> tuple[list[float], list[int], float]:
+    """One thread per list of complete HTTP/1.1 requests (built before the clock starts: the
+    load generator shares the cores with the server and should cost little), each on its own
+    keep-alive connection, for at most `seconds`: latencies, statuses and the time it took."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(prepared) + 1)
+    stop_at = [0.0]
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def client(batch: list[bytes]) -> None:
+        sock, buffer = connect(), bytearray()
+        mine, codes = [], []
+        start.wait()
+        for n, request in enumerate(batch, 1):
+            if time.monotonic() >= stop_at[0]:
+                break
+            t0 = time.perf_counter()
+            if reconnect_every and n % reconnect_every == 0:
+                sock.close()  # as some senders do: a new connection now and then
+                sock, buffer = connect(), bytearray()
+            sock.sendall(request)
+            codes.append(read_response(sock, buffer))
+            mine.append(time.perf_counter() - t0)
+        sock.close()
+        with lock:
+            latencies.extend(mine)
+            statuses.extend(codes)
+
+    threads = [threading.Thread(target=client, args=(b,)) for b in prepared]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.monotonic() + seconds
+    began = time.monotonic()
+    start.wait()
+    for t in threads:
+        t.join()
+    return latencies, statuses, time.monotonic() - began
+
+
 def fresh_database(url: str, name: str) -> str:
     """Create (or recreate) database `name` on the PostgreSQL server of `url`."""
     base = sa.make_url(url.replace("postgresql://", "postgresql+psycopg://", 1))

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 import uuid
 
 import sqlalchemy as sa
-from harness import ROOT, Server, backend_parser, fresh_database, pct
+from harness import ROOT, Server, backend_parser, fresh_database, pct, socket_load
 
 from app.webhooks.signatures import sign
 
@@ -48,25 +46,6 @@ def deliveries(count: int, port: int) -> list[bytes]:
         )
         out.append(head.encode() + body)
     return out
-
-
-def read_response(sock: socket.socket, buffer: bytearray) -> int:
-    """Read one response on a keep-alive connection; its status code."""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("server closed the connection")
-        buffer += chunk
-    head_end = buffer.index(b"\r\n\r\n") + 4
-    head = bytes(buffer[:head_end]).decode("latin-1")
-    length = 0
-    for line in head.split("\r\n")[1:]:
-        if line.lower().startswith("content-length:"):
-            length = int(line.split(":", 1)[1])
-    while len(buffer) < head_end + length:
-        buffer += sock.recv(65536)
-    del buffer[: head_end + length]
-    return int(head.split(" ", 2)[1])
 
 
 def main() -> None:
@@ -116,46 +95,12 @@ def main() -> None:
         assert status == 201, body
 
         prepared = [deliveries(args.per_client, server.port) for _ in range(args.clients)]
-        latencies: list[float] = []
-        failures = [0]
-        lock = threading.Lock()
-        start = threading.Barrier(args.clients + 1)
-        stop_at = [0.0]
-
-        def client(batch: list[bytes]) -> None:
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            buffer = bytearray()
-            mine, bad = [], 0
-            start.wait()
-            for n, request in enumerate(batch, 1):
-                if time.monotonic() >= stop_at[0]:
-                    break
-                t0 = time.perf_counter()
-                if args.reconnect_every and n % args.reconnect_every == 0:
-                    sock.close()  # as senders do: a new connection now and then
-                    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    buffer.clear()
-                sock.sendall(request)
-                status = read_response(sock, buffer)
-                mine.append(time.perf_counter() - t0)
-                bad += status != 202
-            sock.close()
-            with lock:
-                latencies.extend(mine)
-                failures[0] += bad
-
-        threads = [threading.Thread(target=client, args=(b,)) for b in prepared]
-        for t in threads:
-            t.start()
-        stop_at[0] = time.monotonic() + args.seconds
-        began = time.monotonic()
-        start.wait()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - began
+        latencies, statuses, elapsed = socket_load(
+            server.port, prepared, args.seconds, args.reconnect_every
+        )
+        began = time.monotonic() - elapsed
         acked = len(latencies)
+        failures = [sum(1 for s in statuses if s != 202)]
 
         engine = sa.create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
         deadline = time.monotonic() + 300

@@ -3,6 +3,7 @@ published on Redis after the commit for live streams."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,12 +16,19 @@ from app.timeutil import rfc3339, utcnow
 
 
 def as_dict(entry: Activity) -> dict[str, Any]:
+    return message(entry.id, entry.project_id, entry.kind, entry.data, entry.created_at)
+
+
+def message(
+    id: int, project_id: int | None, kind: str, data: dict[str, Any], created_at: datetime
+) -> dict[str, Any]:
+    """An activity entry as streams and the API show it."""
     return {
-        "id": entry.id,
-        "project_id": entry.project_id,
-        "kind": entry.kind,
-        "data": entry.data,
-        "created_at": rfc3339(entry.created_at),
+        "id": id,
+        "project_id": project_id,
+        "kind": kind,
+        "data": data,
+        "created_at": rfc3339(created_at),
     }
 
 

@@ -6,8 +6,10 @@ hash needed, unlike passwords) and keeps authentication one indexed query.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -73,15 +75,30 @@ def decode_stream(secret: str, token: str) -> dict[str, Any]:
     return claims
 
 
+ACCESS_LEEWAY = 5
+
+
 def decode_access(secret: str, token: str) -> dict[str, Any]:
-    """Raises jwt.InvalidTokenError (expired, bad signature, wrong type...)."""
+    """Raises jwt.InvalidTokenError (expired, bad signature, wrong type...).
+
+    A client sends the same access token with every request until it expires, so a verified
+    token's claims are kept (bounded): later requests check only its expiry, not the signature
+    again. Callers must not change the claims they get."""
+    claims = _verified_access(secret, token)
+    if claims["exp"] + ACCESS_LEEWAY < time.time():
+        raise jwt.ExpiredSignatureError("Signature has expired")
+    return claims
+
+
+@functools.lru_cache(maxsize=4096)
+def _verified_access(secret: str, token: str) -> dict[str, Any]:
     claims = jwt.decode(
         token,
         secret,
         algorithms=["HS256"],
         issuer=ISSUER,
         options={"require": ["exp", "iat", "sub", "typ"]},
-        leeway=5,
+        leeway=ACCESS_LEEWAY,
     )
     if claims.get("typ") != "access":
         raise jwt.InvalidTokenError("not an access token")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -48,17 +48,18 @@ def activity_channel() -> str:
     return f"{namespace()}:activity"
 
 
-#: messages published while a transaction's after-commit callbacks run, sent in one round trip
-_batch: ContextVar[list[tuple[str, str]] | None] = ContextVar("sb_publish_batch", default=None)
+#: Redis commands issued while a transaction's after-commit callbacks run, sent in one round trip
+_batch: ContextVar[list[Callable[[Any], Any]] | None] = ContextVar("sb_publish_batch", default=None)
 
 
 @contextlib.contextmanager
 def batched() -> Iterator[None]:
-    """Publish everything inside as one pipeline (in order) when the block ends."""
+    """Send every publish (and job enqueued with `defer`) inside as one MULTI/EXEC pipeline, in
+    order, when the block ends."""
     if _batch.get() is not None:
         yield
         return
-    pending: list[tuple[str, str]] = []
+    pending: list[Callable[[Any], Any]] = []
     token = _batch.set(pending)
     try:
         yield
@@ -66,19 +67,27 @@ def batched() -> Iterator[None]:
         _batch.reset(token)
         if pending:
             try:
-                pipe = get_redis().pipeline(transaction=False)
-                for channel, text in pending:
-                    pipe.publish(channel, text)
+                pipe = get_redis().pipeline()
+                pipe.multi()  # explicit from the start: RQ's enqueue asks for MULTI mode
+                for command in pending:
+                    command(pipe)
                 pipe.execute()
             except Exception as exc:  # never let a notification break what it reports
-                log.warning("could not publish %d messages: %s", len(pending), exc)
+                log.warning("could not send %d batched commands: %s", len(pending), exc)
+
+
+def defer(command: Callable[[Any], Any]) -> bool:
+    """Add `command(pipeline)` to the open batch; False when there is none (run it yourself)."""
+    pending = _batch.get()
+    if pending is None:
+        return False
+    pending.append(command)
+    return True
 
 
 def publish(channel: str, message: dict[str, Any]) -> None:
     text = json.dumps(message, separators=(",", ":"))
-    pending = _batch.get()
-    if pending is not None:
-        pending.append((channel, text))
+    if defer(lambda pipe: pipe.publish(channel, text)):
         return
     try:
         get_redis().publish(channel, text)

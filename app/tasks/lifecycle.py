@@ -8,6 +8,7 @@ capacity is handed to the next queued runs, highest priority first, then oldest.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -259,17 +260,26 @@ def dispatch(project_id: int) -> list[int]:
 
 
 def enqueue(run_id: int, priority: str) -> None:
-    """Put the run's job on its priority queue. Idempotent: the job only acts on a queued run."""
+    """Put the run's job on its priority queue (with the transaction's notifications when they
+    are being batched). Idempotent: the job only acts on a queued run."""
+    from app.runs import live
+
+    if not live.defer(lambda pipe: _enqueue(run_id, priority, pipe)):
+        _enqueue(run_id, priority, None)
+
+
+def _enqueue(run_id: int, priority: str, pipeline: Any) -> None:
     from app.extensions import get_queue
 
-    get_queue(queue_name(priority)).enqueue(
+    get_queue(queue_name(priority)).enqueue_call(
         "workers.jobs.execute_run",
-        run_id,
+        args=(run_id,),
         job_id=job_id(run_id),
-        job_timeout=-1,
+        timeout=-1,
         result_ttl=60,
         failure_ttl=24 * 3600,
         description=f"run {run_id}",
+        pipeline=pipeline,
     )
 
 

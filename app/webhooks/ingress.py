@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +22,7 @@ from werkzeug.datastructures import EnvironHeaders
 
 from app.errors import DomainError
 from app.extensions import db
-from app.requests import REQUEST_ID_RE
+from app.requests import request_id
 from app.webhooks import service
 
 PREFIX = "/api/v1/webhooks/"
@@ -58,8 +57,7 @@ class WebhookIngress:
                 return self.wsgi_app(environ, start_response)  # the view answers errors
             finally:
                 db.session.remove()
-        incoming = headers.get("X-Request-ID", "")
-        request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        rid = request_id(headers.get("X-Request-ID", ""))
         payload = (
             json.dumps(
                 {
@@ -79,7 +77,7 @@ class WebhookIngress:
             [
                 ("Content-Type", "application/json"),
                 ("Content-Length", str(len(payload))),
-                ("X-Request-ID", request_id),
+                ("X-Request-ID", rid),
                 ("Cache-Control", "no-store"),
             ],
         )

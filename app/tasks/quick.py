@@ -1,0 +1,271 @@
+"""Task creation's hot path on PostgreSQL: the plain case in one read and one write.
+
+Scripts and CI jobs create tasks by the thousand, nearly always in the plain case: a project the
+caller develops in, a prompt, no dependencies, no idempotency key, no concurrency cap. The ORM
+path (`service.create_task`) spent most of a creation in the unit of work for five objects and
+nine statements. Here one read gathers everything the decision needs (the caller, the project,
+the caller's role in it, whether a subscription listens, and the new ids), and one statement
+writes the same rows: the task, its first run, three activity entries and the audit entry.
+
+Anything outside the plain case returns None and the caller takes the ORM path, which stays the
+one place that explains refusals. `tests/test_task_intake.py` holds both paths to the same rows,
+notifications and response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from app.activity import service as activity
+from app.audit.redact import redact
+from app.auth.abilities import abilities_for_role
+from app.extensions import db
+from app.projects.service import ROLE_RANK
+from app.runs import live
+from app.tasks import lifecycle
+from app.tasks.models import PRIORITY_RANK
+from app.timeutil import utcnow
+
+#: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
+PLAIN_FIELDS = frozenset(
+    {"project", "title", "prompt", "agent", "target", "priority", "timeout_s", "max_attempts"}
+    | {"loop", "config", "depends_on"}
+)
+
+_READ = """
+SELECT u.username, u.role, u.is_active, p.id, p.key, p.default_agent, p.max_concurrent_runs,
+       p.archived_at IS NOT NULL, m.role,
+       EXISTS (SELECT 1 FROM subscriptions s
+               WHERE s.active AND (s.project_id IS NULL OR s.project_id = p.id)),
+       nextval(pg_get_serial_sequence('tasks', 'id')),
+       nextval(pg_get_serial_sequence('runs', 'id'))
+FROM users u
+JOIN projects p ON p.key = %(project)s
+LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = u.id
+WHERE u.id = %(user_id)s
+"""
+
+_WRITE = """
+WITH t AS (
+  INSERT INTO tasks (id, project_id, title, prompt, agent, target, priority, priority_rank,
+    status, status_reason, timeout_s, max_attempts, attempts, loop, config, source, source_ref,
+    creator_id, idempotency_key, latest_run_id, created_at, updated_at, finished_at)
+  VALUES (%(task_id)s, %(project_id)s, %(title)s, %(prompt)s, %(agent)s, %(target)s,
+    %(priority)s, %(rank)s, 'queued', NULL, %(timeout_s)s, %(max_attempts)s, 1, %(loop)s,
+    %(config)s, 'api', NULL, %(user_id)s, NULL, %(run_id)s, %(now)s, %(now)s, NULL)
+), r AS (
+  INSERT INTO runs (id, task_id, project_id, attempt, status, agent, queued_at, dispatched_at,
+    log_size, event_count)
+  VALUES (%(run_id)s, %(task_id)s, %(project_id)s, 1, 'queued', %(agent)s, %(now)s,
+    %(dispatched_at)s, 0, 0)
+), au AS (
+  INSERT INTO audit_logs (created_at, actor_id, actor_name, via, action, target_type, target_id,
+    request_id, ip, payload)
+  VALUES (%(now)s, %(user_id)s, %(username)s, %(via)s, 'task.create', 'task', %(task_key)s,
+    %(request_id)s, %(ip)s, %(audit)s)
+), a AS (
+  INSERT INTO activities (project_id, kind, data, created_at)
+  VALUES (%(project_id)s, 'run.status', %(run_status)s, %(now)s),
+         (%(project_id)s, 'task.status', %(task_status)s, %(now)s),
+         (%(project_id)s, 'task.created', %(task_created)s, %(now)s)
+  RETURNING id, kind
+)
+SELECT (SELECT json_object_agg(kind, id) FROM a),
+       (SELECT count(*) FROM tasks WHERE project_id = %(project_id)s AND status = 'queued'
+          AND (priority_rank > %(rank)s OR (priority_rank = %(rank)s AND id < %(task_id)s)))
+"""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, as the audit trail records it."""
+
+    user_id: int
+    via: str
+    request_id: str
+    ip: str | None
+
+
+def supported() -> bool:
+    return db.engine.dialect.name == "postgresql"
+
+
+def create(
+    caller: Caller,
+    data: dict[str, Any],
+    agents: frozenset[str],
+    admit: Callable[[], bool] = lambda: True,
+) -> dict[str, Any] | None:
+    """Create a plain task (data as `TaskCreateSchema` loaded it): the task as `TaskSchema`
+    reads it, or None when this is not the plain case or `admit` (asked only when the task is
+    about to be written) refuses; nothing was written then."""
+    if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
+        return None
+    conn = db.engine.raw_connection()  # pooled: checkout/checkin as for any other use
+    try:
+        cursor = conn.cursor()
+        cursor.execute(_READ, {"project": data["project"], "user_id": caller.user_id})
+        row = cursor.fetchone()
+        task = _plan(caller, data, row, agents)
+        if task is None or not admit():
+            conn.rollback()
+            return None
+        cursor.execute(_WRITE, _write_params(caller, task, row[0]))
+        created, ahead = cursor.fetchone()
+        cursor.close()
+        conn.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.rollback()
+        raise
+    finally:
+        conn.close()
+    task["queue_position"] = ahead + 1
+    _after_commit(task, created)
+    return task
+
+
+def _plan(
+    caller: Caller, data: dict[str, Any], row: Any, agents: frozenset[str]
+) -> dict[str, Any] | None:
+    """The task to write, if the caller may create it here and nothing else must happen."""
+    if row is None:
+        return None
+    (_name, user_role, active, project_id, key, default_agent, cap, archived, member_role,
+     subscribed, task_id, run_id) = row  # fmt: skip
+    role = "maintainer" if user_role == "admin" else member_role
+    agent = data.get("agent") or default_agent
+    target = data.get("target") or "pool"
+    if (
+        not active
+        or "runs:start" not in abilities_for_role(user_role)
+        or role is None
+        or ROLE_RANK[role] < ROLE_RANK["developer"]
+        or archived
+        or subscribed  # deliveries are made by the ORM path
+        or agent not in agents
+        or target not in ("pool", "external")
+        or (target == lifecycle.POOL_TARGET and cap is not None)  # the cap decides dispatch
+    ):
+        return None
+    now = utcnow()
+    priority = data.get("priority") or "normal"
+    return {
+        "id": task_id,
+        "project_id": project_id,
+        "project": key,
+        "title": data["title"],
+        "prompt": data["prompt"],
+        "agent": agent,
+        "target": target,
+        "priority": priority,
+        "status": "queued",
+        "status_reason": None,
+        "depends_on": [],
+        "timeout_s": data.get("timeout_s"),
+        "max_attempts": data.get("max_attempts") or 1,
+        "attempts": 1,
+        "loop": data.get("loop"),
+        "config": data.get("config"),
+        "source": "api",
+        "source_ref": None,
+        "creator_id": caller.user_id,
+        "latest_run_id": run_id,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None,
+    }
+
+
+def _activities(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What `lifecycle.new_attempt` and `service.build_task` record for a new queued task."""
+    return {
+        "run.status": {
+            "run_id": task["latest_run_id"],
+            "task_id": task["id"],
+            "attempt": 1,
+            "status": "queued",
+            "exit_code": None,
+        },
+        "task.status": {
+            "task_id": task["id"],
+            "title": task["title"],
+            "status": "queued",
+            "reason": None,
+        },
+        "task.created": {
+            "task_id": task["id"],
+            "title": task["title"],
+            "agent": task["agent"],
+            "status": "queued",
+            "priority": task["priority"],
+        },
+    }
+
+
+def _naive(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)  # what UTCDateTime stores
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _write_params(caller: Caller, task: dict[str, Any], username: str) -> dict[str, Any]:
+    now = _naive(task["created_at"])
+    activities = _activities(task)
+    audit = {
+        "project": task["project"],
+        "title": task["title"],
+        "agent": task["agent"],
+        "target": task["target"],
+        "priority": task["priority"],
+        "depends_on": [],
+    }
+    return {
+        "task_id": task["id"],
+        "run_id": task["latest_run_id"],
+        "task_key": str(task["id"]),
+        "project_id": task["project_id"],
+        "title": task["title"],
+        "prompt": task["prompt"],
+        "agent": task["agent"],
+        "target": task["target"],
+        "priority": task["priority"],
+        "rank": PRIORITY_RANK[task["priority"]],
+        "timeout_s": task["timeout_s"],
+        "max_attempts": task["max_attempts"],
+        "loop": _json(task["loop"]),
+        "config": _json(task["config"]),
+        "user_id": caller.user_id,
+        "username": username,
+        "via": caller.via,
+        "request_id": caller.request_id,
+        "ip": caller.ip,
+        "now": now,
+        "dispatched_at": now if task["target"] == lifecycle.POOL_TARGET else None,
+        "audit": _json(redact(audit)),
+        "run_status": _json(activities["run.status"]),
+        "task_status": _json(activities["task.status"]),
+        "task_created": _json(activities["task.created"]),
+    }
+
+
+def _after_commit(task: dict[str, Any], activity_ids: dict[str, int]) -> None:
+    """The notifications and the job, in one round trip, as the ORM path sends them."""
+    channel = live.activity_channel()
+    with live.batched():
+        for kind, data in _activities(task).items():
+            live.publish(
+                channel,
+                activity.message(
+                    activity_ids[kind], task["project_id"], kind, data, task["created_at"]
+                ),
+            )
+        if task["target"] == lifecycle.POOL_TARGET:
+            lifecycle.enqueue(task["latest_run_id"], task["priority"])

@@ -1,0 +1,256 @@
+"""The fast path of task creation (`app/tasks/ingress.py` + `app/tasks/quick.py`) must be
+indistinguishable from the Flask view it stands in for: same rows, notifications, job, response
+and write-limit accounting; and everything outside the plain case must reach the view."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import Account, account
+from flask import Flask
+from flask.testing import FlaskClient
+
+
+@pytest.fixture
+def intake(app: Flask, client: FlaskClient) -> Any:
+    from app.tasks import quick
+    from app.tasks.ingress import TaskIntake
+
+    with app.app_context():
+        if not quick.supported():
+            pytest.skip("the fast path runs on PostgreSQL only")
+    found = app.wsgi_app
+    while not isinstance(found, TaskIntake):
+        found = found.wsgi_app
+    found.served = 0
+    return found
+
+
+def post_task(client: FlaskClient, who: Account, body: dict, via_flask: bool, intake: Any) -> Any:
+    """POST a task through the fast path, or (via_flask) straight to the Flask view."""
+    before = intake.served
+    with pytest.MonkeyPatch.context() as mp:
+        if via_flask:
+            mp.setattr(type(intake), "__call__", lambda self, env, start: self.wsgi_app(env, start))
+        resp = client.post("/api/v1/tasks", json=body, headers=who.headers)
+    assert intake.served == before + (resp.status_code == 201 and not via_flask)
+    return resp
+
+
+def rows(app: Flask, task_id: int) -> dict[str, Any]:
+    """Everything a creation wrote, without ids and clock readings."""
+    from app.extensions import db
+
+    with app.app_context(), db.engine.connect() as conn:
+        task = conn.execute(sa.text("SELECT * FROM tasks WHERE id = :i"), {"i": task_id}).one()
+        run = conn.execute(sa.text("SELECT * FROM runs WHERE task_id = :i"), {"i": task_id}).one()
+        activities = conn.execute(
+            sa.text(
+                "SELECT kind, data FROM activities WHERE data::jsonb ->> 'task_id' = :i ORDER BY id"
+            ),
+            {"i": str(task_id)},
+        ).all()
+        audit = conn.execute(
+            sa.text(
+                "SELECT actor_id, actor_name, via, action, target_type, ip, payload,"
+                " request_id IS NOT NULL AS has_request_id"
+                " FROM audit_logs WHERE target_type = 'task' AND target_id = :i"
+            ),
+            {"i": str(task_id)},
+        ).all()
+    ids = {task_id: "<task>", task.latest_run_id: "<run>"}
+    task_cols = {
+        k: v
+        for k, v in task._mapping.items()
+        if k not in ("id", "latest_run_id", "created_at", "updated_at")
+    }
+    run_cols = {
+        k: (v is not None if k == "dispatched_at" else v)
+        for k, v in run._mapping.items()
+        if k not in ("id", "task_id", "queued_at")
+    }
+    return {
+        "task": task_cols,
+        "run": run_cols,
+        "run_is_latest": run.id == task.latest_run_id,
+        "activities": [
+            (kind, {k: ids.get(v, v) if k in ("task_id", "run_id") else v for k, v in d.items()})
+            for kind, d in (
+                (a.kind, a.data if isinstance(a.data, dict) else json.loads(a.data))
+                for a in activities
+            )
+        ],
+        "audit": [tuple(a) for a in audit],
+    }
+
+
+def response_shape(resp: Any) -> tuple[int, dict, dict]:
+    body = dict(resp.get_json())
+    for key in ("id", "latest_run_id", "created_at", "updated_at", "queue_position"):
+        body.pop(key)
+    headers = {
+        k: v
+        for k, v in resp.headers.items()
+        if k
+        not in (
+            "Location",
+            "X-Request-ID",
+            "Content-Length",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+        )
+    }
+    return resp.status_code, body, headers
+
+
+@pytest.mark.parametrize("target", ["pool", "external"])
+def test_plain_creation_matches_the_flask_view(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, target: str
+) -> None:
+    from rq import Queue
+
+    from app.extensions import get_redis
+    from app.runs import live
+
+    body = {
+        "project": "demo",
+        "title": "Fix the flaky test",
+        "prompt": "echo hi",
+        "target": target,
+        "priority": "high",
+        "timeout_s": 60,
+        "max_attempts": 2,
+        "config": {"model": "m"},
+        "loop": {"max_iterations": 2, "done_marker": "DONE"},
+    }
+    with app.app_context():
+        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(live.activity_channel())
+        queue = Queue("runs-high", connection=get_redis())
+
+    fast = post_task(client, member, body, False, intake)
+    assert fast.status_code == 201, fast.get_json()
+    assert intake.served == 1
+    slow = post_task(client, member, body, True, intake)
+    assert slow.status_code == 201, slow.get_json()
+
+    assert response_shape(fast) == response_shape(slow)
+    f, s = fast.get_json(), slow.get_json()
+    assert (f["queue_position"], s["queue_position"]) == (1, 2)
+    assert fast.headers["Location"] == f"/api/v1/tasks/{f['id']}"
+    assert int(fast.headers["RateLimit-Remaining"]) == int(slow.headers["RateLimit-Remaining"]) + 1
+    assert rows(app, f["id"]) == rows(app, s["id"])
+
+    # the same notifications, in the same order, and the same job
+    heard: list[dict] = []
+    deadline = time.monotonic() + 5
+    while len(heard) < 6 and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        if msg:
+            heard.append(json.loads(msg["data"]))
+    pubsub.close()
+    assert [m["kind"] for m in heard] == ["run.status", "task.status", "task.created"] * 2
+    assert [m["data"]["task_id"] for m in heard] == [f["id"]] * 3 + [s["id"]] * 3
+    jobs = queue.get_job_ids()
+    if target == "pool":
+        assert jobs == [f"run-{f['latest_run_id']}", f"run-{s['latest_run_id']}"]
+        job = queue.fetch_job(jobs[0])
+        assert (job.func_name, job.args) == ("workers.jobs.execute_run", (f["latest_run_id"],))
+    else:
+        assert jobs == []
+
+
+def test_everything_else_reaches_the_flask_view(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    viewer = account(app, client, "vic")
+    resp = client.post(
+        "/api/v1/projects/demo/members",
+        headers=member.headers,
+        json={"user_id": viewer.id, "role": "viewer"},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    plain = {"project": "demo", "title": "t", "prompt": "p"}
+
+    cases = [
+        (viewer, plain, {}, 403),
+        (member, {**plain, "project": "nope"}, {}, 422),
+        (member, {**plain, "agent": "nobody"}, {}, 422),
+        (member, {**plain, "title": ""}, {}, 422),
+        (member, {**plain, "surprise": 1}, {}, 422),
+        (member, {**plain, "depends_on": [999]}, {}, 422),
+        (member, plain, {"Idempotency-Key": "k1"}, 201),
+    ]
+    for who, body, headers, status in cases:
+        resp = client.post("/api/v1/tasks", json=body, headers={**who.headers, **headers})
+        assert resp.status_code == status, (body, resp.get_json())
+        if status >= 400:
+            assert resp.mimetype == "application/problem+json"
+    again = client.post(
+        "/api/v1/tasks", json=plain, headers={**member.headers, "Idempotency-Key": "k1"}
+    )
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    # a capped pool project: the cap decides dispatch, so the view does it
+    client.patch("/api/v1/projects/demo", headers=member.headers, json={"max_concurrent_runs": 1})
+    resp = client.post("/api/v1/tasks", json=plain, headers=member.headers)
+    assert resp.status_code == 201
+    assert intake.served == 0
+    # an external task in a capped project is plain again
+    resp = client.post(
+        "/api/v1/tasks", json={**plain, "target": "external"}, headers=member.headers
+    )
+    assert resp.status_code == 201
+    assert intake.served == 1
+
+
+def test_an_active_subscription_takes_the_flask_view(
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    admin: Account,
+    project: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
+    resp = client.post(
+        "/api/v1/subscriptions",
+        headers=admin.headers,
+        json={"url": "http://127.0.0.1:9/hook", "events": ["task.created"]},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    sub = resp.get_json()
+    resp = client.post(
+        "/api/v1/tasks",
+        json={"project": "demo", "title": "t", "prompt": "p"},
+        headers=admin.headers,
+    )
+    assert resp.status_code == 201
+    assert intake.served == 0
+    sent = client.get(f"/api/v1/subscriptions/{sub['id']}/deliveries", headers=admin.headers)
+    assert [d["event"] for d in sent.get_json()["data"]] == ["task.created"]
+
+
+def test_the_write_limit_counts_both_paths_once(
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    member: Account,
+    project: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(app.config, "SWITCHBOARD_RATE_LIMIT_WRITE", "4/minute")
+    plain = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
+    remaining = []
+    for via_flask in (False, True, False, True):
+        resp = post_task(client, member, plain, via_flask, intake)
+        assert resp.status_code == 201
+        remaining.append(int(resp.headers["RateLimit-Remaining"]))
+    assert remaining == [3, 2, 1, 0]
+    refused = client.post("/api/v1/tasks", json=plain, headers=member.headers)
+    assert refused.status_code == 429
+    assert refused.mimetype == "application/problem+json"
+    assert intake.served == 2
