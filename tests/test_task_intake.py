@@ -254,3 +254,82 @@ def test_the_write_limit_counts_both_paths_once(
     assert refused.status_code == 429
     assert refused.mimetype == "application/problem+json"
     assert intake.served == 2
+
+
+def queue_counts(app: Flask) -> tuple[dict, dict]:
+    """(what the trigger kept, what counting says) per project and priority."""
+    from app.extensions import db
+
+    with app.app_context(), db.engine.connect() as conn:
+        kept = conn.execute(
+            sa.text(
+                "SELECT project_id, priority_rank, sum(queued) FROM task_queue_counts"
+                " GROUP BY 1, 2 HAVING sum(queued) <> 0"
+            )
+        ).all()
+        counted = conn.execute(
+            sa.text(
+                "SELECT project_id, priority_rank, count(*) FROM tasks WHERE status = 'queued'"
+                " GROUP BY 1, 2"
+            )
+        ).all()
+    return {(p, r): n for p, r, n in kept}, {(p, r): n for p, r, n in counted}
+
+
+def test_queue_counts_follow_every_change(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    from app.runs.sweep import sweep
+
+    h = member.headers
+    client.post("/api/v1/projects", headers=h, json={"key": "other", "name": "Other"})
+    made = []
+    for i, priority in enumerate(["low", "normal", "high", "normal", "urgent", "normal"]):
+        body = {
+            "project": "demo" if i % 3 else "other",
+            "title": f"t{i}",
+            "prompt": "p",
+            "priority": priority,
+            "target": "external",
+            "agent": "shell",
+        }
+        resp = post_task(client, member, body, bool(i % 2), intake)
+        assert resp.status_code == 201, resp.get_json()
+        made.append(resp.get_json())
+        # the fast path's position is what counting the queue says
+        assert (
+            resp.get_json()["queue_position"]
+            == client.get(f"/api/v1/tasks/{made[-1]['id']}", headers=h).get_json()["queue_position"]
+        )
+    kept, counted = queue_counts(app)
+    assert kept == counted and sum(counted.values()) == 6
+
+    client.post(f"/api/v1/tasks/{made[0]['id']}/cancel", headers=h)
+    client.patch(f"/api/v1/tasks/{made[1]['id']}", headers=h, json={"priority": "urgent"})
+    client.delete(f"/api/v1/tasks/{made[2]['id']}", headers=h)
+    claimed = client.post(
+        f"/api/v1/tasks/{made[3]['id']}/claim", headers=h, json={"executor": "e1"}
+    )
+    assert claimed.status_code == 200
+    run_id = claimed.get_json()["id"]
+    client.post(f"/api/v1/runs/{run_id}/heartbeat", headers=h, json={"executor": "e1"})
+    done = client.post(
+        f"/api/v1/runs/{run_id}/complete",
+        headers=h,
+        json={"executor": "e1", "status": "failed", "exit_code": 1},
+    )
+    assert done.status_code == 200, done.get_json()
+    kept, counted = queue_counts(app)
+    assert kept == counted and sum(counted.values()) == 3  # cancelled, deleted, failed left
+
+    # what ended sessions wrote is folded into shard 0 and still adds up
+    with app.app_context():
+        from app.extensions import db
+
+        db.engine.dispose()  # every pooled session ends
+        assert sweep()["queue_counts_folded"] >= 1
+        shards = db.session.execute(sa.text("SELECT DISTINCT shard FROM task_queue_counts")).all()
+        db.session.commit()
+    assert [s for (s,) in shards] == [0]
+    kept, counted = queue_counts(app)
+    assert kept == counted

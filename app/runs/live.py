@@ -48,32 +48,39 @@ def activity_channel() -> str:
     return f"{namespace()}:activity"
 
 
-#: Redis commands issued while a transaction's after-commit callbacks run, sent in one round trip
-_batch: ContextVar[list[Callable[[Any], Any]] | None] = ContextVar("sb_publish_batch", default=None)
+#: what a transaction's after-commit callbacks send: jobs to enqueue, then messages to publish
+_batch: ContextVar[tuple[list[Callable[[Any], Any]], list[tuple[str, str]]] | None] = ContextVar(
+    "sb_publish_batch", default=None
+)
 
 
 @contextlib.contextmanager
 def batched() -> Iterator[None]:
-    """Send every publish (and job enqueued with `defer`) inside as one MULTI/EXEC pipeline, in
-    order, when the block ends."""
+    """Send every publish (and job enqueued with `defer`) inside in one round trip, in order,
+    when the block ends."""
     if _batch.get() is not None:
         yield
         return
-    pending: list[Callable[[Any], Any]] = []
-    token = _batch.set(pending)
+    jobs: list[Callable[[Any], Any]] = []
+    messages: list[tuple[str, str]] = []
+    token = _batch.set((jobs, messages))
     try:
         yield
     finally:
         _batch.reset(token)
-        if pending:
+        if jobs or messages:
             try:
-                pipe = get_redis().pipeline()
-                pipe.multi()  # explicit from the start: RQ's enqueue asks for MULTI mode
-                for command in pending:
+                # jobs first: RQ puts the pipeline in MULTI mode, which must precede any command
+                pipe = get_redis().pipeline(transaction=False)
+                for command in jobs:
                     command(pipe)
+                for channel, text in messages:
+                    pipe.publish(channel, text)
                 pipe.execute()
             except Exception as exc:  # never let a notification break what it reports
-                log.warning("could not send %d batched commands: %s", len(pending), exc)
+                log.warning(
+                    "could not send %d jobs, %d messages: %s", len(jobs), len(messages), exc
+                )
 
 
 def defer(command: Callable[[Any], Any]) -> bool:
@@ -81,13 +88,15 @@ def defer(command: Callable[[Any], Any]) -> bool:
     pending = _batch.get()
     if pending is None:
         return False
-    pending.append(command)
+    pending[0].append(command)
     return True
 
 
 def publish(channel: str, message: dict[str, Any]) -> None:
     text = json.dumps(message, separators=(",", ":"))
-    if defer(lambda pipe: pipe.publish(channel, text)):
+    pending = _batch.get()
+    if pending is not None:
+        pending[1].append((channel, text))
         return
     try:
         get_redis().publish(channel, text)

@@ -65,3 +65,21 @@ class TaskDependency(db.Model):
     depends_on_id: Mapped[int] = mapped_column(
         sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True, index=True
     )
+
+
+class TaskQueueCount(db.Model):
+    """How many tasks wait `queued` per project and priority, so that a new task's queue position
+    costs a handful of rows instead of counting the whole queue.
+
+    On PostgreSQL the trigger `tasks_queue_count` (migration 7c1e5a9b3d20) keeps it, whatever
+    changes a task: each database session adds its +1/-1 to its own row (`shard` is the server
+    process id), so concurrent transactions never wait on each other; the sweep folds rows of
+    ended sessions into shard 0. The sum over shards is what `count(*)` would say, in the same
+    snapshot. SQLite has no trigger and no fast path: it counts."""
+
+    __tablename__ = "task_queue_counts"
+
+    project_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    priority_rank: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    queued: Mapped[int] = mapped_column(sa.BigInteger, default=0)

@@ -5,7 +5,8 @@ caller develops in, a prompt, no dependencies, no idempotency key, no concurrenc
 path (`service.create_task`) spent most of a creation in the unit of work for five objects and
 nine statements. Here one read gathers everything the decision needs (the caller, the project,
 the caller's role in it, whether a subscription listens, and the new ids), and one statement
-writes the same rows: the task, its first run, three activity entries and the audit entry.
+writes the same rows: the task, its first run, three activity entries and the audit entry. The
+queue position comes from `task_queue_counts` (a few rows) instead of counting the queue.
 
 Anything outside the plain case returns None and the caller takes the ORM path, which stays the
 one place that explains refusals. `tests/test_task_intake.py` holds both paths to the same rows,
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
+
 from app.activity import service as activity
 from app.audit.redact import redact
 from app.auth.abilities import abilities_for_role
@@ -28,7 +31,7 @@ from app.extensions import db
 from app.projects.service import ROLE_RANK
 from app.runs import live
 from app.tasks import lifecycle
-from app.tasks.models import PRIORITY_RANK
+from app.tasks.models import PRIORITY_RANK, TaskQueueCount
 from app.timeutil import utcnow
 
 #: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
@@ -76,8 +79,24 @@ WITH t AS (
   RETURNING id, kind
 )
 SELECT (SELECT json_object_agg(kind, id) FROM a),
-       (SELECT count(*) FROM tasks WHERE project_id = %(project_id)s AND status = 'queued'
-          AND (priority_rank > %(rank)s OR (priority_rank = %(rank)s AND id < %(task_id)s)))
+       (SELECT coalesce(sum(queued), 0) FROM task_queue_counts
+          WHERE project_id = %(project_id)s AND priority_rank >= %(rank)s)
+"""
+
+#: rows of database sessions that ended, folded into shard 0 (zero sums go)
+_FOLD = """
+WITH gone AS (
+  DELETE FROM task_queue_counts
+  WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
+  RETURNING project_id, priority_rank, queued
+), folded AS (
+  INSERT INTO task_queue_counts (project_id, priority_rank, shard, queued)
+  SELECT project_id, priority_rank, 0, sum(queued) FROM gone GROUP BY project_id, priority_rank
+  ON CONFLICT (project_id, priority_rank, shard)
+  DO UPDATE SET queued = task_queue_counts.queued + excluded.queued
+  RETURNING 1
+)
+SELECT count(*) FROM folded
 """
 
 
@@ -93,6 +112,17 @@ class Caller:
 
 def supported() -> bool:
     return db.engine.dialect.name == "postgresql"
+
+
+def fold_queue_counts() -> int:
+    """Maintenance: fold the counts of ended database sessions (in the caller's transaction)."""
+    if not supported():
+        return 0
+    folded = db.session.execute(sa.text(_FOLD)).scalar() or 0
+    db.session.execute(
+        sa.delete(TaskQueueCount).where(TaskQueueCount.shard == 0, TaskQueueCount.queued == 0)
+    )
+    return folded
 
 
 def create(
