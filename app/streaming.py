@@ -28,6 +28,7 @@ import redis
 from flask import Response, current_app, request
 
 from app.errors import TooManyRequests
+from app.runs.live import unpack
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +264,15 @@ class Hub:
                     continue
                 channel = msg["channel"].decode()
                 try:
-                    data = json.loads(msg["data"])
+                    messages = unpack(msg["data"])
                 except ValueError:
                     continue
                 with self.lock:
                     targets = list(self.subscribers.get(channel, ()))
-                item = {"channel": channel, **data}  # shared: frames are encoded once
-                for sub in targets:
-                    sub.offer(item)
+                for data in messages:
+                    item = {"channel": channel, **data}  # shared: frames are encoded once
+                    for sub in targets:
+                        sub.offer(item)
         finally:
             with contextlib.suppress(Exception):
                 pubsub.close()

@@ -33,11 +33,8 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 
 
 def rfc3339(value: datetime) -> str:
-    value = as_utc(value)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    if value.microsecond:
-        text += f".{value.microsecond:06d}".rstrip("0")
-    return text + "Z"
+    text = as_utc(value).replace(tzinfo=None).isoformat()  # fraction only when there is one
+    return (text.rstrip("0") if "." in text else text) + "Z"
 
 
 class Timestamp(ma.fields.DateTime):

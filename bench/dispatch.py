@@ -23,6 +23,8 @@ import time
 import sqlalchemy as sa
 from harness import Client, Server, backend_parser, fresh_database, pct, socket_load
 
+from app.runs.live import unpack
+
 
 def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
     """Wait for the task's run to end by listening on its live channel (polling the API would
@@ -37,7 +39,10 @@ def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict
             msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
             if time.monotonic() > deadline:
                 raise SystemExit(f"task {task['id']} did not finish")
-            if msg and b'"type":"status"' in msg["data"] and b'"running"' not in msg["data"]:
+            if msg and any(
+                m.get("type") == "status" and m.get("status") != "running"
+                for m in unpack(msg["data"])
+            ):
                 _, now = client.call("GET", f"/api/v1/tasks/{task['id']}")
         return now
     finally:

@@ -222,6 +222,8 @@ class Server:
             "SWITCHBOARD_ADMIN_USERNAME": ADMIN["username"],
             "SWITCHBOARD_ADMIN_PASSWORD": ADMIN["password"],
             "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            # no access log: formatting lines nobody reads costs ~8% of a short request
+            "GUNICORN_ACCESSLOG": os.environ.get("GUNICORN_ACCESSLOG", ""),
             **settings,
         }
         if database_url:
@@ -257,8 +259,6 @@ class Server:
             "-c",
             "gunicorn.conf.py",
             "wsgi:app",
-            "--access-logfile",
-            "/dev/null",
             "--log-level",
             "warning",
         )

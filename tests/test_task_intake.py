@@ -151,7 +151,7 @@ def test_plain_creation_matches_the_flask_view(
     while len(heard) < 6 and time.monotonic() < deadline:
         msg = pubsub.get_message(timeout=0.5)
         if msg:
-            heard.append(json.loads(msg["data"]))
+            heard += live.unpack(msg["data"])
     pubsub.close()
     assert [m["kind"] for m in heard] == ["run.status", "task.status", "task.created"] * 2
     assert [m["data"]["task_id"] for m in heard] == [f["id"]] * 3 + [s["id"]] * 3

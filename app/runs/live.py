@@ -7,6 +7,7 @@ stream that missed a message resumes from the database by offset.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -23,10 +24,10 @@ def namespace() -> str:
     a Redis server on different dbs would hear each other. Channels carry the db number."""
     from flask import current_app
 
-    url = current_app.config["SWITCHBOARD_REDIS_URL"]
-    return f"sb:{channel_db(url)}"
+    return f"sb:{channel_db(current_app.config['SWITCHBOARD_REDIS_URL'])}"
 
 
+@functools.lru_cache(maxsize=16)
 def channel_db(url: str) -> str:
     from urllib.parse import parse_qs, urlparse
 
@@ -74,13 +75,31 @@ def batched() -> Iterator[None]:
                 pipe = get_redis().pipeline(transaction=False)
                 for command in jobs:
                     command(pipe)
-                for channel, text in messages:
+                for channel, text in _coalesced(messages):
                     pipe.publish(channel, text)
                 pipe.execute()
             except Exception as exc:  # never let a notification break what it reports
                 log.warning(
                     "could not send %d jobs, %d messages: %s", len(jobs), len(messages), exc
                 )
+
+
+def _coalesced(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One publish per channel: several messages for a channel go as one JSON array, in order
+    (`unpack` reads both forms)."""
+    by_channel: dict[str, list[str]] = {}
+    for channel, text in messages:
+        by_channel.setdefault(channel, []).append(text)
+    return [
+        (channel, texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]")
+        for channel, texts in by_channel.items()
+    ]
+
+
+def unpack(data: bytes | str) -> list[dict[str, Any]]:
+    """The messages in one pub/sub payload (a message, or an array of them)."""
+    value = json.loads(data)
+    return value if isinstance(value, list) else [value]
 
 
 def defer(command: Callable[[Any], Any]) -> bool:

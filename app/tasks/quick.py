@@ -15,7 +15,6 @@ notifications and response.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ WITH t AS (
   RETURNING id, kind
 )
 SELECT (SELECT json_object_agg(kind, id) FROM a),
-       (SELECT coalesce(sum(queued), 0) FROM task_queue_counts
+       (SELECT coalesce(sum(queued), 0)::bigint FROM task_queue_counts
           WHERE project_id = %(project_id)s AND priority_rank >= %(rank)s)
 """
 
@@ -137,25 +136,24 @@ def create(
     if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
         return None
     conn = db.engine.raw_connection()  # pooled: checkout/checkin as for any other use
+    driver = conn.driver_connection
+    # each statement is its own transaction: no BEGIN and COMMIT round trips (the read decides,
+    # the write is atomic on its own, as the view's read-then-write in READ COMMITTED would be)
+    driver.autocommit = True
     try:
-        cursor = conn.cursor()
+        cursor = driver.cursor()
         cursor.execute(_READ, {"project": data["project"], "user_id": caller.user_id})
         row = cursor.fetchone()
         task = _plan(caller, data, row, agents)
         if task is None or not admit():
-            conn.rollback()
             return None
         cursor.execute(_WRITE, _write_params(caller, task, row[0]))
         created, ahead = cursor.fetchone()
         cursor.close()
-        conn.commit()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.rollback()
-        raise
     finally:
+        driver.autocommit = False
         conn.close()
-    task["queue_position"] = ahead + 1
+    task["queue_position"] = int(ahead) + 1
     _after_commit(task, created)
     return task
 
