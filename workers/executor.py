@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from flask import current_app
 
 from app.extensions import db, get_redis
@@ -67,10 +68,14 @@ class RunDriver:
         self.batch = Batch(offset=run.log_size)
         self.live_offset = run.log_size
         self.live_hold = b""
-        self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(live.control_channel(run.id))
-        # a stop requested before we subscribed is in the row we took
+        self.pubsub: Any = None
+        # a stop requested before we listen is in the row we took, or the next lease renewal
         self.stop_requested = run.stop_requested_at is not None
+
+    def listen(self) -> None:
+        """Hear stop requests (after the agent started: its start should not wait for this)."""
+        self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(live.control_channel(self.run.id))
 
     # -- output --------------------------------------------------------------------------------
 
@@ -134,7 +139,7 @@ class RunDriver:
     # -- control -------------------------------------------------------------------------------
 
     def stop_signalled(self) -> bool:
-        if not self.stop_requested:
+        if not self.stop_requested and self.pubsub is not None:
             try:
                 msg = self.pubsub.get_message(timeout=0)
             except redis.RedisError:
@@ -173,7 +178,8 @@ class RunDriver:
 
     def close(self) -> None:
         try:
-            self.pubsub.close()
+            if self.pubsub is not None:
+                self.pubsub.close()
         except Exception:
             log.debug("closing pubsub failed", exc_info=True)
 
@@ -189,8 +195,11 @@ def execute(run_id: int) -> str:
     run = runs.assign(run_id, me, cfg["SWITCHBOARD_LEASE_SECONDS"])
     if run is None:
         return "skipped"  # another job took it, or it was cancelled before it started
-    task = db.session.get(Task, run.task_id)
-    project = db.session.get(Project, run.project_id)
+    task, project = db.session.execute(
+        sa.select(Task, Project)
+        .join(Project, Project.id == Task.project_id)
+        .where(Task.id == run.task_id)
+    ).one()
     registry = agents.registry(cfg.get("SWITCHBOARD_AGENTS"))
     agent = registry.get(run.agent)
     if agent is None:
@@ -238,6 +247,8 @@ def execute(run_id: int) -> str:
             ):
                 proc.stop(0.5)
                 return "skipped"  # stopped between assignment and start
+            if n == 1:
+                driver.listen()
             if loop:
                 driver.note("iteration", {"n": n, "max": iterations, "pid": proc.pid})
             outcome = driver.drive(proc)

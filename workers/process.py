@@ -121,8 +121,9 @@ class AgentProcess:
 
     def pump(self, on_output: Callable[[bytes], None], tick: float) -> None:
         """Read what is available for up to `tick` seconds, handing each chunk to `on_output`."""
-        if self._eof:
-            time.sleep(min(tick, 0.01))
+        if self._eof:  # output closed: the exit follows at once, so wait for it, not a tick
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=tick)
             return
         deadline = time.monotonic() + tick
         while True:
