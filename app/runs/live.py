@@ -71,17 +71,24 @@ def batched() -> Iterator[None]:
         _batch.reset(token)
         if jobs or messages:
             try:
-                # jobs first: RQ puts the pipeline in MULTI mode, which must precede any command
-                pipe = get_redis().pipeline(transaction=False)
-                for command in jobs:
-                    command(pipe)
-                for channel, text in _coalesced(messages):
-                    pipe.publish(channel, text)
-                pipe.execute()
+                _send(jobs, _coalesced(messages))
             except Exception as exc:  # never let a notification break what it reports
                 log.warning(
                     "could not send %d jobs, %d messages: %s", len(jobs), len(messages), exc
                 )
+
+
+def _send(jobs: list[Callable[[Any], Any]], publishes: list[tuple[str, str]]) -> None:
+    if not jobs and len(publishes) == 1:  # one command needs no pipeline
+        get_redis().publish(*publishes[0])
+        return
+    # jobs first: RQ puts the pipeline in MULTI mode, which must precede any command
+    pipe = get_redis().pipeline(transaction=False)
+    for command in jobs:
+        command(pipe)
+    for channel, text in publishes:
+        pipe.publish(channel, text)
+    pipe.execute()
 
 
 def _coalesced(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
