@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import sqlalchemy as sa
 from flask import current_app
 
 from app.extensions import db, get_redis
-from app.projects.models import Project
 from app.runs import live, logs
 from app.runs import service as runs
 from app.runs.models import Run
@@ -192,14 +190,10 @@ def execute(run_id: int) -> str:
     """Job body. Returns a one-word outcome for RQ's result."""
     cfg = current_app.config
     me = executor_name()
-    run = runs.assign(run_id, me, cfg["SWITCHBOARD_LEASE_SECONDS"])
-    if run is None:
+    taken = runs.take(run_id, me, cfg["SWITCHBOARD_LEASE_SECONDS"])
+    if taken is None:
         return "skipped"  # another job took it, or it was cancelled before it started
-    task, project = db.session.execute(
-        sa.select(Task, Project)
-        .join(Project, Project.id == Task.project_id)
-        .where(Task.id == run.task_id)
-    ).one()
+    run, task, project = taken
     registry = agents.registry(cfg.get("SWITCHBOARD_AGENTS"))
     agent = registry.get(run.agent)
     if agent is None:

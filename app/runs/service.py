@@ -16,8 +16,10 @@ from sqlalchemy.orm.util import identity_key
 from app.errors import Conflict, NotFound
 from app.extensions import db
 from app.pagination import Page, paginate
+from app.projects.models import Project
 from app.runs import live, logs
 from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent
+from app.tasks.models import Task
 from app.timeutil import utcnow
 
 SIGNALS = {
@@ -108,6 +110,41 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
     ).scalar_one_or_none()
     db.session.commit()
     return run
+
+
+def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
+    """The worker pool's `assign`: the run with its task and project. On PostgreSQL one
+    statement (an UPDATE … RETURNING joined to both): the agent's start waits on it."""
+    if db.engine.dialect.name != "postgresql":  # SQLite has no UPDATE in a WITH
+        run = assign(run_id, executor, lease_s)
+        if run is None:
+            return None
+        task, project = db.session.execute(
+            sa.select(Task, Project)
+            .join(Project, Project.id == Task.project_id)
+            .where(Task.id == run.task_id)
+        ).one()
+        return run, task, project
+    taken = (
+        sa.update(Run)
+        .where(Run.id == run_id, Run.status == "queued")
+        .values(
+            status="assigned",
+            executor=executor,
+            lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+        )
+        .returning(*Run.__table__.c)
+        .cte("taken")
+    )
+    run_row = sa.orm.aliased(Run, taken)
+    found = db.session.execute(
+        sa.select(run_row, Task, Project)
+        .join(Task, Task.id == taken.c.task_id)
+        .join(Project, Project.id == taken.c.project_id),
+        execution_options={"populate_existing": True},
+    ).one_or_none()
+    db.session.commit()
+    return None if found is None else (found[0], found[1], found[2])
 
 
 def mark_running(run: Run, *, pid: int | None, agent_version: str | None, lease_s: int) -> bool:
