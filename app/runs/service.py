@@ -14,7 +14,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from app.errors import Conflict, NotFound
-from app.extensions import db
+from app.extensions import after_commit, db
 from app.pagination import Page, paginate
 from app.projects.models import Project
 from app.runs import live, logs
@@ -164,8 +164,8 @@ def mark_running(run: Run, *, pid: int | None, agent_version: str | None, lease_
         db.session.rollback()
         return False
     lifecycle.run_changed(run)
+    after_commit(lambda: live.run_status(run.id, "running"))  # with the activity messages
     db.session.commit()
-    live.run_status(run.id, "running")
     return True
 
 
@@ -261,8 +261,9 @@ def finish(
         return run
     run = get_run(run_id)
     lifecycle.run_finished(run, requeue=requeue)
+    status, code = run.status, run.exit_code
+    after_commit(lambda: live.run_status(run_id, status, code))  # with the activity messages
     db.session.commit()
-    live.run_status(run.id, run.status, run.exit_code)
     return run
 
 
