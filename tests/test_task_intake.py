@@ -30,13 +30,16 @@ def intake(app: Flask, client: FlaskClient) -> Any:
     return found
 
 
-def post_task(client: FlaskClient, who: Account, body: dict, via_flask: bool, intake: Any) -> Any:
+def post_task(
+    client: FlaskClient, who: Account | dict, body: dict, via_flask: bool, intake: Any
+) -> Any:
     """POST a task through the fast path, or (via_flask) straight to the Flask view."""
     before = intake.served
+    headers = who if isinstance(who, dict) else who.headers
     with pytest.MonkeyPatch.context() as mp:
         if via_flask:
             mp.setattr(type(intake), "__call__", lambda self, env, start: self.wsgi_app(env, start))
-        resp = client.post("/api/v1/tasks", json=body, headers=who.headers)
+        resp = client.post("/api/v1/tasks", json=body, headers=headers)
     assert intake.served == before + (resp.status_code == 201 and not via_flask)
     return resp
 
@@ -333,3 +336,42 @@ def test_queue_counts_follow_every_change(
     assert [s for (s,) in shards] == [0]
     kept, counted = queue_counts(app)
     assert kept == counted
+
+
+def test_personal_access_tokens_take_the_fast_path_too(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    def token(abilities: list[str]) -> dict:
+        resp = client.post(
+            "/api/v1/me/tokens",
+            headers=member.headers,
+            json={"label": "ci", "abilities": abilities},
+        )
+        assert resp.status_code == 201, resp.get_json()
+        return resp.get_json()
+
+    pat = token(["projects:read", "runs:start"])
+    bearer = {"Authorization": f"Bearer {pat['token']}"}
+    body = {"project": "demo", "title": "From CI", "prompt": "make test", "target": "external"}
+    # first use: the token's last_used_at is due, which the view writes
+    first = client.post("/api/v1/tasks", json=body, headers=bearer)
+    assert first.status_code == 201 and intake.served == 0
+    fast = post_task(client, bearer, body, False, intake)
+    assert fast.status_code == 201 and intake.served == 1
+    slow = post_task(client, bearer, body, True, intake)
+    assert response_shape(fast) == response_shape(slow)
+    assert rows(app, fast.get_json()["id"]) == rows(app, slow.get_json()["id"])
+    assert rows(app, fast.get_json()["id"])["audit"][0][2] == f"pat:{pat['id']}"
+    api_key = post_task(client, {"X-API-Key": pat["token"]}, body, False, intake)
+    assert api_key.status_code == 201 and intake.served == 2
+
+    # what the token may not do, the view refuses
+    reader = token(["projects:read"])
+    refused = client.post(
+        "/api/v1/tasks", json=body, headers={"Authorization": f"Bearer {reader['token']}"}
+    )
+    assert refused.status_code == 403
+    client.delete(f"/api/v1/me/tokens/{pat['id']}", headers=member.headers)
+    revoked = client.post("/api/v1/tasks", json=body, headers=bearer)
+    assert revoked.status_code == 401
+    assert intake.served == 2

@@ -3,6 +3,7 @@ delete, and the external executors' claim model."""
 
 import random
 
+import pytest
 import sqlalchemy as sa
 from helpers import assert_problem, count
 from test_execution import create, log_text, task, wait_status
@@ -94,6 +95,67 @@ def test_failing_dependency_cancels_the_chain(client, member, project, worker):
     # a task created on a failed dependency is cancelled at once
     d = create(client, member, title="D", prompt="echo D", depends_on=[a["id"]])
     assert d["status"] == "cancelled"
+
+
+def test_a_dependent_created_while_its_dependency_ends_is_not_left_blocked(
+    app, client, member, project, monkeypatch
+):
+    """A fails at the moment B (depending on A) is created: A's end has looked for dependents and
+    not committed yet, while B reads A's status. B must wait for A's end and be cancelled (without
+    the lock B was created `blocked` and nothing would ever release it)."""
+    import threading
+
+    from app.tasks import lifecycle
+
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("concurrent writers: PostgreSQL (SQLite serialises whole transactions)")
+    a = create(client, member, title="A", prompt="x", target="external")
+    run = client.post(
+        f"/api/v1/tasks/{a['id']}/claim", headers=member.headers, json={"executor": "e1"}
+    ).get_json()
+    checked, go = threading.Event(), threading.Event()
+    original = lifecycle.cancel_dependents
+
+    def paused(task, reason):
+        original(task, reason)
+        checked.set()  # A's end found no dependents; it commits when we say so
+        go.wait(10)
+
+    monkeypatch.setattr(lifecycle, "cancel_dependents", paused)
+    answers = {}
+
+    def call(name, path, body):
+        with app.test_client() as other:
+            answers[name] = other.post(path, headers=member.headers, json=body)
+
+    ending = threading.Thread(
+        target=call,
+        args=(
+            "end",
+            f"/api/v1/runs/{run['id']}/complete",
+            {"executor": "e1", "status": "failed", "exit_code": 1},
+        ),
+    )
+    ending.start()
+    assert checked.wait(10)
+    creating = threading.Thread(
+        target=call,
+        args=(
+            "b",
+            "/api/v1/tasks",
+            {"project": "demo", "title": "B", "prompt": "x", "depends_on": [a["id"]]},
+        ),
+    )
+    creating.start()
+    creating.join(0.5)  # B waits for A's end to commit
+    go.set()
+    ending.join(10)
+    creating.join(10)
+    assert answers["end"].status_code == 200, answers["end"].get_json()
+    b = answers["b"].get_json()
+    assert answers["b"].status_code == 201, b
+    assert (b["status"], b["status_reason"]) == ("cancelled", f"dependency #{a['id']} failed")
 
 
 def test_dependency_cycle_is_422(client, member, project):

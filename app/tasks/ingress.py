@@ -1,7 +1,8 @@
 """The fast path for `POST /api/v1/tasks`: a WSGI middleware in front of Flask.
 
 Task creation is the busiest write: scripts and CI send tasks by the thousand. For the plain case
-(a JSON body that `TaskCreateSchema` accepts, an access token, no `Idempotency-Key`) this answers
+(a JSON body that `TaskCreateSchema` accepts, an access token or a personal access token, no
+`Idempotency-Key`) this answers
 before Flask with exactly what the Flask view would answer: the same validation (the same schema),
 the same authentication and write limit (the same token check and limiter storage), the same rows
 (`quick.create`) and the same response body and headers. Anything else, and every refusal, goes
@@ -46,29 +47,22 @@ class TaskIntake:
             environ.get("REQUEST_METHOD") != "POST"
             or environ.get("PATH_INFO") != PATH
             or "HTTP_IDEMPOTENCY_KEY" in environ
-            or "HTTP_X_API_KEY" in environ
         ):
             return self.wsgi_app(environ, start_response)
-        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        token = _credential(environ)
         mimetype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = -1
         limit = self.app.config.get("MAX_CONTENT_LENGTH") or 0
-        if (
-            scheme.lower() != "bearer"
-            or not token
-            or token.startswith(tokens.PAT_PREFIX)
-            or mimetype != "application/json"
-            or not 0 < length <= limit
-        ):
+        if not token or mimetype != "application/json" or not 0 < length <= limit:
             return self.wsgi_app(environ, start_response)
         body = environ["wsgi.input"].read(length)
         environ["wsgi.input"] = io.BytesIO(body)  # the Flask view reads it again if need be
         with self.app.app_context():
             try:
-                answer = self._create(environ, token.strip(), body)
+                answer = self._create(environ, token, body)
             except DomainError:
                 answer = None  # the view answers refusals
             finally:
@@ -88,16 +82,20 @@ class TaskIntake:
         if not self._supported:
             return None
         config = self.app.config
+        user_id: int | None = None
+        token_hash: str | None = None
         try:
-            claims = tokens.decode_access(config["SECRET_KEY"], token)
+            if token.startswith(tokens.PAT_PREFIX):
+                token_hash = tokens.digest(token)
+            else:
+                user_id = int(tokens.decode_access(config["SECRET_KEY"], token)["sub"])
             data = self._schema(TaskCreateSchema).load(json.loads(body))
         except (jwt.InvalidTokenError, ValueError, ma.ValidationError):
             return None
-        user_id = int(claims["sub"])
         ip = environ.get("REMOTE_ADDR")
         limits: dict[str, str] = {}
 
-        def admit() -> bool:
+        def admit(user_id: int) -> bool:
             """The write limit counts only a creation this path is about to make."""
             if not config.get("RATELIMIT_ENABLED"):
                 return True
@@ -109,7 +107,7 @@ class TaskIntake:
         if config.get("RATELIMIT_ENABLED"):
             throttle.check(ip)
         rid = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
-        caller = quick.Caller(user_id=user_id, via="session", request_id=rid, ip=ip)
+        caller = quick.Caller(user_id=user_id, token_hash=token_hash, request_id=rid, ip=ip)
         task = quick.create(caller, data, frozenset(service.known_agents()), admit)
         if task is None:
             return None
@@ -131,6 +129,15 @@ class TaskIntake:
             schema = cls()
             setattr(self._schemas, cls.__name__, schema)
         return schema
+
+
+def _credential(environ: dict[str, Any]) -> str | None:
+    """The bearer value or `X-API-Key`, as `auth.guard` reads them (None: let the view say)."""
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    if header:
+        scheme, _, value = header.partition(" ")
+        return value.strip() or None if scheme.lower() == "bearer" else None
+    return environ.get("HTTP_X_API_KEY", "").strip() or None
 
 
 #: what `TaskSchema` shows of a task, and which of it are times

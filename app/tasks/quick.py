@@ -26,12 +26,13 @@ import sqlalchemy as sa
 from app.activity import service as activity
 from app.audit.redact import redact
 from app.auth.abilities import abilities_for_role
+from app.auth.service import LAST_USED_RESOLUTION
 from app.extensions import db
 from app.projects.service import ROLE_RANK
 from app.runs import live
 from app.tasks import lifecycle
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
-from app.timeutil import utcnow
+from app.timeutil import as_utc, utcnow
 
 #: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
 PLAIN_FIELDS = frozenset(
@@ -45,11 +46,16 @@ SELECT u.username, u.role, u.is_active, p.id, p.key, p.default_agent, p.max_conc
        EXISTS (SELECT 1 FROM subscriptions s
                WHERE s.active AND (s.project_id IS NULL OR s.project_id = p.id)),
        nextval(pg_get_serial_sequence('tasks', 'id')),
-       nextval(pg_get_serial_sequence('runs', 'id'))
+       nextval(pg_get_serial_sequence('runs', 'id')),
+       u.id, t.id, t.abilities, t.revoked_at IS NOT NULL, t.expires_at, t.last_used_at
 FROM users u
 JOIN projects p ON p.key = %(project)s
 LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = u.id
-WHERE u.id = %(user_id)s
+LEFT JOIN personal_access_tokens t ON t.token_hash = %(token_hash)s AND t.user_id = u.id
+WHERE u.id = coalesce(
+  %(user_id)s::integer,
+  (SELECT user_id FROM personal_access_tokens WHERE token_hash = %(token_hash)s)
+)
 """
 
 _WRITE = """
@@ -101,10 +107,11 @@ SELECT count(*) FROM folded
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks, as the audit trail records it."""
+    """Who asks: a session's user id (from its verified access token) or a personal access
+    token's hash; and from where, as the audit trail records it."""
 
-    user_id: int
-    via: str
+    user_id: int | None
+    token_hash: str | None
     request_id: str
     ip: str | None
 
@@ -128,11 +135,11 @@ def create(
     caller: Caller,
     data: dict[str, Any],
     agents: frozenset[str],
-    admit: Callable[[], bool] = lambda: True,
+    admit: Callable[[int], bool] = lambda _user_id: True,
 ) -> dict[str, Any] | None:
     """Create a plain task (data as `TaskCreateSchema` loaded it): the task as `TaskSchema`
-    reads it, or None when this is not the plain case or `admit` (asked only when the task is
-    about to be written) refuses; nothing was written then."""
+    reads it, or None when this is not the plain case or `admit(user_id)` (asked only when the
+    task is about to be written) refuses; nothing was written then."""
     if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
         return None
     conn = db.engine.raw_connection()  # pooled: checkout/checkin as for any other use
@@ -142,10 +149,17 @@ def create(
     driver.autocommit = True
     try:
         cursor = driver.cursor()
-        cursor.execute(_READ, {"project": data["project"], "user_id": caller.user_id})
+        cursor.execute(
+            _READ,
+            {
+                "project": data["project"],
+                "user_id": caller.user_id,
+                "token_hash": caller.token_hash,
+            },
+        )
         row = cursor.fetchone()
         task = _plan(caller, data, row, agents)
-        if task is None or not admit():
+        if task is None or not admit(task["creator_id"]):
             return None
         cursor.execute(_WRITE, _write_params(caller, task, row[0]))
         created, ahead = cursor.fetchone()
@@ -165,13 +179,30 @@ def _plan(
     if row is None:
         return None
     (_name, user_role, active, project_id, key, default_agent, cap, archived, member_role,
-     subscribed, task_id, run_id) = row  # fmt: skip
-    role = "maintainer" if user_role == "admin" else member_role
+     subscribed, task_id, run_id, user_id, pat_id, pat_abilities, revoked, expires_at,
+     last_used_at) = row  # fmt: skip
+    abilities = abilities_for_role(user_role)
+    via = "session"
+    if caller.token_hash is not None:  # as `auth.service._authenticate_pat` decides
+        now = utcnow()
+        if (
+            pat_id is None
+            or revoked
+            or (expires_at is not None and as_utc(expires_at) <= now)
+            # its `last_used_at` is due an update: the view writes it
+            or last_used_at is None
+            or now - as_utc(last_used_at) > LAST_USED_RESOLUTION
+        ):
+            return None
+        abilities = frozenset(pat_abilities or ()) & abilities
+        via = f"pat:{pat_id}"
+    admin = user_role == "admin" and "admin" in abilities  # `projects.service.is_admin`
+    role = "maintainer" if admin else member_role
     agent = data.get("agent") or default_agent
     target = data.get("target") or "pool"
     if (
         not active
-        or "runs:start" not in abilities_for_role(user_role)
+        or "runs:start" not in abilities
         or role is None
         or ROLE_RANK[role] < ROLE_RANK["developer"]
         or archived
@@ -202,7 +233,8 @@ def _plan(
         "config": data.get("config"),
         "source": "api",
         "source_ref": None,
-        "creator_id": caller.user_id,
+        "creator_id": user_id,
+        "via": via,
         "latest_run_id": run_id,
         "created_at": now,
         "updated_at": now,
@@ -270,9 +302,9 @@ def _write_params(caller: Caller, task: dict[str, Any], username: str) -> dict[s
         "max_attempts": task["max_attempts"],
         "loop": _json(task["loop"]),
         "config": _json(task["config"]),
-        "user_id": caller.user_id,
+        "user_id": task["creator_id"],
         "username": username,
-        "via": caller.via,
+        "via": task["via"],
         "request_id": caller.request_id,
         "ip": caller.ip,
         "now": now,

@@ -69,11 +69,18 @@ def _project_for_task(principal: Principal, key: str) -> Project:
 
 
 def _dependencies(project: Project, ids: list[int]) -> list[Task]:
+    """The dependencies, share-locked until the caller commits: a dependency that is ending at
+    this moment either ends first (we then read how it ended) or waits for us (and then finds
+    this task among its dependents). Without the lock both could miss each other and leave the
+    new task blocked for ever."""
     ids = list(dict.fromkeys(ids))
     found = (
         list(
             db.session.scalars(
-                sa.select(Task).where(Task.id.in_(ids), Task.project_id == project.id)
+                sa.select(Task)
+                .where(Task.id.in_(ids), Task.project_id == project.id)
+                .with_for_update(read=True)
+                .execution_options(populate_existing=True)  # the state the lock waited for
             )
         )
         if ids
