@@ -375,3 +375,85 @@ def test_personal_access_tokens_take_the_fast_path_too(
     revoked = client.post("/api/v1/tasks", json=body, headers=bearer)
     assert revoked.status_code == 401
     assert intake.served == 2
+
+
+def test_a_runs_start_in_one_statement_matches_the_orm_path(
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    member: Account,
+    project: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`runs.quick.start` (the worker's mark_running on PostgreSQL) writes and sends what the
+    ORM path does, and leaves the case with a listening subscription to it."""
+    from app.extensions import db, get_redis
+    from app.runs import live, quick
+    from app.runs import service as runs
+    from app.tasks.models import Task
+
+    body = {"project": "demo", "title": "t", "prompt": "p"}
+    ids = [post_task(client, member, body, False, intake).get_json()["id"] for _ in range(3)]
+
+    def start(task_id: int, fast: bool) -> bool:
+        with app.app_context():
+            run_id = db.session.get(Task, task_id).latest_run_id
+            run, task, _project = runs.take(run_id, "e1", 30)
+            try:
+                return runs.mark_running(
+                    run, pid=4242, agent_version="bash 5", lease_s=30, task=task if fast else None
+                )
+            finally:
+                db.session.remove()
+
+    with app.app_context():
+        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(live.activity_channel())
+    assert [start(ids[0], True), start(ids[1], False)] == [True, True]
+    a, b = (rows(app, i) for i in ids[:2])
+    for r in (a, b):
+        assert (r["run"]["status"], r["run"]["pid"], r["run"]["agent_version"]) == (
+            "running",
+            4242,
+            "bash 5",
+        )
+        assert r["run"]["started_at"] is not None and r["task"]["status"] == "running"
+        r["run"].pop("started_at"), r["run"].pop("lease_expires_at")
+    assert a == b
+    kept, counted = queue_counts(app)
+    assert kept == counted  # the third task is still queued; the trigger followed both starts
+    heard: list[dict] = []
+    deadline = time.monotonic() + 5
+    while len(heard) < 4 and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        if msg:
+            heard += live.unpack(msg["data"])
+    pubsub.close()
+    assert [(m["kind"], m["data"]["status"], m["data"]["task_id"]) for m in heard] == [
+        ("run.status", "running", ids[0]),
+        ("task.status", "running", ids[0]),
+        ("run.status", "running", ids[1]),
+        ("task.status", "running", ids[1]),
+    ]
+
+    # a listening subscription: the one statement writes nothing and the ORM path takes over
+    monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
+    admin_headers = {
+        "Authorization": f"Bearer {account(app, client, 'root', 'admin').access_token}"
+    }
+    resp = client.post(
+        "/api/v1/subscriptions",
+        headers=admin_headers,
+        json={"url": "http://127.0.0.1:9/hook", "events": ["run.started"]},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    with app.app_context():
+        run_id = db.session.get(Task, ids[2]).latest_run_id
+        run, task, _project = runs.take(run_id, "e1", 30)
+        assert quick.start(run, task, pid=1, agent_version=None, lease_s=30) is None
+        assert runs.mark_running(run, pid=1, agent_version=None, lease_s=30, task=task)
+        db.session.remove()
+    sent = client.get(
+        f"/api/v1/subscriptions/{resp.get_json()['id']}/deliveries", headers=admin_headers
+    )
+    assert [d["event"] for d in sent.get_json()["data"]] == ["run.started"]

@@ -237,7 +237,11 @@ def execute(run_id: int) -> str:
         for n in range(1, iterations + 1):
             proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin)
             if n == 1 and not runs.mark_running(
-                run, pid=proc.pid, agent_version=version, lease_s=cfg["SWITCHBOARD_LEASE_SECONDS"]
+                run,
+                pid=proc.pid,
+                agent_version=version,
+                lease_s=cfg["SWITCHBOARD_LEASE_SECONDS"],
+                task=task,
             ):
                 proc.stop(0.5)
                 return "skipped"  # stopped between assignment and start

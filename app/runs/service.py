@@ -147,9 +147,18 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
     return None if found is None else (found[0], found[1], found[2])
 
 
-def mark_running(run: Run, *, pid: int | None, agent_version: str | None, lease_s: int) -> bool:
+def mark_running(
+    run: Run, *, pid: int | None, agent_version: str | None, lease_s: int, task: Task | None = None
+) -> bool:
+    """assigned -> running (False when the run is no longer ours). With its `task` loaded, the
+    plain case is one statement on PostgreSQL (`runs.quick`)."""
+    from app.runs import quick
     from app.tasks import lifecycle
 
+    if task is not None and quick.supported():
+        started = quick.start(run, task, pid=pid, agent_version=agent_version, lease_s=lease_s)
+        if started is not None:
+            return started
     now = utcnow()
     if not _transition(
         run.id,
