@@ -2,12 +2,11 @@
 
 Task creation is the busiest write: scripts and CI send tasks by the thousand. For the plain case
 (a JSON body that `TaskCreateSchema` accepts, an access token or a personal access token, no
-`Idempotency-Key`) this answers
-before Flask with exactly what the Flask view would answer: the same validation (the same schema),
-the same authentication and write limit (the same token check and limiter storage), the same rows
-(`quick.create`) and the same response body and headers. Anything else, and every refusal, goes
-on to the Flask view unchanged (it gets the body that was read), which stays the one place that
-formats problems and documents the endpoint.
+`Idempotency-Key`) this answers before Flask with exactly what the Flask view would answer: the
+same validation (the same schema), the same authentication and write limit (the same token check
+and limiter storage), the same rows (`quick.create`) and the same response body and headers.
+Anything else, and every refusal, goes on to the Flask view unchanged (it gets the body that was
+read), which stays the one place that formats problems and documents the endpoint.
 """
 
 from __future__ import annotations
