@@ -231,6 +231,31 @@ def test_queue_positions_of_1000_tasks(client, member, project, app):
     assert task(client, member, one)["queue_position"] == expected[one]
 
 
+def test_a_listing_shows_dependencies_and_positions(client, member, project):
+    a = create(client, member, title="A", prompt="x", target="external")
+    b = create(client, member, title="B", prompt="x", target="external", priority="high")
+    c = create(
+        client, member, title="C", prompt="x", target="external", depends_on=[a["id"], b["id"]]
+    )
+    listed = {
+        t["id"]: t
+        for t in client.get("/api/v1/tasks?project=demo", headers=member.headers).get_json()["data"]
+    }
+    assert [
+        (listed[t["id"]]["queue_position"], listed[t["id"]]["depends_on"]) for t in (a, b, c)
+    ] == [
+        (2, []),
+        (1, []),
+        (None, sorted([a["id"], b["id"]])),
+    ]
+    for t in (a, b, c):  # the same as each task's own page says
+        one = task(client, member, t["id"])
+        assert (one["queue_position"], one["depends_on"]) == (
+            listed[t["id"]]["queue_position"],
+            listed[t["id"]]["depends_on"],
+        )
+
+
 def test_concurrency_cap_holds_runs_back(client, member, project, worker, app):
     client.patch("/api/v1/projects/demo", json={"max_concurrent_runs": 1}, headers=member.headers)
     first = create(client, member, title="first", prompt="sleep 1.5")

@@ -233,6 +233,20 @@ def list_tasks(
     return paginate(stmt, Task.id, cursor=cursor, limit=limit)
 
 
+def dependency_ids_of(task_ids: list[int]) -> dict[int, list[int]]:
+    """The dependencies of several tasks (a page of a listing), in one query."""
+    found: dict[int, list[int]] = {task_id: [] for task_id in task_ids}
+    if task_ids:
+        rows = db.session.execute(
+            sa.select(TaskDependency.task_id, TaskDependency.depends_on_id)
+            .where(TaskDependency.task_id.in_(task_ids))
+            .order_by(TaskDependency.task_id, TaskDependency.depends_on_id)
+        )
+        for task_id, depends_on_id in rows:
+            found[task_id].append(depends_on_id)
+    return found
+
+
 def dependency_ids(task_id: int) -> list[int]:
     return list(
         db.session.scalars(
