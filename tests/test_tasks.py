@@ -3,7 +3,6 @@ delete, and the external executors' claim model."""
 
 import random
 
-import pytest
 import sqlalchemy as sa
 from helpers import assert_problem, count
 from test_execution import create, log_text, task, wait_status
@@ -107,9 +106,6 @@ def test_a_dependent_created_while_its_dependency_ends_is_not_left_blocked(
 
     from app.tasks import lifecycle
 
-    with app.app_context():
-        if db.engine.dialect.name != "postgresql":
-            pytest.skip("concurrent writers: PostgreSQL (SQLite serialises whole transactions)")
     a = create(client, member, title="A", prompt="x", target="external")
     run = client.post(
         f"/api/v1/tasks/{a['id']}/claim", headers=member.headers, json={"executor": "e1"}

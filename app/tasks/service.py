@@ -69,11 +69,17 @@ def _project_for_task(principal: Principal, key: str) -> Project:
 
 
 def _dependencies(project: Project, ids: list[int]) -> list[Task]:
-    """The dependencies, share-locked until the caller commits: a dependency that is ending at
-    this moment either ends first (we then read how it ended) or waits for us (and then finds
-    this task among its dependents). Without the lock both could miss each other and leave the
-    new task blocked for ever."""
+    """The dependencies, locked until the caller commits (PostgreSQL: FOR SHARE; SQLite: the
+    database's write lock): a dependency that is ending at this moment either ends first (we then
+    read how it ended) or waits for us (and then finds this task among its dependents). Without
+    the lock both could miss each other and leave the new task blocked for ever."""
     ids = list(dict.fromkeys(ids))
+    if ids and db.session.get_bind().dialect.name == "sqlite":
+        # no row locks there: take the database's write lock first (a write that changes nothing)
+        db.session.execute(
+            sa.update(Task).where(Task.id.in_(ids)).values(id=Task.id),
+            execution_options={"synchronize_session": False},
+        )
     found = (
         list(
             db.session.scalars(
