@@ -239,6 +239,11 @@ def limiter_storage_uri(redis_url: str) -> str:
     return redis_url
 
 
+def on_postgresql() -> bool:
+    """The paths written for PostgreSQL alone (data-modifying WITH, row locks) ask this."""
+    return db.engine.dialect.name == "postgresql"
+
+
 def get_redis() -> redis.Redis:
     """The app's Redis client (one connection pool per process)."""
     client = current_app.extensions.get("switchboard_redis")

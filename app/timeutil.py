@@ -26,10 +26,15 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        return None if value is None else as_utc(value).replace(tzinfo=None)
+        return None if value is None else naive_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+
+def naive_utc(value: datetime) -> datetime:
+    """What a UTCDateTime column stores (for statements written without the ORM)."""
+    return as_utc(value).replace(tzinfo=None)
 
 
 def rfc3339(value: datetime) -> str:

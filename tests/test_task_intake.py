@@ -44,6 +44,25 @@ def post_task(
     return resp
 
 
+def subscribe(
+    app: Flask, client: FlaskClient, headers: dict, event: str, mp: pytest.MonkeyPatch
+) -> dict:
+    """An active subscription to `event` (at a loopback address nobody listens on)."""
+    mp.setitem(app.config, "SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
+    resp = client.post(
+        "/api/v1/subscriptions",
+        headers=headers,
+        json={"url": "http://127.0.0.1:9/hook", "events": [event]},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+def deliveries(client: FlaskClient, headers: dict, sub: dict) -> list[str]:
+    sent = client.get(f"/api/v1/subscriptions/{sub['id']}/deliveries", headers=headers)
+    return [d["event"] for d in sent.get_json()["data"]]
+
+
 def rows(app: Flask, task_id: int) -> dict[str, Any]:
     """Everything a creation wrote, without ids and clock readings."""
     from app.extensions import db
@@ -218,14 +237,7 @@ def test_an_active_subscription_takes_the_flask_view(
     project: dict,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
-    resp = client.post(
-        "/api/v1/subscriptions",
-        headers=admin.headers,
-        json={"url": "http://127.0.0.1:9/hook", "events": ["task.created"]},
-    )
-    assert resp.status_code == 201, resp.get_json()
-    sub = resp.get_json()
+    sub = subscribe(app, client, admin.headers, "task.created", monkeypatch)
     resp = client.post(
         "/api/v1/tasks",
         json={"project": "demo", "title": "t", "prompt": "p"},
@@ -233,8 +245,7 @@ def test_an_active_subscription_takes_the_flask_view(
     )
     assert resp.status_code == 201
     assert intake.served == 0
-    sent = client.get(f"/api/v1/subscriptions/{sub['id']}/deliveries", headers=admin.headers)
-    assert [d["event"] for d in sent.get_json()["data"]] == ["task.created"]
+    assert deliveries(client, admin.headers, sub) == ["task.created"]
 
 
 def test_the_write_limit_counts_both_paths_once(
@@ -437,23 +448,12 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
     ]
 
     # a listening subscription: the one statement writes nothing and the ORM path takes over
-    monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
-    admin_headers = {
-        "Authorization": f"Bearer {account(app, client, 'root', 'admin').access_token}"
-    }
-    resp = client.post(
-        "/api/v1/subscriptions",
-        headers=admin_headers,
-        json={"url": "http://127.0.0.1:9/hook", "events": ["run.started"]},
-    )
-    assert resp.status_code == 201, resp.get_json()
+    admin_headers = account(app, client, "root", "admin").headers
+    sub = subscribe(app, client, admin_headers, "run.started", monkeypatch)
     with app.app_context():
         run_id = db.session.get(Task, ids[2]).latest_run_id
         run, task, _project = runs.take(run_id, "e1", 30)
         assert quick.start(run, task, pid=1, agent_version=None, lease_s=30) is None
         assert runs.mark_running(run, pid=1, agent_version=None, lease_s=30, task=task)
         db.session.remove()
-    sent = client.get(
-        f"/api/v1/subscriptions/{resp.get_json()['id']}/deliveries", headers=admin_headers
-    )
-    assert [d["event"] for d in sent.get_json()["data"]] == ["run.started"]
+    assert deliveries(client, admin_headers, sub) == ["run.started"]

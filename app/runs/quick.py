@@ -11,8 +11,7 @@ both paths to the same rows.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -21,7 +20,7 @@ from app.extensions import db
 from app.runs import live
 from app.runs.models import Run
 from app.tasks.models import Task
-from app.timeutil import utcnow
+from app.timeutil import naive_utc, utcnow
 
 _START = """
 WITH listening AS (
@@ -48,10 +47,6 @@ WITH listening AS (
 SELECT (SELECT count(*) FROM r), (SELECT json_object_agg(kind, id) FROM a),
        (SELECT yes FROM listening)
 """
-
-
-def supported() -> bool:
-    return db.engine.dialect.name == "postgresql"
 
 
 def start(
@@ -83,10 +78,10 @@ def start(
         cursor.execute(
             _START,
             {
-                "now": _naive(now),
+                "now": naive_utc(now),
                 "pid": pid,
                 "version": agent_version,
-                "lease": _naive(lease),
+                "lease": naive_utc(lease),
                 "run_id": run.id,
                 "executor": run.executor,
                 "task_id": task.id,
@@ -122,7 +117,3 @@ def start(
             live.publish(channel, activity.message(ids[kind], run.project_id, kind, data, now))
         live.run_status(run.id, "running")
     return True
-
-
-def _naive(value: datetime) -> Any:
-    return value.replace(tzinfo=None)  # what UTCDateTime stores (utcnow is UTC already)

@@ -14,7 +14,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from app.errors import Conflict, NotFound
-from app.extensions import after_commit, db
+from app.extensions import after_commit, db, on_postgresql
 from app.pagination import Page, paginate
 from app.projects.models import Project
 from app.runs import live, logs
@@ -95,9 +95,8 @@ def _transition(
     return True
 
 
-def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
-    """An executor takes a queued run. None when someone else already has it (or it ended)."""
-    run = db.session.execute(
+def _assigning(run_id: int, executor: str, lease_s: int) -> sa.Update:
+    return (
         sa.update(Run)
         .where(Run.id == run_id, Run.status == "queued")
         .values(
@@ -105,7 +104,13 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
             executor=executor,
             lease_expires_at=utcnow() + timedelta(seconds=lease_s),
         )
-        .returning(Run),
+    )
+
+
+def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
+    """An executor takes a queued run. None when someone else already has it (or it ended)."""
+    run = db.session.execute(
+        _assigning(run_id, executor, lease_s).returning(Run),
         execution_options={"populate_existing": True},
     ).scalar_one_or_none()
     db.session.commit()
@@ -115,7 +120,7 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
 def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
     """The worker pool's `assign`: the run with its task and project. On PostgreSQL one
     statement (an UPDATE … RETURNING joined to both): the agent's start waits on it."""
-    if db.engine.dialect.name != "postgresql":  # SQLite has no UPDATE in a WITH
+    if not on_postgresql():  # SQLite has no UPDATE in a WITH
         run = assign(run_id, executor, lease_s)
         if run is None:
             return None
@@ -125,17 +130,7 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
             .where(Task.id == run.task_id)
         ).one()
         return run, task, project
-    taken = (
-        sa.update(Run)
-        .where(Run.id == run_id, Run.status == "queued")
-        .values(
-            status="assigned",
-            executor=executor,
-            lease_expires_at=utcnow() + timedelta(seconds=lease_s),
-        )
-        .returning(*Run.__table__.c)
-        .cte("taken")
-    )
+    taken = _assigning(run_id, executor, lease_s).returning(*Run.__table__.c).cte("taken")
     run_row = sa.orm.aliased(Run, taken)
     found = db.session.execute(
         sa.select(run_row, Task, Project)
@@ -155,7 +150,7 @@ def mark_running(
     from app.runs import quick
     from app.tasks import lifecycle
 
-    if task is not None and quick.supported():
+    if task is not None and on_postgresql():
         started = quick.start(run, task, pid=pid, agent_version=agent_version, lease_s=lease_s)
         if started is not None:
             return started

@@ -88,7 +88,7 @@ class TaskIntake:
                 token_hash = tokens.digest(token)
             else:
                 user_id = int(tokens.decode_access(config["SECRET_KEY"], token)["sub"])
-            data = self._schema(TaskCreateSchema).load(json.loads(body))
+            data = self._schema().load(json.loads(body))
         except (jwt.InvalidTokenError, ValueError, ma.ValidationError):
             return None
         ip = environ.get("REMOTE_ADDR")
@@ -121,12 +121,11 @@ class TaskIntake:
         ]
         return "201 CREATED", headers, payload
 
-    def _schema(self, cls: type[ma.Schema]) -> Any:
-        """One instance per thread and class: a schema instance is not meant to be shared."""
-        schema = getattr(self._schemas, cls.__name__, None)
+    def _schema(self) -> TaskCreateSchema:
+        """One per thread: a schema instance is not meant to be shared."""
+        schema = getattr(self._schemas, "create", None)
         if schema is None:
-            schema = cls()
-            setattr(self._schemas, cls.__name__, schema)
+            schema = self._schemas.create = TaskCreateSchema()
         return schema
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,12 +26,12 @@ from app.activity import service as activity
 from app.audit.redact import redact
 from app.auth.abilities import abilities_for_role
 from app.auth.service import LAST_USED_RESOLUTION
-from app.extensions import db
+from app.extensions import db, on_postgresql
 from app.projects.service import ROLE_RANK
 from app.runs import live
 from app.tasks import lifecycle
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
-from app.timeutil import as_utc, utcnow
+from app.timeutil import as_utc, naive_utc, utcnow
 
 #: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
 PLAIN_FIELDS = frozenset(
@@ -117,7 +116,7 @@ class Caller:
 
 
 def supported() -> bool:
-    return db.engine.dialect.name == "postgresql"
+    return on_postgresql()
 
 
 def fold_queue_counts() -> int:
@@ -161,14 +160,15 @@ def create(
         task = _plan(caller, data, row, agents)
         if task is None or not admit(task["creator_id"]):
             return None
-        cursor.execute(_WRITE, _write_params(caller, task, row[0]))
+        activities = _activities(task)
+        cursor.execute(_WRITE, _write_params(caller, task, activities, row[0]))
         created, ahead = cursor.fetchone()
         cursor.close()
     finally:
         driver.autocommit = False
         conn.close()
     task["queue_position"] = int(ahead) + 1
-    _after_commit(task, created)
+    _after_commit(task, activities, created)
     return task
 
 
@@ -268,17 +268,14 @@ def _activities(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _naive(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)  # what UTCDateTime stores
-
-
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
-def _write_params(caller: Caller, task: dict[str, Any], username: str) -> dict[str, Any]:
-    now = _naive(task["created_at"])
-    activities = _activities(task)
+def _write_params(
+    caller: Caller, task: dict[str, Any], activities: dict[str, dict[str, Any]], username: str
+) -> dict[str, Any]:
+    now = naive_utc(task["created_at"])
     audit = {
         "project": task["project"],
         "title": task["title"],
@@ -316,11 +313,13 @@ def _write_params(caller: Caller, task: dict[str, Any], username: str) -> dict[s
     }
 
 
-def _after_commit(task: dict[str, Any], activity_ids: dict[str, int]) -> None:
+def _after_commit(
+    task: dict[str, Any], activities: dict[str, dict[str, Any]], activity_ids: dict[str, int]
+) -> None:
     """The notifications and the job, in one round trip, as the ORM path sends them."""
     channel = live.activity_channel()
     with live.batched():
-        for kind, data in _activities(task).items():
+        for kind, data in activities.items():
             live.publish(
                 channel,
                 activity.message(

@@ -15,7 +15,7 @@ from app.activity import service as activity
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.extensions import db
+from app.extensions import db, on_postgresql
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
@@ -74,7 +74,7 @@ def _dependencies(project: Project, ids: list[int]) -> list[Task]:
     read how it ended) or waits for us (and then finds this task among its dependents). Without
     the lock both could miss each other and leave the new task blocked for ever."""
     ids = list(dict.fromkeys(ids))
-    if ids and db.session.get_bind().dialect.name == "sqlite":
+    if ids and not on_postgresql():
         # no row locks there: take the database's write lock first (a write that changes nothing)
         db.session.execute(
             sa.update(Task).where(Task.id.in_(ids)).values(id=Task.id),

@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -37,7 +37,7 @@ from app.projects import service as projects
 from app.projects.models import Project
 from app.tasks import service as tasks
 from app.tasks.models import TASK_TERMINAL, Task
-from app.timeutil import utcnow
+from app.timeutil import naive_utc, utcnow
 from app.users.models import User
 from app.webhooks import matching, signatures
 from app.webhooks.models import EventMatch, Rule, WebhookEvent, WebhookSource
@@ -232,7 +232,7 @@ def _db_time(value: datetime | None, dialect: str) -> Any:
     """What UTCDateTime stores: naive UTC (SQLite: SQLAlchemy's text format)."""
     if value is None:
         return None
-    naive = value.astimezone(UTC).replace(tzinfo=None)
+    naive = naive_utc(value)
     return naive if dialect == "postgresql" else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
