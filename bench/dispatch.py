@@ -26,27 +26,33 @@ from harness import Client, Server, backend_parser, fresh_database, pct, socket_
 from app.runs.live import unpack
 
 
-def wait_run_done(client: Client, task: dict, conn, timeout: float = 30) -> dict:  # type: ignore[no-untyped-def]
-    """Wait for the task's run to end by listening on its live channel (polling the API would
-    load the very server being measured), then read the task once."""
-    pubsub = conn.pubsub(ignore_subscribe_messages=True)
-    db = conn.connection_pool.connection_kwargs.get("db", 0)  # channels carry the db number
-    pubsub.subscribe(f"sb:{db}:run:{task['latest_run_id']}")
-    try:
-        _, now = client.call("GET", f"/api/v1/tasks/{task['id']}")
+class RunWatcher:
+    """Hears runs end on the activity channel, subscribed before the task is created, so the
+    wait costs the server nothing (a GET while the run starts would compete with it for the
+    CPU and inflate the very latency being measured)."""
+
+    def __init__(self, conn) -> None:  # type: ignore[no-untyped-def]
+        db = conn.connection_pool.connection_kwargs.get("db", 0)  # channels carry the db number
+        self.pubsub = conn.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(f"sb:{db}:activity")
+        self.ended: set[int] = set()
+        while self.pubsub.get_message(timeout=1) is None and not self.pubsub.subscribed:
+            pass
+
+    def wait(self, run_id: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while now["status"] not in ("completed", "failed", "cancelled"):
-            msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            if time.monotonic() > deadline:
-                raise SystemExit(f"task {task['id']} did not finish")
-            if msg and any(
-                m.get("type") == "status" and m.get("status") != "running"
-                for m in unpack(msg["data"])
-            ):
-                _, now = client.call("GET", f"/api/v1/tasks/{task['id']}")
-        return now
-    finally:
-        pubsub.close()
+        while run_id not in self.ended:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SystemExit(f"run {run_id} did not finish")
+            msg = self.pubsub.get_message(timeout=left)
+            for entry in unpack(msg["data"]) if msg else []:
+                data = entry.get("data") or {}
+                if entry.get("kind") == "run.status" and data.get("status") in RUN_ENDED:
+                    self.ended.add(data["run_id"])
+
+
+RUN_ENDED = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 
 
 def parse_time(stamp: str) -> float:
@@ -113,6 +119,7 @@ def main() -> None:
         # 2. POST -> agent started / run completed, one at a time, after a few unmeasured runs
         # (each worker process's first job meets cold caches)
         started, completed = [], []
+        watcher = RunWatcher(conn)
         for n in range(-2 * args.workers, args.runs):
             t0 = time.time()
             _, task = c.call(
@@ -120,7 +127,8 @@ def main() -> None:
                 "/api/v1/tasks",
                 {"project": "pool", "title": "s", "prompt": "echo $EPOCHREALTIME"},
             )
-            done = wait_run_done(c, task, conn)
+            watcher.wait(task["latest_run_id"])
+            _, done = c.call("GET", f"/api/v1/tasks/{task['id']}")
             run = done["runs"][0]
             _, log = c.call("GET", f"/api/v1/runs/{run['id']}/log")
             if n >= 0:

@@ -457,3 +457,252 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
         assert runs.mark_running(run, pid=1, agent_version=None, lease_s=30, task=task)
         db.session.remove()
     assert deliveries(client, admin_headers, sub) == ["run.started"]
+
+
+def started(app: Flask, task_id: int) -> int:
+    """Take and start the task's run as executor e1; its id."""
+    from app.extensions import db
+    from app.runs import service as runs
+    from app.tasks.models import Task
+
+    with app.app_context():
+        run, task, _project = runs.take(db.session.get(Task, task_id).latest_run_id, "e1", 30)
+        assert runs.mark_running(run, pid=4242, agent_version=None, lease_s=30, task=task)
+        db.session.remove()
+        return run.id
+
+
+def end_fast(
+    app: Flask, run_id: int, code: int, log: tuple[int, bytes], meanwhile: str = "", **values: Any
+) -> bool:
+    """`quick.finish` as the worker calls it, with the run and task it loaded; `meanwhile`:
+    SQL that changes the run (:i) after they were loaded."""
+    from app.extensions import db
+    from app.runs import quick
+    from app.runs.models import Run
+    from app.tasks.models import Task
+
+    with app.app_context():
+        run = db.session.get(Run, run_id)
+        task = db.session.get(Task, run.task_id)
+        db.session.commit()
+        if meanwhile:
+            with db.engine.begin() as conn:
+                conn.execute(sa.text(meanwhile), {"i": run_id})
+        status = "succeeded" if code == 0 else "failed"
+        try:
+            return quick.finish(run, task, status, exit_code=code, log=log, values=values)
+        finally:
+            db.session.remove()
+
+
+def end_orm(app: Flask, run_id: int, code: int, log: tuple[int, bytes], **values: Any) -> None:
+    """What the executor does when the end is not the plain case."""
+    from app.extensions import db
+    from app.runs import service as runs
+
+    with app.app_context():
+        run = runs.get_run(run_id)
+        runs.append_log(run, log[0], log[1], commit=False)
+        extra = {k: values.pop(k) for k in ("branch", "commit_sha", "diff_stat") if k in values}
+        for key, value in values.items():
+            setattr(run, key, value)
+        status = "succeeded" if code == 0 else "failed"
+        runs.finish(run_id, status, exit_code=code, executor="e1", **extra)
+        db.session.remove()
+
+
+def ended_rows(app: Flask, task_id: int) -> dict[str, Any]:
+    from app.extensions import db
+
+    found = rows(app, task_id)
+    for key in ("started_at", "finished_at", "lease_expires_at"):
+        found["run"].pop(key)
+    found["task"].pop("finished_at")
+    with app.app_context(), db.engine.connect() as conn:
+        found["log"] = conn.execute(
+            sa.text(
+                "SELECT c.offset, c.size, c.data FROM run_log_chunks c JOIN runs r"
+                " ON r.id = c.run_id WHERE r.task_id = :i ORDER BY c.offset"
+            ),
+            {"i": task_id},
+        ).all()
+    return found
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, code: int
+) -> None:
+    """`runs.quick.finish` (the worker's end of a run whose agent exited by itself) writes and
+    sends what the ORM path does: the last output, the run's and the task's end, the activity."""
+    from app.extensions import get_redis
+    from app.runs import live
+
+    body = {"project": "demo", "title": "t", "prompt": "p", "max_attempts": 1}
+    ids = [post_task(client, member, body, False, intake).get_json()["id"] for _ in range(2)]
+    run_ids = [started(app, i) for i in ids]
+    values = {"cost_usd": 0.25, "input_tokens": 7, "branch": "switchboard/t-1"}
+    log = (0, "done: héllo\n".encode())
+    with app.app_context():
+        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(live.activity_channel(), *map(live.run_channel, run_ids))
+    assert end_fast(app, run_ids[0], code, log, **values) is True
+    end_orm(app, run_ids[1], code, log, **values)
+
+    fast, orm = ended_rows(app, ids[0]), ended_rows(app, ids[1])
+    assert fast == orm
+    status = "succeeded" if code == 0 else "failed"
+    assert (fast["run"]["status"], fast["run"]["exit_code"], fast["run"]["log_size"]) == (
+        status,
+        code,
+        len(log[1]),
+    )
+    assert fast["task"]["status"] == ("completed" if code == 0 else "failed")
+    assert fast["run"]["cost_usd"] == 0.25 and fast["run"]["branch"] == "switchboard/t-1"
+    assert fast["log"] == [(0, len(log[1]), log[1])]
+    heard: list[tuple] = []
+    deadline = time.monotonic() + 5
+    while len(heard) < 6 and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        if msg:
+            heard += [(msg["channel"].decode(), m) for m in live.unpack(msg["data"])]
+    pubsub.close()
+    shapes = [
+        (m["kind"], m["data"]["status"], m["data"]["task_id"]) if "kind" in m else (m, ch)
+        for ch, m in heard
+    ]
+    with app.app_context():
+        channels = [live.run_channel(r) for r in run_ids]
+    task_status = "completed" if code == 0 else "failed"
+    assert shapes == [
+        ("run.status", status, ids[0]),
+        ("task.status", task_status, ids[0]),
+        ({"type": "status", "status": status, "exit_code": code}, channels[0]),
+        ("run.status", status, ids[1]),
+        ("task.status", task_status, ids[1]),
+        ({"type": "status", "status": status, "exit_code": code}, channels[1]),
+    ]
+
+
+def test_a_runs_end_outside_the_plain_case_writes_nothing(
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    member: Account,
+    project: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retries left, a task waiting on this one, a log that moved, a run that is no longer the
+    executor's, a listening subscription: the one round trip declines and changes nothing, and
+    the ORM path then ends the run."""
+    from app.extensions import db
+
+    def post(**extra: Any) -> int:
+        body = {"project": "demo", "title": "t", "prompt": "p", **extra}
+        return post_task(client, member, body, False, intake).get_json()["id"]
+
+    def untouched(run_id: int) -> None:
+        with app.app_context(), db.engine.connect() as conn:
+            status, size, chunks = conn.execute(
+                sa.text(
+                    "SELECT status, log_size, (SELECT count(*) FROM run_log_chunks"
+                    " WHERE run_id = :i) FROM runs WHERE id = :i"
+                ),
+                {"i": run_id},
+            ).one()
+        assert (status, size, chunks) == ("running", 0, 0)
+
+    retry = started(app, post(max_attempts=2))
+    assert end_fast(app, retry, 1, (0, b"x")) is False
+    untouched(retry)
+    end_orm(app, retry, 1, (0, b"x"))
+    with app.app_context(), db.engine.connect() as conn:
+        attempts = conn.execute(
+            sa.text("SELECT attempts FROM tasks t JOIN runs r ON r.task_id = t.id WHERE r.id = :i"),
+            {"i": retry},
+        ).scalar()
+    assert attempts == 2  # the ORM path queued the retry
+
+    awaited = post()
+    awaited_run = started(app, awaited)
+    dependent = client.post(
+        "/api/v1/tasks",
+        headers=member.headers,
+        json={"project": "demo", "title": "d", "prompt": "p", "depends_on": [awaited]},
+    ).get_json()
+    assert dependent["status"] == "blocked"
+    assert end_fast(app, awaited_run, 0, (0, b"x")) is False
+    untouched(awaited_run)
+    end_orm(app, awaited_run, 0, (0, b"x"))
+    released = client.get(f"/api/v1/tasks/{dependent['id']}", headers=member.headers)
+    assert released.get_json()["status"] == "queued"
+
+    moved = started(app, post())
+    assert end_fast(app, moved, 0, (5, b"x")) is False  # 5 bytes stored? none are
+    untouched(moved)
+
+    taken_over = "UPDATE runs SET executor = 'e2' WHERE id = :i"
+    assert end_fast(app, moved, 0, (0, b"x"), meanwhile=taken_over) is False  # no longer e1's
+    untouched(moved)
+
+    listened = started(app, post())
+    admin_headers = account(app, client, "root", "admin").headers
+    sub = subscribe(app, client, admin_headers, "run.finished", monkeypatch)
+    assert end_fast(app, listened, 0, (0, b"x")) is False
+    untouched(listened)
+    end_orm(app, listened, 0, (0, b"x"))
+    assert deliveries(client, admin_headers, sub) == ["run.finished"]
+
+
+def test_a_runs_end_sees_a_dependent_committed_while_it_waited(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    """A dependent's creation locks the task it depends on while it reads its status. The end
+    waits for that lock and must then see the new dependent (and leave it to the ORM path, which
+    releases it); reading with a snapshot from before the wait would leave it blocked."""
+    import threading
+
+    from app.extensions import db
+
+    ending = post_task(
+        client, member, {"project": "demo", "title": "a", "prompt": "p"}, False, intake
+    ).get_json()["id"]
+    run_id = started(app, ending)
+    other = client.post(
+        "/api/v1/tasks",
+        headers=member.headers,
+        json={"project": "demo", "title": "x", "prompt": "p", "target": "external"},
+    ).get_json()
+    waiting = client.post(
+        "/api/v1/tasks",
+        headers=member.headers,
+        json={"project": "demo", "title": "b", "prompt": "p", "depends_on": [other["id"]]},
+    ).get_json()
+    assert waiting["status"] == "blocked"
+    answer: list[bool] = []
+    with app.app_context():
+        creator = db.engine.connect()
+        creator.execute(
+            sa.text("SELECT id FROM tasks WHERE id = :i FOR SHARE"), {"i": ending}
+        )  # what `tasks.service._dependencies` does, then it adds the dependency
+        creator.execute(
+            sa.text("INSERT INTO task_dependencies (task_id, depends_on_id) VALUES (:b, :a)"),
+            {"a": ending, "b": waiting["id"]},
+        )
+        ender = threading.Thread(target=lambda: answer.append(end_fast(app, run_id, 0, (0, b""))))
+        ender.start()
+        with db.engine.connect() as watcher:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the end waits on the creator's lock
+                if watcher.execute(
+                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                ).scalar():
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the end never waited for the creator's lock")
+        creator.commit()
+        creator.close()
+    ender.join(10)
+    assert answer == [False]

@@ -20,8 +20,8 @@ from typing import Any
 import redis
 from flask import current_app
 
-from app.extensions import db, get_redis
-from app.runs import live, logs
+from app.extensions import db, get_redis, on_postgresql
+from app.runs import live, logs, quick
 from app.runs import service as runs
 from app.runs.models import Run
 from app.tasks.models import Task
@@ -67,13 +67,24 @@ class RunDriver:
         self.live_offset = run.log_size
         self.live_hold = b""
         self.pubsub: Any = None
+        self.channel = b""
         # a stop requested before we listen is in the row we took, or the next lease renewal
         self.stop_requested = run.stop_requested_at is not None
 
     def listen(self) -> None:
-        """Hear stop requests (after the agent started: its start should not wait for this)."""
-        self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(live.control_channel(self.run.id))
+        """Hear stop requests (after the agent started: its start should not wait for this).
+
+        One subscriber connection serves every run of this worker process: closing a PubSub
+        drops its connection, and the next Redis command of the run's end then paid for a new
+        one. Subscribing only sends; a stop is also seen by the next lease renewal."""
+        self.channel = live.control_channel(self.run.id).encode()
+        try:
+            self.pubsub = _control_listener()
+            self.pubsub.subscribe(self.channel)
+        except redis.RedisError:
+            log.warning("run %s: cannot hear stop requests live (Redis)", self.run.id)
+            _reset_control_listener()
+            self.pubsub = None
 
     # -- output --------------------------------------------------------------------------------
 
@@ -107,13 +118,18 @@ class RunDriver:
     def note(self, kind: str, data: dict[str, Any]) -> None:
         self.batch.events.append((kind, data))
 
+    def settle(self) -> None:
+        """The agent is done: publish what was held back and parse an unfinished last line."""
+        if self.live_hold:
+            self._publish(b"", final=True)
+        if self.batch.partial_line:
+            self._parse(self.batch.partial_line)
+            self.batch.partial_line = b""
+
     def flush(self, final: bool = False, commit: bool = True) -> None:
         b = self.batch
-        if final and self.live_hold:
-            self._publish(b"", final=True)
-        if final and b.partial_line:
-            self._parse(b.partial_line)
-            b.partial_line = b""
+        if final:
+            self.settle()
         if not b.data and not b.events and not b.facts:
             return
         run = self.run
@@ -143,7 +159,7 @@ class RunDriver:
             except redis.RedisError:
                 # Redis blinked: the agent goes on; lease renewal still reports stop requests
                 msg = None
-            if msg and msg.get("type") == "message":
+            if msg and msg.get("type") == "message" and msg.get("channel") == self.channel:
                 self.stop_requested = True
         return self.stop_requested
 
@@ -177,9 +193,28 @@ class RunDriver:
     def close(self) -> None:
         try:
             if self.pubsub is not None:
-                self.pubsub.close()
+                self.pubsub.unsubscribe(self.channel)
         except Exception:
-            log.debug("closing pubsub failed", exc_info=True)
+            log.debug("unsubscribing failed", exc_info=True)
+            _reset_control_listener()
+
+
+def _control_listener() -> Any:
+    """This process's subscriber for stop requests (one per app, like its Redis client)."""
+    listener = current_app.extensions.get("switchboard_control_listener")
+    if listener is None:
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        current_app.extensions["switchboard_control_listener"] = listener
+    return listener
+
+
+def _reset_control_listener() -> None:
+    listener = current_app.extensions.pop("switchboard_control_listener", None)
+    if listener is not None:
+        try:
+            listener.close()
+        except Exception:
+            log.debug("closing the control listener failed", exc_info=True)
 
 
 def _loop_done(ws: workspace.Workspace, marker: str | None) -> bool:
@@ -259,8 +294,11 @@ def execute(run_id: int) -> str:
         else:
             if loop:
                 driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
-        driver.flush(final=True, commit=False)  # committed with the run's end
+        driver.settle()
         extra = workspace.results(ws)
+        if outcome is None and _ended_plainly(driver, task, code, extra):
+            return "succeeded" if code == 0 else "failed"
+        driver.flush(final=True, commit=False)  # committed with the run's end
         return _finish(run, outcome, code, extra, driver)
     except BaseException:
         # worker killed mid-run (SystemExit from a cold shutdown) or our own bug: the agent
@@ -283,6 +321,22 @@ def execute(run_id: int) -> str:
         raise
     finally:
         driver.close()
+
+
+def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, Any]) -> bool:
+    """The agent exited by itself: on PostgreSQL, the plain case of the run's end with its last
+    output in one round trip (`runs.quick.finish`). False when nothing was written."""
+    b = driver.batch
+    if b.events or not on_postgresql():  # events take their sequence numbers in the ORM path
+        return False
+    return quick.finish(
+        driver.run,
+        task,
+        "succeeded" if code == 0 else "failed",
+        exit_code=code,
+        log=(b.offset, bytes(b.data)),
+        values={**b.facts, **extra},
+    )
 
 
 def _finish(
