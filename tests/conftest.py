@@ -281,15 +281,17 @@ def worker(app: Flask, client: FlaskClient) -> Iterator[WorkerPool]:
     from app.extensions import get_redis
 
     pool = WorkerPool(app)
-    with app.app_context():
-        conn = get_redis()
-    # ready when both worker processes listen, so timings measure runs, not Python start-up
-    wait_for_ready = time.monotonic() + 30
-    while Worker.count(connection=conn) < 3:  # 2 for runs, 1 for events
-        assert time.monotonic() < wait_for_ready, pool.output()
-        time.sleep(0.05)
-    yield pool
-    pool.stop()
+    try:
+        with app.app_context():
+            conn = get_redis()
+        # ready when both worker processes listen, so timings measure runs, not Python start-up
+        wait_for_ready = time.monotonic() + 30
+        while Worker.count(connection=conn) < 3:  # 2 for runs, 1 for events
+            assert time.monotonic() < wait_for_ready, pool.output()
+            time.sleep(0.05)
+        yield pool
+    finally:  # a pool that never got ready must not live on and take later tests' jobs
+        pool.stop()
     print("---- worker output ----\n" + pool.output())  # shown by pytest when a test fails
 
 

@@ -706,3 +706,39 @@ def test_a_runs_end_sees_a_dependent_committed_while_it_waited(
         creator.close()
     ender.join(10)
     assert answer == [False]
+
+
+def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    """The worker's statements find a run by id and check its status. Before the table's
+    statistics exist PostgreSQL answered such a check from the status index, reading every
+    queued run to find one: a take cost more the longer the queue."""
+    from app.extensions import db
+    from app.runs.service import _taking
+
+    body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
+    task_id = post_task(client, member, body, False, intake).get_json()["id"]
+    with app.app_context():
+        conn = db.session.connection()
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (task_id, project_id, attempt, status, agent, queued_at,"
+                " log_size, event_count) SELECT task_id, project_id, n, 'queued', agent, now(),"
+                " 0, 0 FROM runs, generate_series(2, 3000) n WHERE task_id = :t"
+            ),
+            {"t": task_id},
+        )
+        # what a table looks like before its first ANALYZE
+        conn.execute(sa.text("DELETE FROM pg_statistic WHERE starelid = 'runs'::regclass"))
+        conn.execute(sa.text("UPDATE pg_class SET reltuples = -1 WHERE oid = 'runs'::regclass"))
+        run_id = conn.execute(
+            sa.text("SELECT min(id) FROM runs WHERE task_id = :t"), {"t": task_id}
+        ).scalar()
+        taking = _taking().params(run_id=run_id, executor="e1", lease=None)
+        expanded = taking.compile(dialect=db.engine.dialect).construct_expanded_state()
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.execute("EXPLAIN " + expanded.statement, expanded.parameters)
+        plan = [row[0] for row in cursor]
+        db.session.rollback()
+    assert any("pk_runs" in line for line in plan), plan

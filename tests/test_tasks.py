@@ -414,3 +414,36 @@ def test_external_lease_expiry_loses_the_run(client, member, project, app):
         ),
         409,
     )
+
+
+def test_a_dispatched_run_whose_job_is_gone_is_queued_again(client, member, project, app):
+    """Redis lost the job (a restart), or the job ran and found its run not queued yet because
+    the database lost an uncommitted-to-disk assignment: the sweep enqueues the run again, and a
+    duplicate job does nothing to a run that another job already took."""
+    from datetime import timedelta
+
+    from rq import Queue
+
+    from app.extensions import get_redis
+    from app.runs.sweep import sweep
+    from app.tasks.lifecycle import job_id
+    from app.timeutil import utcnow
+    from workers.executor import execute
+
+    t = create(client, member, prompt="true")
+    run_id = t["latest_run_id"]
+    with app.app_context():
+        queue = Queue("runs-default", connection=get_redis())
+        assert queue.job_ids == [job_id(run_id)]
+        get_redis().flushdb()  # Redis restarted without its data
+        assert sweep()["requeued"] == 0  # a young dispatch may just be waiting in a busy queue
+        db.session.get(Run, run_id).dispatched_at = utcnow() - timedelta(minutes=5)
+        db.session.commit()
+        assert sweep()["requeued"] == 1
+        assert queue.job_ids == [job_id(run_id)]
+        assert sweep()["requeued"] == 0  # its job is queued now
+        assert execute(run_id) in ("succeeded", "failed")
+        db.session.remove()
+        assert execute(run_id) == "skipped"  # the duplicate: the run is no longer queued
+        db.session.remove()
+    assert task(client, member, t["id"])["runs"][0]["status"] == "succeeded"

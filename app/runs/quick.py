@@ -35,7 +35,8 @@ WITH listening AS (
 ), r AS (
   UPDATE runs SET status = 'running', started_at = %(now)s, pid = %(pid)s,
     agent_version = %(version)s, lease_expires_at = %(lease)s
-  WHERE id = %(run_id)s AND status = 'assigned' AND executor = %(executor)s
+  -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
+  WHERE id = %(run_id)s AND (status = 'assigned') IS TRUE AND executor = %(executor)s
     AND NOT (SELECT yes FROM listening)
     AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'  -- see service.ASYNC_COMMIT
   RETURNING id
@@ -160,7 +161,8 @@ WITH plain AS (
   UPDATE runs SET status = %(status)s, exit_code = %(exit_code)s, error_summary = %(summary)s,
     finished_at = %(now)s, lease_expires_at = NULL, log_size = log_size + %(log_size)s,
     {_SETS}
-  WHERE id = %(run_id)s AND status IN ('queued', 'assigned', 'running', 'waiting')
+  -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
+  WHERE id = %(run_id)s AND (status IN ('queued', 'assigned', 'running', 'waiting')) IS TRUE
     AND executor = %(executor)s AND log_size = %(log_offset)s AND (SELECT yes FROM plain)
   RETURNING id
 ), c AS (

@@ -77,10 +77,17 @@ def list_runs(
     return paginate(stmt, Run.id, cursor=cursor, limit=limit)
 
 
+def status_in(statuses: frozenset[str] | set[str] | tuple[str, ...]) -> sa.ColumnElement[bool]:
+    """`status IN (...)` for statements that find runs by id (or task): written so that
+    PostgreSQL cannot answer it from the status index. Before the table's statistics existed it
+    preferred that index, and found one run by reading every queued one."""
+    return Run.status.in_(statuses).is_(sa.true())
+
+
 def _transition(
     run_id: int, from_statuses: frozenset[str] | set[str], held_by: str | None, **values: Any
 ) -> bool:
-    stmt = sa.update(Run).where(Run.id == run_id, Run.status.in_(from_statuses))
+    stmt = sa.update(Run).where(Run.id == run_id, status_in(from_statuses))
     if held_by is not None:
         stmt = stmt.where(Run.executor == held_by)
     moved = db.session.execute(
@@ -100,7 +107,7 @@ def _assigning(run_id: Any, executor: Any, lease: Any) -> sa.Update:
     """queued → assigned (values or bound parameters)."""
     return (
         sa.update(Run)
-        .where(Run.id == run_id, Run.status == "queued")
+        .where(Run.id == run_id, status_in(("queued",)))
         .values(status="assigned", executor=executor, lease_expires_at=lease)
     )
 

@@ -370,7 +370,7 @@ def retry_task(task: Task) -> Run:
 def delete_task(task: Task) -> None:
     active = db.session.scalar(
         sa.select(sa.func.count(Run.id)).where(
-            Run.task_id == task.id, Run.status.in_(RUN_ACTIVE - {"queued"})
+            Run.task_id == task.id, runs.status_in(RUN_ACTIVE - {"queued"})
         )
     )
     if active:

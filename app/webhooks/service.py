@@ -336,8 +336,9 @@ def kick(force: bool = False) -> None:
         flagged = redis.set(DRAIN_FLAG, "1", nx=True, ex=600)
     except Exception:
         # Redis is away: do not make every delivery wait for it; the sweep kicks the drain
-        # for whatever was stored meanwhile once Redis answers again
-        memo[0] = started + REDIS_BACKOFF_SECONDS
+        # for whatever was stored meanwhile once Redis answers again. Counted from the failure:
+        # the client's own retries may have taken longer than the backoff itself.
+        memo[0] = time.monotonic() + REDIS_BACKOFF_SECONDS
         raise
     if not flagged:
         memo[0] = started  # it was there at some moment after `started`
