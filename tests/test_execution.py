@@ -193,3 +193,26 @@ def test_killed_worker_means_lost_then_a_successful_retry(app, client, member, p
     wait_for(lambda: agent_pids(app, runs[0]["id"]) == [], timeout=5)
     # the supervisor replaced the killed worker process
     wait_for(lambda: len(worker.children()) == 3, timeout=10)  # 2 for runs, 1 for events
+
+
+def test_rq_records_a_runs_job_as_started_once_the_agent_runs(client, member, project, worker, app):
+    """The worker sends RQ's start bookkeeping after the agent started (not before): RQ must
+    still show the job started while the agent runs, and nothing of it once it ended."""
+    from rq.job import Job
+    from rq.registry import StartedJobRegistry
+
+    from app.extensions import get_redis
+    from app.tasks.lifecycle import job_id
+
+    t = create(client, member, prompt="sleep 2")
+    wait_status(client, member, t["id"], "running")
+    with app.app_context():
+        conn = get_redis()
+        job = Job.fetch(job_id(t["latest_run_id"]), connection=conn)
+        wait_for(lambda: job.get_status(refresh=True) == "started", timeout=5)
+        assert job.id in StartedJobRegistry("runs-default", connection=conn).get_job_ids()
+        assert job.worker_name
+    wait_status(client, member, t["id"], "completed")
+    with app.app_context():
+        registry = StartedJobRegistry("runs-default", connection=conn)
+        wait_for(lambda: job.id not in registry.get_job_ids(), timeout=5)

@@ -25,7 +25,7 @@ from app.runs import live, logs, quick
 from app.runs import service as runs
 from app.runs.models import Run
 from app.tasks.models import Task
-from workers import agents, workspace
+from workers import agents, jobs, workspace
 from workers.process import AgentProcess
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ def execute(run_id: int) -> str:
                 return "skipped"  # stopped between assignment and start
             if n == 1:
                 driver.listen()
+                jobs.job_started()  # RQ's bookkeeping, after the agent's start
             if loop:
                 driver.note("iteration", {"n": n, "max": iterations, "pid": proc.pid})
             outcome = driver.drive(proc)

@@ -4,6 +4,16 @@ services; running one twice is harmless."""
 from __future__ import annotations
 
 
+def job_started() -> None:
+    """The job's work has begun: the worker may now record the job's start in RQ (see
+    `workers.worker.AppWorker`). A no-op outside a worker."""
+    from flask import g
+
+    started = g.pop("job_started", None)
+    if started is not None:
+        started()
+
+
 def execute_run(run_id: int) -> str:
     from workers.executor import execute
 

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
@@ -66,9 +66,12 @@ class AppWorker(SimpleWorker):
             finally:
                 db.session.remove()
 
-    # RQ prepares a job in two round trips, both before the job starts: the execution record
-    # (`prepare_execution`), then the job's start (`prepare_job_execution`). The first is
-    # queued here and sent with the second, so a run's agent starts one round trip sooner.
+    # RQ records a job's start in two round trips before the job runs: its execution
+    # (`prepare_execution`), then the job's state (`prepare_job_execution`). Here both are
+    # queued in one pipeline that is sent when the job says its work has begun (`job_started`:
+    # a run's agent is running) or when it ends, whichever comes first, so an agent's start
+    # waits on none of RQ's bookkeeping. What happens to a run whose worker dies in between is
+    # decided by the run's lease, not by RQ's registries.
 
     def prepare_execution(self, job: Job) -> Execution:
         pipe = self.connection.pipeline()
@@ -82,17 +85,26 @@ class AppWorker(SimpleWorker):
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         pipe = self._preparing or self.connection.pipeline()
-        self._preparing = None
-        with pipe:
-            ttl = self.get_heartbeat_ttl(job)
-            self.heartbeat(ttl, pipeline=pipe)
-            job.heartbeat(now(), ttl, pipeline=pipe)
-            job.prepare_for_execution(self.name, pipeline=pipe)
-            pipe.persist(job.key)
-            if remove_from_intermediate_queue:
-                queue = Queue(job.origin, connection=self.connection)
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-            pipe.execute()
+        ttl = self.get_heartbeat_ttl(job)
+        self.heartbeat(ttl, pipeline=pipe)
+        job.heartbeat(now(), ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(job.key)
+        if remove_from_intermediate_queue:
+            queue = Queue(job.origin, connection=self.connection)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        self._preparing = pipe
+        g.job_started = self.send_preparation
+
+    def send_preparation(self) -> None:
+        pipe, self._preparing = self._preparing, None
+        if pipe is not None:
+            with pipe:
+                pipe.execute()
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        self.send_preparation()
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """Warm shutdown: tell the running job to stop its agent (its run is queued again)."""
