@@ -296,7 +296,9 @@ def _enqueue(run_id: int, priority: str, pipeline: Any) -> None:
         args=(run_id,),
         job_id=job_id(run_id),
         timeout=-1,
-        result_ttl=0,  # the run's row holds the outcome; keeping RQ's copy cost the worker CPU
+        # kept a minute: with 0, RQ deletes the finished job at once, which costs the worker
+        # more Redis round trips than keeping it
+        result_ttl=60,
         failure_ttl=24 * 3600,
         description=f"run {run_id}",
         pipeline=pipeline,
