@@ -21,7 +21,7 @@ import threading
 import time
 
 import sqlalchemy as sa
-from harness import Client, Server, backend_parser, fresh_database, pct, socket_load
+from harness import Client, Server, backend_parser, cpu_check, fresh_database, pct, socket_load
 
 from app.runs.live import unpack
 
@@ -91,10 +91,12 @@ def main() -> None:
             assert status == 201, body
         conn = redis.Redis.from_url(args.redis_url)
 
+        speed = cpu_check()
         print(
             f"Switchboard dispatch bench: PostgreSQL + Redis, gunicorn "
             f"WEB_CONCURRENCY={os.environ.get('WEB_CONCURRENCY', 'default')}, "
-            f"{args.workers} worker processes, {os.cpu_count()} CPUs"
+            f"{args.workers} worker processes, {os.cpu_count()} CPUs; "
+            f"CPU check {speed:.0f} ms (a fixed loop: lower is a faster machine)"
         )
 
         # 1. creations per second
@@ -211,6 +213,7 @@ def main() -> None:
             f"POST latency p50: {small:.2f} ms at ~400 tasks, {big:.2f} ms at 100,000+ "
             f"({big / small:.2f}x)"
         )
+        print(f"CPU check at the end: {cpu_check():.0f} ms")
 
 
 if __name__ == "__main__":
