@@ -216,3 +216,20 @@ def test_rq_records_a_runs_job_as_started_once_the_agent_runs(client, member, pr
     with app.app_context():
         registry = StartedJobRegistry("runs-default", connection=conn)
         wait_for(lambda: job.id not in registry.get_job_ids(), timeout=5)
+
+
+def test_a_failure_to_record_a_jobs_start_leaves_the_run_alone(app):
+    """The job's start reaches RQ after the agent started; Redis failing then must not raise
+    into the run (which would kill a healthy agent): the lease keeps track of the run."""
+    import redis
+    from flask import g
+
+    from workers import jobs
+
+    def unreachable() -> None:
+        raise redis.ConnectionError("Redis went away")
+
+    with app.app_context():
+        g.job_started = unreachable
+        jobs.job_started()
+        assert "job_started" not in g  # asked once; the job's end does not try again
