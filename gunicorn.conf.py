@@ -42,14 +42,17 @@ if os.environ.get("GUNICORN_CONTROL_SOCKET"):
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Freeze start-up objects out of the collector's way, and start every gthread thread before
-    serving. Left to start on demand, each thread is
+    """Make the dummy password hash, freeze start-up objects out of the collector's way, and
+    start every gthread thread before serving. Left to start on demand, each thread is
     created by the worker's main loop, which must then win the GIL against hundreds of busy
     stream threads per start: with hundreds of clients arriving at once that main loop stalls
     past gunicorn's watchdog."""
     import gc
     import threading
 
+    from app.auth.passwords import dummy_hash
+
+    dummy_hash()  # the first login of an unknown account must take as long as any other
     # the app built at start-up lives as long as the worker: full collections need not walk it
     gc.collect()
     gc.freeze()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 _hasher = PasswordHasher()
-#: verified against when the account does not exist, so timing does not reveal that it doesn't
-_DUMMY_HASH = _hasher.hash("switchboard-dummy-password")
 
 MIN_LENGTH = 8
 MAX_LENGTH = 1024
@@ -17,9 +17,18 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+@functools.cache
+def dummy_hash() -> str:
+    """Verified against when the account does not exist, so timing does not reveal that it
+    doesn't. Made when first needed (web processes make it before serving, see
+    gunicorn.conf.py): hashing takes ~0.15 s, which every process, workers and CLI commands
+    included, paid at import."""
+    return _hasher.hash("switchboard-dummy-password")
+
+
 def verify_password(password_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _hasher.verify(password_hash or dummy_hash(), password) and password_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
