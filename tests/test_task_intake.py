@@ -742,3 +742,32 @@ def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
         plan = [row[0] for row in cursor]
         db.session.rollback()
     assert any("pk_runs" in line for line in plan), plan
+
+
+def test_a_failed_end_writes_nothing_and_spoils_no_pooled_connection(
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    member: Account,
+    project: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database refusing the end's statement: the caller gets that error (the worker then
+    ends the run through its failure path), nothing is written, and the next end works."""
+    import psycopg
+
+    from app.extensions import db
+    from app.runs import quick
+
+    body = {"project": "demo", "title": "t", "prompt": "p"}
+    run_id = started(app, post_task(client, member, body, False, intake).get_json()["id"])
+    with monkeypatch.context() as mp:
+        mp.setattr(quick, "_END", "SELECT 1 / (%(log_size)s - %(log_size)s)")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            end_fast(app, run_id, 0, (0, b"x"))
+    with app.app_context(), db.engine.connect() as conn:
+        status, size = conn.execute(
+            sa.text("SELECT status, log_size FROM runs WHERE id = :i"), {"i": run_id}
+        ).one()
+    assert (status, size) == ("running", 0)
+    assert end_fast(app, run_id, 0, (0, b"x")) is True

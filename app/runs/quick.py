@@ -237,20 +237,20 @@ def finish(
     driver.autocommit = True  # the transaction is ours: BEGIN … COMMIT in one pipeline
     try:
         cursors = [driver.cursor() for _ in range(5)]
-        try:
-            with driver.pipeline():
-                cursors[0].execute("BEGIN")
-                cursors[1].execute(_LOCK_RUN, params)
-                cursors[2].execute(_LOCK_TASK, params)
-                cursors[3].execute(_END, params)
-                cursors[4].execute("COMMIT")
-        except Exception:
-            driver.execute("ROLLBACK")
-            raise
+        with driver.pipeline():
+            cursors[0].execute("BEGIN")
+            cursors[1].execute(_LOCK_RUN, params)
+            cursors[2].execute(_LOCK_TASK, params)
+            cursors[3].execute(_END, params)
+            cursors[4].execute("COMMIT")
         ended, ids = cursors[3].fetchone()
-    finally:
-        driver.autocommit = False
-        conn.close()
+    except BaseException:
+        # a failed pipeline leaves its transaction aborted (or the connection broken): the
+        # connection is discarded rather than put back, and the error is the caller's
+        conn.invalidate()
+        raise
+    driver.autocommit = False
+    conn.close()
     if not ended:
         return False
     channel = live.activity_channel()
