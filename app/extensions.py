@@ -6,8 +6,9 @@ built lazily from the app's config the first time they are asked for.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flask_smorest
@@ -237,6 +238,30 @@ def limiter_storage_uri(redis_url: str) -> str:
     if redis_url.startswith("unix://"):
         return "redis+unix://" + redis_url[len("unix://") :]
     return redis_url
+
+
+@contextlib.contextmanager
+def autocommit() -> Iterator[Any]:
+    """A pooled connection's psycopg connection in autocommit mode, for the hand-written hot
+    paths (PostgreSQL): each statement is its own transaction, without BEGIN and COMMIT round
+    trips, or the caller sends its own. A connection that an error left inside a transaction
+    (or broken) is discarded, not put back."""
+    from psycopg.pq import TransactionStatus
+
+    conn = db.engine.raw_connection()
+    driver = conn.driver_connection
+    driver.autocommit = True
+    try:
+        yield driver
+    except BaseException:
+        if driver.info.transaction_status != TransactionStatus.IDLE:
+            conn.invalidate()
+            raise
+        driver.autocommit = False
+        conn.close()
+        raise
+    driver.autocommit = False
+    conn.close()
 
 
 def on_postgresql() -> bool:

@@ -63,6 +63,20 @@ def deliveries(client: FlaskClient, headers: dict, sub: dict) -> list[str]:
     return [d["event"] for d in sent.get_json()["data"]]
 
 
+def hear(pubsub: Any, count: int) -> list[tuple[str, dict]]:
+    """The next `count` messages (channel, message), waiting at most 5 s; closes `pubsub`."""
+    from app.runs import live
+
+    heard: list[tuple[str, dict]] = []
+    deadline = time.monotonic() + 5
+    while len(heard) < count and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        if msg:
+            heard += [(msg["channel"].decode(), m) for m in live.unpack(msg["data"])]
+    pubsub.close()
+    return heard
+
+
 def rows(app: Flask, task_id: int) -> dict[str, Any]:
     """Everything a creation wrote, without ids and clock readings."""
     from app.extensions import db
@@ -168,13 +182,7 @@ def test_plain_creation_matches_the_flask_view(
     assert rows(app, f["id"]) == rows(app, s["id"])
 
     # the same notifications, in the same order, and the same job
-    heard: list[dict] = []
-    deadline = time.monotonic() + 5
-    while len(heard) < 6 and time.monotonic() < deadline:
-        msg = pubsub.get_message(timeout=0.5)
-        if msg:
-            heard += live.unpack(msg["data"])
-    pubsub.close()
+    heard = [m for _channel, m in hear(pubsub, 6)]
     assert [m["kind"] for m in heard] == ["run.status", "task.status", "task.created"] * 2
     assert [m["data"]["task_id"] for m in heard] == [f["id"]] * 3 + [s["id"]] * 3
     jobs = queue.get_job_ids()
@@ -433,13 +441,7 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
     assert a == b
     kept, counted = queue_counts(app)
     assert kept == counted  # the third task is still queued; the trigger followed both starts
-    heard: list[dict] = []
-    deadline = time.monotonic() + 5
-    while len(heard) < 4 and time.monotonic() < deadline:
-        msg = pubsub.get_message(timeout=0.5)
-        if msg:
-            heard += live.unpack(msg["data"])
-    pubsub.close()
+    heard = [m for _channel, m in hear(pubsub, 4)]
     assert [(m["kind"], m["data"]["status"], m["data"]["task_id"]) for m in heard] == [
         ("run.status", "running", ids[0]),
         ("task.status", "running", ids[0]),
@@ -561,13 +563,7 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
     assert fast["task"]["status"] == ("completed" if code == 0 else "failed")
     assert fast["run"]["cost_usd"] == 0.25 and fast["run"]["branch"] == "switchboard/t-1"
     assert fast["log"] == [(0, len(log[1]), log[1])]
-    heard: list[tuple] = []
-    deadline = time.monotonic() + 5
-    while len(heard) < 6 and time.monotonic() < deadline:
-        msg = pubsub.get_message(timeout=0.5)
-        if msg:
-            heard += [(msg["channel"].decode(), m) for m in live.unpack(msg["data"])]
-    pubsub.close()
+    heard = hear(pubsub, 6)
     shapes = [
         (m["kind"], m["data"]["status"], m["data"]["task_id"]) if "kind" in m else (m, ch)
         for ch, m in heard

@@ -298,7 +298,7 @@ def execute(run_id: int) -> str:
         driver.settle()
         extra = workspace.results(ws)
         if outcome is None and _ended_plainly(driver, task, code, extra):
-            return "succeeded" if code == 0 else "failed"
+            return _exited(code)
         driver.flush(final=True, commit=False)  # committed with the run's end
         return _finish(run, outcome, code, extra, driver)
     except BaseException:
@@ -333,7 +333,7 @@ def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, An
     return quick.finish(
         driver.run,
         task,
-        "succeeded" if code == 0 else "failed",
+        _exited(code),
         exit_code=code,
         log=(b.offset, bytes(b.data)),
         values={**b.facts, **extra},
@@ -370,7 +370,10 @@ def _finish(
     elif outcome == "lease_lost":
         return "lease_lost"  # the sweep already ended it
     else:
-        runs.finish(
-            run.id, "succeeded" if code == 0 else "failed", exit_code=code, executor=me, **extra
-        )
-    return outcome or ("succeeded" if code == 0 else "failed")
+        runs.finish(run.id, _exited(code), exit_code=code, executor=me, **extra)
+    return outcome or _exited(code)
+
+
+def _exited(code: int) -> str:
+    """The run's status when its agent exited by itself."""
+    return "succeeded" if code == 0 else "failed"

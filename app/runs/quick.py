@@ -16,15 +16,17 @@ trip makes the same changes: the last output, the run's end, its task's end, the
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.activity import service as activity
-from app.extensions import db
+from app.extensions import autocommit
 from app.runs import live
 from app.runs.models import Run
+from app.runs.service import error_summary
+from app.tasks.lifecycle import TASK_FOR_RUN, run_status_data, task_status_data
 from app.tasks.models import Task
 from app.timeutil import naive_utc, utcnow
 
@@ -64,24 +66,10 @@ def start(
     longer ours to start, None when this is not the plain case (nothing was written)."""
     now = utcnow()
     task_changes = task.latest_run_id == run.id and task.status != "running"
-    run_data = {
-        "run_id": run.id,
-        "task_id": run.task_id,
-        "attempt": run.attempt,
-        "status": "running",
-        "exit_code": run.exit_code,
-    }
-    task_data = {
-        "task_id": task.id,
-        "title": task.title,
-        "status": "running",
-        "reason": task.status_reason,
-    }
+    run_data = run_status_data(run, "running", run.exit_code)
+    task_data = task_status_data(task, "running", task.status_reason)
     lease = now + timedelta(seconds=lease_s)
-    conn = db.engine.raw_connection()
-    driver = conn.driver_connection
-    driver.autocommit = True  # one statement, its own transaction
-    try:
+    with autocommit() as driver:  # one statement, its own transaction
         cursor = driver.cursor()
         cursor.execute(
             _START,
@@ -101,9 +89,6 @@ def start(
         )
         moved, ids, listening = cursor.fetchone()
         cursor.close()
-    finally:
-        driver.autocommit = False
-        conn.close()
     if not moved:
         return None if listening else False
     # the loaded objects follow without a reload, as `_transition` keeps them
@@ -118,13 +103,26 @@ def start(
     if task_changes:
         set_committed_value(task, "status", "running")
         set_committed_value(task, "updated_at", now)
-    channel = live.activity_channel()
-    messages = [("run.status", run_data)] + ([("task.status", task_data)] if task_changes else [])
-    with live.batched():  # as the ORM path sends them: the activity entries, then the status
-        for kind, data in messages:
-            live.publish(channel, activity.message(ids[kind], run.project_id, kind, data, now))
-        live.run_status(run.id, "running")
+    entries = [("run.status", run_data)] + ([("task.status", task_data)] if task_changes else [])
+    _announce(run, entries, ids, now, "running", None)
     return True
+
+
+def _announce(
+    run: Run,
+    entries: list[tuple[str, dict[str, Any]]],
+    ids: dict[str, int],
+    now: datetime,
+    status: str,
+    exit_code: int | None,
+) -> None:
+    """As the ORM path sends them after its commit: the activity entries, then the run's
+    status, in one round trip."""
+    channel = live.activity_channel()
+    with live.batched():
+        for kind, data in entries:
+            live.publish(channel, activity.message(ids[kind], run.project_id, kind, data, now))
+        live.run_status(run.id, status, exit_code)
 
 
 #: run columns an agent's output or the workspace may set at the end
@@ -196,22 +194,13 @@ def finish(
     """End the run as `service.finish` does after an agent exited by itself (`status` is
     succeeded or failed), with its last output (`log`: offset, bytes) and the run columns its
     output or workspace set. False when this is not the plain case: nothing was written."""
-    from app.runs.service import error_summary
-    from app.tasks.lifecycle import TASK_FOR_RUN
-
     if set(values) - set(END_VALUES):
         return False
     now = utcnow()
     summary = error_summary(exit_code)
     task_status = TASK_FOR_RUN[status]
-    run_data = {
-        "run_id": run.id,
-        "task_id": run.task_id,
-        "attempt": run.attempt,
-        "status": status,
-        "exit_code": exit_code,
-    }
-    task_data = {"task_id": task.id, "title": task.title, "status": task_status, "reason": summary}
+    run_data = run_status_data(run, status, exit_code)
+    task_data = task_status_data(task, task_status, summary)
     offset, data = log
     params: dict[str, Any] = {
         "run_id": run.id,
@@ -232,10 +221,7 @@ def finish(
     for column in END_VALUES:
         params[f"set_{column}"] = column in values
         params[column] = values.get(column)
-    conn = db.engine.raw_connection()
-    driver = conn.driver_connection
-    driver.autocommit = True  # the transaction is ours: BEGIN … COMMIT in one pipeline
-    try:
+    with autocommit() as driver:  # the transaction is ours: BEGIN … COMMIT in one pipeline
         cursors = [driver.cursor() for _ in range(5)]
         with driver.pipeline():
             cursors[0].execute("BEGIN")
@@ -244,18 +230,9 @@ def finish(
             cursors[3].execute(_END, params)
             cursors[4].execute("COMMIT")
         ended, ids = cursors[3].fetchone()
-    except BaseException:
-        # a failed pipeline leaves its transaction aborted (or the connection broken): the
-        # connection is discarded rather than put back, and the error is the caller's
-        conn.invalidate()
-        raise
-    driver.autocommit = False
-    conn.close()
     if not ended:
         return False
-    channel = live.activity_channel()
-    with live.batched():  # as the ORM path sends them: the activity entries, then the status
-        for kind, payload in (("run.status", run_data), ("task.status", task_data)):
-            live.publish(channel, activity.message(ids[kind], run.project_id, kind, payload, now))
-        live.run_status(run.id, status, exit_code)
+    _announce(
+        run, [("run.status", run_data), ("task.status", task_data)], ids, now, status, exit_code
+    )
     return True

@@ -168,29 +168,28 @@ def note_task(task: Task) -> None:
 
         webhooks.task_finished(task)
     activity.record(
-        task.project_id,
-        "task.status",
-        {
-            "task_id": task.id,
-            "title": task.title,
-            "status": task.status,
-            "reason": task.status_reason,
-        },
+        task.project_id, "task.status", task_status_data(task, task.status, task.status_reason)
     )
 
 
 def note_run(run: Run) -> None:
-    activity.record(
-        run.project_id,
-        "run.status",
-        {
-            "run_id": run.id,
-            "task_id": run.task_id,
-            "attempt": run.attempt,
-            "status": run.status,
-            "exit_code": run.exit_code,
-        },
-    )
+    activity.record(run.project_id, "run.status", run_status_data(run, run.status, run.exit_code))
+
+
+def task_status_data(task: Task, status: str, reason: str | None) -> dict[str, Any]:
+    """A `task.status` activity entry (also written by the hand-written paths in `runs.quick`)."""
+    return {"task_id": task.id, "title": task.title, "status": status, "reason": reason}
+
+
+def run_status_data(run: Run, status: str, exit_code: int | None) -> dict[str, Any]:
+    """A `run.status` activity entry (also written by the hand-written paths in `runs.quick`)."""
+    return {
+        "run_id": run.id,
+        "task_id": run.task_id,
+        "attempt": run.attempt,
+        "status": status,
+        "exit_code": exit_code,
+    }
 
 
 def queue_position(task: Task) -> int | None:

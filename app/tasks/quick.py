@@ -26,7 +26,7 @@ from app.activity import service as activity
 from app.audit.redact import redact
 from app.auth.abilities import abilities_for_role
 from app.auth.service import LAST_USED_RESOLUTION
-from app.extensions import db, on_postgresql
+from app.extensions import autocommit, db, on_postgresql
 from app.projects.service import ROLE_RANK
 from app.runs import live
 from app.tasks import lifecycle
@@ -141,12 +141,9 @@ def create(
     task is about to be written) refuses; nothing was written then."""
     if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
         return None
-    conn = db.engine.raw_connection()  # pooled: checkout/checkin as for any other use
-    driver = conn.driver_connection
-    # each statement is its own transaction: no BEGIN and COMMIT round trips (the read decides,
-    # the write is atomic on its own, as the view's read-then-write in READ COMMITTED would be)
-    driver.autocommit = True
-    try:
+    # each statement is its own transaction (the read decides, the write is atomic on its own,
+    # as the view's read-then-write in READ COMMITTED would be)
+    with autocommit() as driver:
         cursor = driver.cursor()
         cursor.execute(
             _READ,
@@ -164,9 +161,6 @@ def create(
         cursor.execute(_WRITE, _write_params(caller, task, activities, row[0]))
         created, ahead = cursor.fetchone()
         cursor.close()
-    finally:
-        driver.autocommit = False
-        conn.close()
     task["queue_position"] = int(ahead) + 1
     _after_commit(task, activities, created)
     return task
