@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -461,6 +462,67 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
     assert deliveries(client, admin_headers, sub) == ["run.started"]
 
 
+def test_a_take_in_one_round_trip_loads_what_the_orm_would(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    """`runs.quick.take` builds the run, its task and its project from one row: they must equal
+    what the ORM loads (UTC-aware times, JSON, every column), be persistent in the session (the
+    executor's output batches and facts are ORM writes on them), and a second take gets None."""
+    from sqlalchemy.orm import object_session
+
+    from app.extensions import db
+    from app.projects.models import Project
+    from app.runs import quick
+    from app.runs.models import Run
+    from app.tasks.models import Task
+
+    body = {
+        "project": "demo",
+        "title": "t",
+        "prompt": "p",
+        "priority": "high",
+        "timeout_s": 90,
+        "max_attempts": 2,
+        "config": {"env": {"A": "1"}},
+        "loop": {"max_iterations": 3, "done_marker": "DONE"},
+    }
+    ids = [post_task(client, member, body, False, intake).get_json()["id"] for _ in range(2)]
+
+    def columns(instance: Any) -> dict[str, Any]:
+        return {c.key: getattr(instance, c.key) for c in sa.inspect(type(instance)).column_attrs}
+
+    with app.app_context():
+        run_id = db.session.get(Task, ids[0]).latest_run_id
+        db.session.remove()
+        taken = quick.take(run_id, "e1", 30)
+        assert taken is not None
+        fast = [columns(i) for i in taken]
+        assert all(object_session(i) is db.session() and not db.session.dirty for i in taken)
+        run = taken[0]
+        assert (run.status, run.executor, run.lease_expires_at.tzinfo) == ("assigned", "e1", UTC)
+        run.model = "m-1"  # a fact from the agent's output, written as the executor does
+        db.session.commit()
+        db.session.remove()
+        loaded = [
+            db.session.get(entity, instance["id"])
+            for entity, instance in zip((Run, Task, Project), fast, strict=True)
+        ]
+        assert loaded[0].model == "m-1"
+        fast[0]["model"] = "m-1"
+        assert [columns(i) for i in loaded] == fast
+        assert fast[1]["config"] == {"env": {"A": "1"}} and fast[1]["loop"]["done_marker"]
+        assert quick.take(run_id, "e2", 30) is None  # taken already
+        db.session.remove()
+
+        # a session that holds the run already gets that instance, brought up to date
+        other = db.session.get(Task, ids[1]).latest_run_id
+        held = db.session.get(Run, other)
+        taken = quick.take(other, "e1", 30)
+        assert taken is not None and taken[0] is held and held.status == "assigned"
+        assert not db.session.dirty
+        db.session.remove()
+
+
 def started(app: Flask, task_id: int) -> int:
     """Take and start the task's run as executor e1; its id."""
     from app.extensions import db
@@ -711,7 +773,7 @@ def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
     statistics exist PostgreSQL answered such a check from the status index, reading every
     queued run to find one: a take cost more the longer the queue."""
     from app.extensions import db
-    from app.runs.service import _taking
+    from app.runs.quick import _take_sql
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
     task_id = post_task(client, member, body, False, intake).get_json()["id"]
@@ -731,10 +793,9 @@ def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
         run_id = conn.execute(
             sa.text("SELECT min(id) FROM runs WHERE task_id = :t"), {"t": task_id}
         ).scalar()
-        taking = _taking().params(run_id=run_id, executor="e1", lease=None)
-        expanded = taking.compile(dialect=db.engine.dialect).construct_expanded_state()
         cursor = conn.connection.driver_connection.cursor()
-        cursor.execute("EXPLAIN " + expanded.statement, expanded.parameters)
+        params = {"run_id": run_id, "executor": "e1", "lease": None}
+        cursor.execute("EXPLAIN " + _take_sql(), params)
         plan = [row[0] for row in cursor]
         db.session.rollback()
     assert any("pk_runs" in line for line in plan), plan

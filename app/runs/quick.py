@@ -1,4 +1,10 @@
-"""A run's start and end on PostgreSQL in one round trip each, for the plain case.
+"""A run's take, start and end on PostgreSQL in one round trip each, for the plain case.
+
+`take` (queued → assigned, with the run's task and project) is the first thing a worker does
+with a job, and the agent's start waits on it. Through the ORM its one statement cost more CPU
+than the round trip (the session, the result and the loading of three entities); here it is
+sent as written and the three instances are built from the row and attached to the session as
+if loaded, so the executor's later ORM writes (output batches, facts) work on them as before.
 
 `service.mark_running` through the ORM is six round trips (BEGIN, the run, the subscriptions,
 the activity rows, the task, COMMIT) between the agent's spawn and the moment its output is read,
@@ -15,22 +21,110 @@ trip makes the same changes: the last output, the run's end, its task's end, the
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from app.activity import service as activity
-from app.extensions import autocommit
+from app.extensions import autocommit, db
+from app.projects.models import Project
 from app.runs import live
 from app.runs.models import Run
-from app.runs.service import error_summary
+from app.runs.service import ASYNC_COMMIT, error_summary
 from app.tasks.lifecycle import TASK_FOR_RUN, run_status_data, task_status_data
 from app.tasks.models import Task
 from app.timeutil import naive_utc, utcnow
 
-_START = """
+_TAKEN = (Run, Task, Project)
+
+
+@functools.cache
+def _take_sql() -> str:
+    """`service._assigning` joined to the task and the project, every column of the three."""
+    run_cols, task_cols, project_cols = (e.__table__.c for e in _TAKEN)
+    selected = (
+        [f'taken."{c.name}"' for c in run_cols]
+        + [f'tasks."{c.name}"' for c in task_cols]
+        + [f'projects."{c.name}"' for c in project_cols]
+    )
+    return f"""
+WITH taken AS (
+  UPDATE runs SET status = 'assigned', executor = %(executor)s, lease_expires_at = %(lease)s
+  -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
+  WHERE id = %(run_id)s AND (status = 'queued') IS TRUE
+    AND {ASYNC_COMMIT}
+  RETURNING {", ".join(f'"{c.name}"' for c in run_cols)}
+)
+SELECT {", ".join(selected)}
+FROM taken JOIN tasks ON tasks.id = taken.task_id JOIN projects ON projects.id = taken.project_id
+"""
+
+
+Loader = tuple[type, list[tuple[str, Callable[[Any], Any] | None]]]
+
+
+@functools.cache
+def _loaders(dialect: Any) -> list[Loader]:
+    """Per entity, in the statement's column order: the attribute and the column type's result
+    processing (UTC-aware times, JSON), as an ORM load would apply them."""
+    return [
+        (
+            entity,
+            [
+                (
+                    entity.__mapper__.get_property_by_column(c).key,
+                    c.type.result_processor(dialect, None),
+                )
+                for c in entity.__table__.c
+            ],
+        )
+        for entity in _TAKEN
+    ]
+
+
+def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
+    """`service.take` in one autocommit round trip: the run (now assigned to `executor`), its
+    task and its project, persistent in the session; None when the run was not queued."""
+    lease = naive_utc(utcnow() + timedelta(seconds=lease_s))
+    with autocommit() as driver:
+        cursor = driver.cursor()
+        cursor.execute(_take_sql(), {"run_id": run_id, "executor": executor, "lease": lease})
+        row = cursor.fetchone()
+        cursor.close()
+    if row is None:
+        return None
+    session = db.session()
+    values = iter(row)
+    loaded: list[Any] = []
+    for entity, columns in _loaders(db.engine.dialect):
+        fields = {}
+        for attr, process in columns:
+            value = next(values)
+            fields[attr] = process(value) if process is not None and value is not None else value
+        loaded.append(_attached(session, entity, fields))
+    return loaded[0], loaded[1], loaded[2]
+
+
+def _attached(session: Any, entity: type, fields: dict[str, Any]) -> Any:
+    """An instance as a query would have loaded it: persistent, nothing pending."""
+    known = session.identity_map.get(identity_key(entity, fields["id"]))
+    if known is not None:  # the session had it already: bring it up to date
+        for key, value in fields.items():
+            set_committed_value(known, key, value)
+        return known
+    instance = entity(**fields)
+    make_transient_to_detached(instance)
+    session.add(instance)
+    return instance
+
+
+_START = f"""
 WITH listening AS (
   SELECT EXISTS (SELECT 1 FROM subscriptions s
                  WHERE s.active AND (s.project_id IS NULL OR s.project_id = %(project_id)s)) AS yes
@@ -40,7 +134,7 @@ WITH listening AS (
   -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
   WHERE id = %(run_id)s AND (status = 'assigned') IS TRUE AND executor = %(executor)s
     AND NOT (SELECT yes FROM listening)
-    AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'  -- see service.ASYNC_COMMIT
+    AND {ASYNC_COMMIT}
   RETURNING id
 ), t AS (
   UPDATE tasks SET status = 'running', updated_at = %(now)s

@@ -6,7 +6,6 @@ executor finishing, a person stopping it, the sweep expiring its lease) cannot b
 
 from __future__ import annotations
 
-import functools
 from datetime import timedelta
 from typing import Any
 
@@ -81,7 +80,7 @@ def status_in(statuses: frozenset[str] | set[str] | tuple[str, ...]) -> sa.Colum
     """`status IN (...)` for statements that find runs by id (or task): written so that
     PostgreSQL cannot answer it from the status index. Before the table's statistics existed it
     preferred that index, and found one run by reading every queued one."""
-    return Run.status.in_(statuses).is_(sa.true())
+    return Run.status.in_([sa.literal_column(f"'{s}'") for s in sorted(statuses)]).is_(sa.true())
 
 
 def _transition(
@@ -118,28 +117,7 @@ def _assigning(run_id: Any, executor: Any, lease: Any) -> sa.Update:
 #: assignment or a start that vanished leaves a queued or assigned run that the sweep dispatches
 #: again, and the worker that lost it stops its agent when its next transition finds the run no
 #: longer its own.
-ASYNC_COMMIT = (
-    sa.select(sa.func.set_config("synchronous_commit", "off", sa.true())).scalar_subquery() == "off"
-)
-
-
-@functools.cache
-def _taking() -> sa.Select[tuple[Run, Task, Project]]:
-    """`take`'s statement, built once: building a CTE over every column of `runs` cost more CPU
-    than the worker's whole round trip to PostgreSQL."""
-    lease = sa.bindparam("lease", type_=Run.lease_expires_at.type)
-    taken = (
-        _assigning(sa.bindparam("run_id"), sa.bindparam("executor"), lease)
-        .where(ASYNC_COMMIT)
-        .returning(*Run.__table__.c)
-        .cte("taken")
-    )
-    run_row = sa.orm.aliased(Run, taken)
-    return (
-        sa.select(run_row, Task, Project)
-        .join(Task, Task.id == taken.c.task_id)
-        .join(Project, Project.id == taken.c.project_id)
-    )
+ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
 
 
 def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
@@ -154,7 +132,8 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
 
 def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
     """The worker pool's `assign`: the run with its task and project. On PostgreSQL one
-    statement (an UPDATE … RETURNING joined to both): the agent's start waits on it."""
+    statement (an UPDATE … RETURNING joined to both, `runs.quick.take`): the agent's start
+    waits on it."""
     if not on_postgresql():  # SQLite has no UPDATE in a WITH
         run = assign(run_id, executor, lease_s)
         if run is None:
@@ -165,16 +144,9 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
             .where(Task.id == run.task_id)
         ).one()
         return run, task, project
-    if not db.session().in_transaction():
-        # one statement needs no transaction around it: BEGIN and COMMIT were two round trips
-        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    found = db.session.execute(
-        _taking(),
-        {"run_id": run_id, "executor": executor, "lease": utcnow() + timedelta(seconds=lease_s)},
-        execution_options={"populate_existing": True},
-    ).one_or_none()
-    db.session.commit()
-    return None if found is None else (found[0], found[1], found[2])
+    from app.runs import quick
+
+    return quick.take(run_id, executor, lease_s)
 
 
 def mark_running(
