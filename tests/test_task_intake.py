@@ -397,6 +397,63 @@ def test_personal_access_tokens_take_the_fast_path_too(
     assert intake.served == 2
 
 
+def test_who_may_create_is_decided_as_the_view_decides(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    """The fast path decides in SQL who may create; every caller the view would refuse must
+    reach the view (which refuses), and an admin creates anywhere. Tokens are used once first
+    (GET) so that their last use is recent and the fast path may take them."""
+    from app.extensions import db
+
+    root = account(app, client, "root", "admin")
+    body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
+
+    def pat(who: Account, abilities: list[str]) -> dict[str, str]:
+        resp = client.post(
+            "/api/v1/me/tokens", headers=who.headers, json={"label": "x", "abilities": abilities}
+        )
+        assert resp.status_code == 201, resp.get_json()
+        headers = {"Authorization": f"Bearer {resp.get_json()['token']}"}
+        assert client.get("/api/v1/me", headers=headers).status_code == 200  # its first use
+        return headers
+
+    admin_full = pat(root, ["projects:read", "runs:start", "admin"])
+    admin_limited = pat(root, ["projects:read", "runs:start"])  # no admin: a non-member here
+    reader = pat(member, ["projects:read"])
+    expired = pat(member, ["projects:read", "runs:start"])
+    with app.app_context():
+        db.session.execute(
+            sa.text(
+                "UPDATE personal_access_tokens SET expires_at = now() - interval '1 minute'"
+                " WHERE id = (SELECT max(id) FROM personal_access_tokens)"
+            )
+        )
+        db.session.commit()
+    cases = [  # caller, status, taken by the fast path
+        (root.headers, 201, True),
+        (admin_full, 201, True),
+        (admin_limited, 422, False),  # it cannot see the project
+        (reader, 403, False),
+        (expired, 401, False),
+        (member.headers, 201, True),
+    ]
+    for headers, status, fast in cases:
+        before = intake.served
+        resp = client.post("/api/v1/tasks", json=body, headers=headers)
+        assert (resp.status_code, intake.served - before) == (status, int(fast)), resp.get_json()
+
+    # a deactivated user (whose access token is still unexpired) and an archived project
+    resp = client.patch(f"/api/v1/users/{member.id}", headers=root.headers, json={"active": False})
+    assert resp.status_code == 200, resp.get_json()
+    before = intake.served
+    assert client.post("/api/v1/tasks", json=body, headers=member.headers).status_code == 401
+    with app.app_context():  # archived (the API refuses it while runs are active)
+        db.session.execute(sa.text("UPDATE projects SET archived_at = now() WHERE key = 'demo'"))
+        db.session.commit()
+    assert client.post("/api/v1/tasks", json=body, headers=root.headers).status_code >= 400
+    assert intake.served == before
+
+
 def test_a_runs_start_in_one_statement_matches_the_orm_path(
     app: Flask,
     client: FlaskClient,
