@@ -1,14 +1,12 @@
-"""Task creation's hot path on PostgreSQL: the plain case in one statement.
+"""Task creation's hot path on PostgreSQL: the plain case in one read and one write.
 
 Scripts and CI jobs create tasks by the thousand, nearly always in the plain case: a project the
 caller develops in, a prompt, no dependencies, no idempotency key, no concurrency cap. The ORM
 path (`service.create_task`) spent most of a creation in the unit of work for five objects and
-nine statements. Here one statement decides (the caller, the project, the caller's role in it,
-whether a subscription listens) and, in the plain case, writes the same rows: the task, its
-first run, three activity entries and the audit entry. The queue position comes from
-`task_queue_counts` (a few rows) instead of counting the queue. Deciding in SQL saves the round
-trip of a separate read (a fifth of a creation's time here); the roles and abilities it checks
-come from the modules that define them.
+nine statements. Here one read gathers everything the decision needs (the caller, the project,
+the caller's role in it, whether a subscription listens, and the new ids), and one statement
+writes the same rows: the task, its first run, three activity entries and the audit entry. The
+queue position comes from `task_queue_counts` (a few rows) instead of counting the queue.
 
 Anything outside the plain case returns None and the caller takes the ORM path, which stays the
 one place that explains refusals. `tests/test_task_intake.py` holds both paths to the same rows,
@@ -20,7 +18,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,13 +27,11 @@ from app.audit.redact import redact
 from app.auth.abilities import abilities_for_role
 from app.auth.service import LAST_USED_RESOLUTION
 from app.extensions import autocommit, db, on_postgresql
-from app.projects.models import PROJECT_ROLES
 from app.projects.service import ROLE_RANK
 from app.runs import live
 from app.tasks import lifecycle
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
-from app.timeutil import naive_utc, utcnow
-from app.users.models import ROLES as USER_ROLES
+from app.timeutil import as_utc, naive_utc, utcnow
 
 #: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
 PLAIN_FIELDS = frozenset(
@@ -44,85 +39,52 @@ PLAIN_FIELDS = frozenset(
     | {"loop", "config", "depends_on"}
 )
 
-# Who may create here, in SQL: `auth.service` (the caller and a personal access token as it accepts
-# one), `auth.abilities` (roles holding runs:start or admin, passed in), `projects.service` (a
-# developer of the project, or an admin) and the plain case's conditions. No row: not plain.
-_CREATE = """
-WITH caller AS (
-  SELECT u.id, u.username, u.role, t.id AS pat_id, t.abilities::jsonb AS pat_abilities
-  FROM users u
-  LEFT JOIN personal_access_tokens t ON t.token_hash = %(token_hash)s AND t.user_id = u.id
-  WHERE u.id = coalesce(
-      %(user_id)s::integer,
-      (SELECT user_id FROM personal_access_tokens WHERE token_hash = %(token_hash)s))
-    AND u.is_active AND u.role = ANY(%(start_roles)s)
-    -- a token the view would accept, holding runs:start, whose last use is recent enough not
-    -- to be written again (the view writes it)
-    AND (%(token_hash)s::text IS NULL OR (
-      t.id IS NOT NULL AND t.revoked_at IS NULL
-      AND (t.expires_at IS NULL OR t.expires_at > %(now)s)
-      AND t.last_used_at >= %(used_since)s
-      AND t.abilities::jsonb ? 'runs:start'))
-), plan AS MATERIALIZED (
-  SELECT c.id AS user_id, c.username, c.pat_id, p.id AS project_id,
-         coalesce(%(agent)s::text, p.default_agent) AS agent,
-         nextval(pg_get_serial_sequence('tasks', 'id')) AS task_id,
-         nextval(pg_get_serial_sequence('runs', 'id')) AS run_id
-  FROM caller c
-  JOIN projects p ON p.key = %(project)s
-  LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = c.id
-  WHERE p.archived_at IS NULL
-    AND ((c.role = ANY(%(admin_roles)s) AND (c.pat_id IS NULL OR c.pat_abilities ? 'admin'))
-         OR m.role = ANY(%(developer_roles)s)) IS TRUE
-    AND coalesce(%(agent)s::text, p.default_agent) = ANY(%(agents)s)
-    AND (NOT %(pool)s OR p.max_concurrent_runs IS NULL)  -- a cap decides dispatch: the view
-    AND NOT EXISTS (SELECT 1 FROM subscriptions s  -- deliveries are made by the view
-                    WHERE s.active AND (s.project_id IS NULL OR s.project_id = p.id))
-), t AS (
+_READ = """
+SELECT u.username, u.role, u.is_active, p.id, p.key, p.default_agent, p.max_concurrent_runs,
+       p.archived_at IS NOT NULL, m.role,
+       EXISTS (SELECT 1 FROM subscriptions s
+               WHERE s.active AND (s.project_id IS NULL OR s.project_id = p.id)),
+       nextval(pg_get_serial_sequence('tasks', 'id')),
+       nextval(pg_get_serial_sequence('runs', 'id')),
+       u.id, t.id, t.abilities, t.revoked_at IS NOT NULL, t.expires_at, t.last_used_at
+FROM users u
+JOIN projects p ON p.key = %(project)s
+LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = u.id
+LEFT JOIN personal_access_tokens t ON t.token_hash = %(token_hash)s AND t.user_id = u.id
+WHERE u.id = coalesce(
+  %(user_id)s::integer,
+  (SELECT user_id FROM personal_access_tokens WHERE token_hash = %(token_hash)s)
+)
+"""
+
+_WRITE = """
+WITH t AS (
   INSERT INTO tasks (id, project_id, title, prompt, agent, target, priority, priority_rank,
     status, status_reason, timeout_s, max_attempts, attempts, loop, config, source, source_ref,
     creator_id, idempotency_key, latest_run_id, created_at, updated_at, finished_at)
-  SELECT task_id, project_id, %(title)s, %(prompt)s, agent, %(target)s, %(priority)s, %(rank)s,
-    'queued', NULL, %(timeout_s)s::integer, %(max_attempts)s, 1, %(loop)s::json,
-    %(config)s::json, 'api', NULL, user_id, NULL, run_id, %(now)s, %(now)s, NULL
-  FROM plan
+  VALUES (%(task_id)s, %(project_id)s, %(title)s, %(prompt)s, %(agent)s, %(target)s,
+    %(priority)s, %(rank)s, 'queued', NULL, %(timeout_s)s, %(max_attempts)s, 1, %(loop)s,
+    %(config)s, 'api', NULL, %(user_id)s, NULL, %(run_id)s, %(now)s, %(now)s, NULL)
 ), r AS (
   INSERT INTO runs (id, task_id, project_id, attempt, status, agent, queued_at, dispatched_at,
     log_size, event_count)
-  SELECT run_id, task_id, project_id, 1, 'queued', agent, %(now)s,
-    %(dispatched_at)s::timestamp, 0, 0
-  FROM plan
+  VALUES (%(run_id)s, %(task_id)s, %(project_id)s, 1, 'queued', %(agent)s, %(now)s,
+    %(dispatched_at)s, 0, 0)
 ), au AS (
   INSERT INTO audit_logs (created_at, actor_id, actor_name, via, action, target_type, target_id,
     request_id, ip, payload)
-  SELECT %(now)s, user_id, username,
-    CASE WHEN pat_id IS NULL THEN 'session' ELSE 'pat:' || pat_id END,
-    'task.create', 'task', task_id::text, %(request_id)s, %(ip)s::text,
-    json_build_object('project', %(audit_project)s::text, 'title', %(audit_title)s::text,
-      'agent', (%(audit_agents)s::text[])[array_position(%(agents)s::text[], agent)],
-      'target', %(target)s::text, 'priority', %(priority)s::text, 'depends_on', '[]'::json)
-  FROM plan
+  VALUES (%(now)s, %(user_id)s, %(username)s, %(via)s, 'task.create', 'task', %(task_key)s,
+    %(request_id)s, %(ip)s, %(audit)s)
 ), a AS (
-  -- what `lifecycle.new_attempt` and `service.build_task` record for a new queued task
   INSERT INTO activities (project_id, kind, data, created_at)
-  SELECT project_id, v.kind, v.data, %(now)s
-  FROM plan, LATERAL (VALUES
-    (1, 'run.status', json_build_object('run_id', run_id, 'task_id', task_id, 'attempt', 1,
-                                        'status', 'queued', 'exit_code', NULL)),
-    (2, 'task.status', json_build_object('task_id', task_id, 'title', %(title)s::text,
-                                         'status', 'queued', 'reason', NULL)),
-    (3, 'task.created', json_build_object('task_id', task_id, 'title', %(title)s::text,
-                                          'agent', agent, 'status', 'queued',
-                                          'priority', %(priority)s::text))
-  ) AS v(n, kind, data)
-  ORDER BY v.n
-  RETURNING id, kind, data
+  VALUES (%(project_id)s, 'run.status', %(run_status)s, %(now)s),
+         (%(project_id)s, 'task.status', %(task_status)s, %(now)s),
+         (%(project_id)s, 'task.created', %(task_created)s, %(now)s)
+  RETURNING id, kind
 )
-SELECT task_id, run_id, user_id, agent, project_id,
-       (SELECT json_agg(json_build_array(id, kind, data) ORDER BY id) FROM a),
-       (SELECT coalesce(sum(queued), 0)::bigint FROM task_queue_counts q
-          WHERE q.project_id = plan.project_id AND q.priority_rank >= %(rank)s)
-FROM plan
+SELECT (SELECT json_object_agg(kind, id) FROM a),
+       (SELECT coalesce(sum(queued), 0)::bigint FROM task_queue_counts
+          WHERE project_id = %(project_id)s AND priority_rank >= %(rank)s)
 """
 
 #: rows of database sessions that ended, folded into shard 0 (zero sums go)
@@ -172,129 +134,191 @@ def create(
     caller: Caller,
     data: dict[str, Any],
     agents: frozenset[str],
-    admit: Callable[[int], bool] | None = None,
+    admit: Callable[[int], bool] = lambda _user_id: True,
 ) -> dict[str, Any] | None:
     """Create a plain task (data as `TaskCreateSchema` loaded it): the task as `TaskSchema`
-    reads it, or None when this is not the plain case or `admit(user_id)` (the write limit,
-    asked only once the task is written but not committed) refuses; nothing was written then.
+    reads it, or None when this is not the plain case or `admit(user_id)` (asked only when the
+    task is about to be written) refuses; nothing was written then."""
+    if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
+        return None
+    # each statement is its own transaction (the read decides, the write is atomic on its own,
+    # as the view's read-then-write in READ COMMITTED would be)
+    with autocommit() as driver:
+        cursor = driver.cursor()
+        cursor.execute(
+            _READ,
+            {
+                "project": data["project"],
+                "user_id": caller.user_id,
+                "token_hash": caller.token_hash,
+            },
+        )
+        row = cursor.fetchone()
+        task = _plan(caller, data, row, agents)
+        if task is None or not admit(task["creator_id"]):
+            return None
+        activities = _activities(task)
+        cursor.execute(_WRITE, _write_params(caller, task, activities, row[0]))
+        created, ahead = cursor.fetchone()
+        cursor.close()
+    task["queue_position"] = int(ahead) + 1
+    _after_commit(task, activities, created)
+    return task
 
-    Without `admit` the statement is its own transaction: one round trip. With it, the
-    statement runs in a transaction that `admit`'s answer commits or rolls back."""
-    target = data.get("target") or lifecycle.POOL_TARGET
+
+def _plan(
+    caller: Caller, data: dict[str, Any], row: Any, agents: frozenset[str]
+) -> dict[str, Any] | None:
+    """The task to write, if the caller may create it here and nothing else must happen."""
+    if row is None:
+        return None
+    (_name, user_role, active, project_id, key, default_agent, cap, archived, member_role,
+     subscribed, task_id, run_id, user_id, pat_id, pat_abilities, revoked, expires_at,
+     last_used_at) = row  # fmt: skip
+    abilities = abilities_for_role(user_role)
+    via = "session"
+    if caller.token_hash is not None:  # as `auth.service._authenticate_pat` decides
+        now = utcnow()
+        if (
+            pat_id is None
+            or revoked
+            or (expires_at is not None and as_utc(expires_at) <= now)
+            # its `last_used_at` is due an update: the view writes it
+            or last_used_at is None
+            or now - as_utc(last_used_at) > LAST_USED_RESOLUTION
+        ):
+            return None
+        abilities = frozenset(pat_abilities or ()) & abilities
+        via = f"pat:{pat_id}"
+    admin = user_role == "admin" and "admin" in abilities  # `projects.service.is_admin`
+    role = "maintainer" if admin else member_role
+    agent = data.get("agent") or default_agent
+    target = data.get("target") or "pool"
     if (
-        set(data) - PLAIN_FIELDS
-        or data.get("depends_on")
-        or data.get("source")
-        or target not in (lifecycle.POOL_TARGET, "external")
+        not active
+        or "runs:start" not in abilities
+        or role is None
+        or ROLE_RANK[role] < ROLE_RANK["developer"]
+        or archived
+        or subscribed  # deliveries are made by the ORM path
+        or agent not in agents
+        or target not in ("pool", "external")
+        or (target == lifecycle.POOL_TARGET and cap is not None)  # the cap decides dispatch
     ):
         return None
     now = utcnow()
-    params = _params(caller, data, target, agents, now)
-    with autocommit() as driver:
-        if admit is None:
-            cursor = driver.cursor()
-            cursor.execute(_CREATE, params)
-            row = cursor.fetchone()
-        else:
-            begin, cursor = driver.cursor(), driver.cursor()
-            with driver.pipeline():
-                begin.execute("BEGIN")
-                cursor.execute(_CREATE, params)
-            row = cursor.fetchone()
-            if row is not None and not admit(row[2]):
-                row = None
-            cursor.execute("COMMIT" if row is not None else "ROLLBACK")
-        cursor.close()
-    if row is None:
-        return None
-    task_id, run_id, user_id, agent, project_id, activities, ahead = row
-    task = {
+    priority = data.get("priority") or "normal"
+    return {
         "id": task_id,
         "project_id": project_id,
-        "project": data["project"],
+        "project": key,
         "title": data["title"],
         "prompt": data["prompt"],
         "agent": agent,
         "target": target,
-        "priority": params["priority"],
+        "priority": priority,
         "status": "queued",
         "status_reason": None,
         "depends_on": [],
         "timeout_s": data.get("timeout_s"),
-        "max_attempts": params["max_attempts"],
+        "max_attempts": data.get("max_attempts") or 1,
         "attempts": 1,
         "loop": data.get("loop"),
         "config": data.get("config"),
         "source": "api",
         "source_ref": None,
         "creator_id": user_id,
+        "via": via,
         "latest_run_id": run_id,
         "created_at": now,
         "updated_at": now,
         "finished_at": None,
-        "queue_position": int(ahead) + 1,
     }
-    _after_commit(task, activities)
-    return task
 
 
-#: user roles whose abilities include starting runs, and being an admin (`auth.abilities`)
-START_ROLES = [r for r in USER_ROLES if "runs:start" in abilities_for_role(r)]
-ADMIN_ROLES = [r for r in USER_ROLES if "admin" in abilities_for_role(r)]
-#: project roles that may create tasks
-DEVELOPER_ROLES = [r for r in PROJECT_ROLES if ROLE_RANK[r] >= ROLE_RANK["developer"]]
+def _activities(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What `lifecycle.new_attempt` and `service.build_task` record for a new queued task."""
+    return {
+        "run.status": {
+            "run_id": task["latest_run_id"],
+            "task_id": task["id"],
+            "attempt": 1,
+            "status": "queued",
+            "exit_code": None,
+        },
+        "task.status": {
+            "task_id": task["id"],
+            "title": task["title"],
+            "status": "queued",
+            "reason": None,
+        },
+        "task.created": {
+            "task_id": task["id"],
+            "title": task["title"],
+            "agent": task["agent"],
+            "status": "queued",
+            "priority": task["priority"],
+        },
+    }
 
 
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
-def _params(
-    caller: Caller, data: dict[str, Any], target: str, agents: frozenset[str], now: datetime
+def _write_params(
+    caller: Caller, task: dict[str, Any], activities: dict[str, dict[str, Any]], username: str
 ) -> dict[str, Any]:
-    priority = data.get("priority") or "normal"
-    known = sorted(agents)
-    at = naive_utc(now)
+    now = naive_utc(task["created_at"])
+    audit = {
+        "project": task["project"],
+        "title": task["title"],
+        "agent": task["agent"],
+        "target": task["target"],
+        "priority": task["priority"],
+        "depends_on": [],
+    }
     return {
-        "user_id": caller.user_id,
-        "token_hash": caller.token_hash,
-        "now": at,
-        "used_since": naive_utc(now - LAST_USED_RESOLUTION),
-        "start_roles": START_ROLES,
-        "admin_roles": ADMIN_ROLES,
-        "developer_roles": DEVELOPER_ROLES,
-        "project": data["project"],
-        "agent": data.get("agent"),
-        "agents": known,
-        "pool": target == lifecycle.POOL_TARGET,
-        "title": data["title"],
-        "prompt": data["prompt"],
-        "target": target,
-        "priority": priority,
-        "rank": PRIORITY_RANK[priority],
-        "timeout_s": data.get("timeout_s"),
-        "max_attempts": data.get("max_attempts") or 1,
-        "loop": _json(data.get("loop")),
-        "config": _json(data.get("config")),
-        "dispatched_at": at if target == lifecycle.POOL_TARGET else None,
+        "task_id": task["id"],
+        "run_id": task["latest_run_id"],
+        "task_key": str(task["id"]),
+        "project_id": task["project_id"],
+        "title": task["title"],
+        "prompt": task["prompt"],
+        "agent": task["agent"],
+        "target": task["target"],
+        "priority": task["priority"],
+        "rank": PRIORITY_RANK[task["priority"]],
+        "timeout_s": task["timeout_s"],
+        "max_attempts": task["max_attempts"],
+        "loop": _json(task["loop"]),
+        "config": _json(task["config"]),
+        "user_id": task["creator_id"],
+        "username": username,
+        "via": task["via"],
         "request_id": caller.request_id,
         "ip": caller.ip,
-        # the audit entry's values, redacted as `audit.record` redacts them
-        "audit_project": redact(data["project"]),
-        "audit_title": redact(data["title"]),
-        "audit_agents": [redact(a) for a in known],
+        "now": now,
+        "dispatched_at": now if task["target"] == lifecycle.POOL_TARGET else None,
+        "audit": _json(redact(audit)),
+        "run_status": _json(activities["run.status"]),
+        "task_status": _json(activities["task.status"]),
+        "task_created": _json(activities["task.created"]),
     }
 
 
-def _after_commit(task: dict[str, Any], activities: list[list[Any]]) -> None:
-    """The notifications (the activity rows as written) and the job, in one round trip, as the
-    ORM path sends them."""
+def _after_commit(
+    task: dict[str, Any], activities: dict[str, dict[str, Any]], activity_ids: dict[str, int]
+) -> None:
+    """The notifications and the job, in one round trip, as the ORM path sends them."""
     channel = live.activity_channel()
     with live.batched():
-        for activity_id, kind, data in activities:
+        for kind, data in activities.items():
             live.publish(
                 channel,
-                activity.message(activity_id, task["project_id"], kind, data, task["created_at"]),
+                activity.message(
+                    activity_ids[kind], task["project_id"], kind, data, task["created_at"]
+                ),
             )
         if task["target"] == lifecycle.POOL_TARGET:
             lifecycle.enqueue(task["latest_run_id"], task["priority"])
