@@ -37,12 +37,24 @@ SWEEP_LOCK = "sb:sweep-lock"
 
 #: how often the worker refreshes its RQ key outside of jobs (its time to live is minutes)
 HEARTBEAT_EVERY = 30.0
+#: how often the worker asks Redis whether `rq suspend` was called
+SUSPENSION_CHECK_EVERY = 1.0
 
 
 class AppWorker(SimpleWorker):
     app: Flask
     _beat_at = -HEARTBEAT_EVERY
+    _suspension_checked_at = -SUSPENSION_CHECK_EVERY
     _preparing: Pipeline | None = None
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ asks Redis before every job; a suspension is seen within a second here (a worker
+        already waiting for a job takes the next one either way, as with RQ's own check)."""
+        at = time.monotonic()
+        if not burst and at - self._suspension_checked_at < SUSPENSION_CHECK_EVERY:
+            return
+        self._suspension_checked_at = at
+        super().check_for_suspension(burst)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ refreshes the worker's key before and after every dequeue and after every job,
