@@ -90,7 +90,8 @@ def _loaders(dialect: Any) -> list[Loader]:
 
 def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
     """`service.take` in one autocommit round trip: the run (now assigned to `executor`), its
-    task and its project, persistent in the session; None when the run was not queued."""
+    task and its project, persistent in the session; None when the run was not queued. It runs
+    on a connection of its own: the caller's session must not hold the run's row locked."""
     lease = naive_utc(utcnow() + timedelta(seconds=lease_s))
     with autocommit() as driver:
         cursor = driver.cursor()
