@@ -196,10 +196,12 @@ def test_killed_worker_means_lost_then_a_successful_retry(app, client, member, p
 
 
 def test_rq_records_a_runs_job_as_started_once_the_agent_runs(client, member, project, worker, app):
-    """The worker sends RQ's start bookkeeping after the agent started (not before): RQ must
-    still show the job started while the agent runs, and nothing of it once it ended."""
+    """The worker sends RQ's start bookkeeping after the agent started (not before), and records
+    the job's end its own shorter way: RQ must still show the job started while the agent runs,
+    then finished with its result, and the worker idle with the job counted."""
+    from rq import Worker
     from rq.job import Job
-    from rq.registry import StartedJobRegistry
+    from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
     from app.extensions import get_redis
     from app.tasks.lifecycle import job_id
@@ -216,6 +218,12 @@ def test_rq_records_a_runs_job_as_started_once_the_agent_runs(client, member, pr
     with app.app_context():
         registry = StartedJobRegistry("runs-default", connection=conn)
         wait_for(lambda: job.id not in registry.get_job_ids(), timeout=5)
+        assert job.get_status(refresh=True) == "finished"
+        assert job.return_value() == "succeeded"
+        assert job.id in FinishedJobRegistry("runs-default", connection=conn).get_job_ids()
+        ran = next(w for w in Worker.all(connection=conn) if w.name == job.worker_name)
+        assert ran.successful_job_count >= 1
+        wait_for(lambda: ran.get_state() == "idle", timeout=5)
 
 
 def test_a_failure_to_record_a_jobs_start_leaves_the_run_alone(app):

@@ -23,7 +23,7 @@ from flask import Flask, g
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.utils import now
 from rq.worker import WorkerStatus
 from sqlalchemy.orm import configure_mappers
@@ -45,6 +45,7 @@ class AppWorker(SimpleWorker):
     app: Flask
     _beat_at = -HEARTBEAT_EVERY
     _suspension_checked_at = -SUSPENSION_CHECK_EVERY
+    _written_states: set[str] = set()
     _preparing: Pipeline | None = None
 
     def check_for_suspension(self, burst: bool) -> None:
@@ -68,6 +69,8 @@ class AppWorker(SimpleWorker):
             return
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
+            # the state too: `set_state` skips rewriting it, and a Redis that restarted lost it
+            pipe.hset(self.key, "state", self._state)
             pipe.execute()
         self._beat_at = at if timeout is None else -HEARTBEAT_EVERY
 
@@ -114,9 +117,53 @@ class AppWorker(SimpleWorker):
             with pipe:
                 pipe.execute()
 
+    # After a job, RQ spends five round trips that the job's end does not need: the job's
+    # heartbeat on its own, a WATCH and a read of the job's RQ dependents (to release them), and
+    # the worker's IDLE state, written twice. Here the heartbeat rides with the start bookkeeping
+    # when that is still unsent (else the end's transaction follows at once), the end is one
+    # transaction that also says IDLE, and a state already written is not written again.
+
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
-        self.send_preparation()
-        super().handle_execution_ended(job, queue, heartbeat_ttl)
+        job.ended_at = now()
+        pipe, self._preparing = self._preparing, None
+        if pipe is not None:
+            with pipe:
+                job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
+                pipe.execute()
+
+    def handle_job_success(
+        self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution
+    ) -> None:
+        """RQ's, without releasing RQ-level dependents: no job of ours is enqueued with
+        `depends_on` (a task's dependencies live in the database). A job that repeats, is
+        rate-limited or has RQ dependencies takes RQ's own way."""
+        if job.repeats_left or job.has_rate_limit or job._dependency_ids:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        with self.connection.pipeline() as pipe:
+            self.increment_successful_job_count(pipeline=pipe)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipe)  # type: ignore[operator]
+            result_ttl = job.get_result_ttl(self.default_result_ttl)
+            if result_ttl != 0:
+                job._handle_success(
+                    result_ttl,
+                    pipeline=pipe,
+                    worker_name=self.name,
+                    execution_id=execution.id,
+                    execution_started_at=execution.created_at,
+                    execution_ended_at=job.ended_at,
+                )
+            job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+            job._status = JobStatus.FINISHED
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            pipe.execute()
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        if pipeline is None and state == self._state and state in self._written_states:
+            return
+        super().set_state(state, pipeline)
+        self._written_states = {state}
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """Warm shutdown: tell the running job to stop its agent (its run is queued again)."""
