@@ -34,11 +34,17 @@ class RunWatcher:
 
     def __init__(self, conn) -> None:  # type: ignore[no-untyped-def]
         db = conn.connection_pool.connection_kwargs.get("db", 0)  # channels carry the db number
-        self.pubsub = conn.pubsub(ignore_subscribe_messages=True)
+        self.conn = conn  # a client that is collected closes its pool, the subscription too
+        self.pubsub = conn.pubsub()
         self.pubsub.subscribe(f"sb:{db}:activity")
         self.ended: set[int] = set()
-        while self.pubsub.get_message(timeout=1) is None and not self.pubsub.subscribed:
-            pass
+        deadline = time.monotonic() + 10
+        while True:  # Redis's confirmation: only then are the messages that follow heard
+            msg = self.pubsub.get_message(timeout=1)
+            if msg is not None and msg["type"] == "subscribe":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("could not subscribe to the activity channel")
 
     def wait(self, run_id: int, timeout: float = 30) -> None:
         self.wait_all({run_id}, timeout)
@@ -50,7 +56,7 @@ class RunWatcher:
             if left <= 0:
                 raise SystemExit(f"{len(run_ids - self.ended)} runs did not finish")
             msg = self.pubsub.get_message(timeout=left)
-            for entry in unpack(msg["data"]) if msg else []:
+            for entry in unpack(msg["data"]) if msg and msg["type"] == "message" else []:
                 data = entry.get("data") or {}
                 if entry.get("kind") == "run.status" and data.get("status") in RUN_ENDED:
                     self.ended.add(data["run_id"])
