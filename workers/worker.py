@@ -45,7 +45,7 @@ class AppWorker(SimpleWorker):
     app: Flask
     _beat_at = -HEARTBEAT_EVERY
     _suspension_checked_at = -SUSPENSION_CHECK_EVERY
-    _written_states: set[str] = set()
+    _state_written: str | None = None
     _preparing: Pipeline | None = None
 
     def check_for_suspension(self, burst: bool) -> None:
@@ -160,10 +160,11 @@ class AppWorker(SimpleWorker):
             pipe.execute()
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
-        if pipeline is None and state == self._state and state in self._written_states:
+        """A state already written (or queued in a pipeline) is not written again on its own."""
+        if pipeline is None and state == self._state_written:
             return
         super().set_state(state, pipeline)
-        self._written_states = {state}
+        self._state_written = state
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """Warm shutdown: tell the running job to stop its agent (its run is queued again)."""
