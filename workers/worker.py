@@ -125,11 +125,9 @@ class AppWorker(SimpleWorker):
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         job.ended_at = now()
-        pipe, self._preparing = self._preparing, None
-        if pipe is not None:
-            with pipe:
-                job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
-                pipe.execute()
+        if self._preparing is not None:
+            job.heartbeat(now(), heartbeat_ttl, pipeline=self._preparing)
+        self.send_preparation()
 
     def handle_job_success(
         self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution
