@@ -1,5 +1,6 @@
 """Agents executed by the real worker pool: logs, events, stop, timeout, lost runs and retries."""
 
+import json
 import os
 import signal
 import time
@@ -52,6 +53,40 @@ def test_shell_task_succeeds_with_its_log(client, member, project, worker):
     assert run["started_at"] and run["finished_at"] and run["executor"].startswith("pool:")
     text, page = log_text(client, member, run["id"])
     assert text == "hello\ndone\n" and page["complete"] is True and page["size"] == 11
+
+
+def test_an_agent_gone_at_once_still_has_its_start_recorded(app, client, member, project, worker):
+    """An agent that exits before its first tick has its start written with its end (one
+    round trip on PostgreSQL); one that lives on is `running` with its pid while it runs."""
+    import sqlalchemy as sa
+
+    from app.extensions import db
+
+    quick, slow = create(client, member, prompt="exit 0"), create(client, member, prompt="sleep 3")
+    done = wait_status(client, member, quick["id"], ("completed", "failed"))
+    run = done["runs"][0]
+    assert run["status"] == "succeeded" and run["started_at"] <= run["finished_at"]
+    running = wait_status(client, member, slow["id"], "running")["runs"][0]
+    assert running["status"] == "running" and running["started_at"]
+    with app.app_context():
+        pids = dict(db.session.execute(sa.text("SELECT task_id, pid FROM runs")).all())
+        history = db.session.execute(
+            sa.text(
+                "SELECT kind, data FROM activities WHERE kind IN ('run.status', 'task.status')"
+                " ORDER BY id"
+            )
+        ).all()
+    assert pids[quick["id"]] and pids[slow["id"]]
+    entries = [(k, json.loads(d) if isinstance(d, str) else d) for k, d in history]
+    mine = [(k, d["status"]) for k, d in entries if d["task_id"] == quick["id"]]
+    assert mine == [
+        ("run.status", "queued"),
+        ("task.status", "queued"),
+        ("run.status", "running"),
+        ("task.status", "running"),
+        ("run.status", "succeeded"),
+        ("task.status", "completed"),
+    ]
 
 
 def test_failing_command_gets_a_human_summary(client, member, project, worker):

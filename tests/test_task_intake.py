@@ -700,6 +700,88 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
     ]
 
 
+@pytest.mark.parametrize("code", [0, 3])
+def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, code: int
+) -> None:
+    """An agent that exits within its first tick has its start written with its end
+    (`quick.finish(started=…)`, one round trip): the same rows as the start and then the end
+    (the start's time, pid and version; both activity pairs, in order), the same messages."""
+    from datetime import timedelta
+
+    from app.extensions import db, get_redis
+    from app.runs import live, quick
+    from app.runs import service as runs
+    from app.tasks.models import Task
+    from app.timeutil import naive_utc, utcnow
+
+    body = {"project": "demo", "title": "t", "prompt": "p", "max_attempts": 1}
+    ids = [post_task(client, member, body, False, intake).get_json()["id"] for _ in range(2)]
+    orm_run = started(app, ids[1])
+    spawned = utcnow() - timedelta(milliseconds=5)
+    log = (0, b"bye\n")
+    with app.app_context():
+        run, task, _project = runs.take(db.session.get(Task, ids[0]).latest_run_id, "e1", 30)
+        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(live.activity_channel(), *map(live.run_channel, (run.id, orm_run)))
+        channels = [live.run_channel(r) for r in (run.id, orm_run)]
+        status = "succeeded" if code == 0 else "failed"
+        assert quick.finish(
+            run,
+            task,
+            status,
+            exit_code=code,
+            log=log,
+            values={},
+            started=quick.Started(spawned, 4242, None),
+        )
+        db.session.remove()
+    end_orm(app, orm_run, code, log)
+
+    fast, orm = ended_rows(app, ids[0]), ended_rows(app, ids[1])
+    assert fast == orm
+    task_status = "completed" if code == 0 else "failed"
+    assert [(a[0], a[1]["status"]) for a in fast["activities"][-4:]] == [
+        ("run.status", "running"),
+        ("task.status", "running"),
+        ("run.status", status),
+        ("task.status", task_status),
+    ]
+    with app.app_context(), db.engine.connect() as conn:
+        times = conn.execute(
+            sa.text(
+                "SELECT r.started_at, array_agg(a.created_at ORDER BY a.id) FROM runs r"
+                " JOIN activities a ON a.data::jsonb ->> 'run_id' = r.id::text"
+                " WHERE r.id = :i GROUP BY r.started_at"
+            ),
+            {"i": run.id},
+        ).one()
+    started_at, (_queued, running, end) = times
+    assert started_at == naive_utc(spawned) == running
+    assert end > running  # the end's own time
+
+    heard = hear(pubsub, 9)
+    shapes = [
+        (m["kind"], m["data"]["status"], m["data"]["task_id"]) if "kind" in m else (m, ch)
+        for ch, m in heard
+    ]
+    fast_heard = [s for s in shapes if s[-1] in (ids[0], channels[0])]
+    orm_heard = [s for s in shapes if s[-1] in (ids[1], channels[1])]
+    assert orm_heard == [  # its start was sent before the subscription
+        ("run.status", status, ids[1]),
+        ("task.status", task_status, ids[1]),
+        ({"type": "status", "status": status, "exit_code": code}, channels[1]),
+    ]
+    assert fast_heard == [
+        ("run.status", "running", ids[0]),
+        ("task.status", "running", ids[0]),
+        ("run.status", status, ids[0]),
+        ("task.status", task_status, ids[0]),
+        ({"type": "status", "status": "running", "exit_code": None}, channels[0]),
+        ({"type": "status", "status": status, "exit_code": code}, channels[0]),
+    ]
+
+
 def test_a_runs_end_outside_the_plain_case_writes_nothing(
     app: Flask,
     client: FlaskClient,
@@ -876,7 +958,7 @@ def test_a_failed_end_writes_nothing_and_spoils_no_pooled_connection(
     body = {"project": "demo", "title": "t", "prompt": "p"}
     run_id = started(app, post_task(client, member, body, False, intake).get_json()["id"])
     with monkeypatch.context() as mp:
-        mp.setattr(quick, "_END", "SELECT 1 / (%(log_size)s - %(log_size)s)")
+        mp.setattr(quick, "_end_sql", lambda _starting: "SELECT 1 / (%(log_size)s - %(log_size)s)")
         with pytest.raises(psycopg.errors.DivisionByZero):
             end_fast(app, run_id, 0, (0, b"x"))
     with app.app_context(), db.engine.connect() as conn:

@@ -1,9 +1,11 @@
 """Executing one run on the server's worker pool.
 
 The job takes the run (queued -> assigned, atomically, so a duplicate job does nothing), prepares
-the workspace, starts the agent, then drives it: output is published live at once and written to
-the database in batches, parsed into events, the lease is renewed, and stop requests, timeouts and
-worker shutdown end the agent with TERM, grace, KILL. The run always ends in a terminal state.
+the workspace, starts the agent (the run is marked running after the agent's first tick, or with
+its end if it is gone by then: one write fewer for short agents), then drives it: output is
+published live at once and written to the database in batches, parsed into events, the lease is
+renewed, and stop requests, timeouts and worker shutdown end the agent with TERM, grace, KILL.
+The run always ends in a terminal state.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from app.runs import live, logs, quick
 from app.runs import service as runs
 from app.runs.models import Run
 from app.tasks.models import Task
+from app.timeutil import utcnow
 from workers import agents, jobs, workspace
 from workers.process import AgentProcess
 
@@ -70,6 +73,25 @@ class RunDriver:
         self.channel = b""
         # a stop requested before we listen is in the row we took, or the next lease renewal
         self.stop_requested = run.stop_requested_at is not None
+        # the agent's start, until it is written (see `write_start`)
+        self.pending_start: quick.Started | None = None
+        self.not_ours = False
+
+    def write_start(self) -> bool:
+        """Write the agent's start (assigned → running) if it is still pending; False when the
+        run is no longer ours. It waits for the agent's first tick: an agent that exits by
+        then has its start written with its end, in one round trip (`quick.finish`)."""
+        pending, self.pending_start = self.pending_start, None
+        if pending is not None and not runs.mark_running(
+            self.run,
+            pid=pending.pid,
+            agent_version=pending.version,
+            lease_s=self.lease_s,
+            task=self.task,
+            at=pending.at,
+        ):
+            self.not_ours = True
+        return not self.not_ours
 
     def listen(self) -> None:
         """Hear stop requests (after the agent started: its start should not wait for this).
@@ -132,6 +154,8 @@ class RunDriver:
             self.settle()
         if not b.data and not b.events and not b.facts:
             return
+        if not self.write_start():
+            return  # the run is not ours: its output is not ours to write
         run = self.run
         if b.data:
             runs.append_log(run, b.offset, bytes(b.data), commit=False)
@@ -167,8 +191,17 @@ class RunDriver:
         """Pump until the agent exits; the reason we ended it early, if we did."""
         next_renew = time.monotonic() + self.renew_every
         deadline = proc.started + self.timeout if self.timeout else None
+        exiting = False
         while proc.poll() is None:
             proc.pump(self.on_output, TICK)
+            if self.pending_start is not None and proc.poll() is None:
+                if proc.output_closed and not exiting:
+                    exiting = True  # its exit follows at once: the next pump waits for it
+                else:
+                    self.write_start()
+            if self.not_ours:
+                proc.stop(0.5)
+                return "not_ours"
             now = time.monotonic()
             if self.due():
                 self.flush()
@@ -271,21 +304,20 @@ def execute(run_id: int) -> str:
     try:
         for n in range(1, iterations + 1):
             proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin)
-            if n == 1 and not runs.mark_running(
-                run,
-                pid=proc.pid,
-                agent_version=version,
-                lease_s=cfg["SWITCHBOARD_LEASE_SECONDS"],
-                task=task,
-            ):
-                proc.stop(0.5)
-                return "skipped"  # stopped between assignment and start
             if n == 1:
+                driver.pending_start = quick.Started(utcnow(), proc.pid, version)
+                # a loop's iterations need the run running; on SQLite nothing writes the start
+                # with the end
+                if (loop or not on_postgresql()) and not driver.write_start():
+                    proc.stop(0.5)
+                    return "skipped"  # stopped between assignment and start
                 driver.listen()
                 jobs.job_started()  # RQ's bookkeeping, after the agent's start
             if loop:
                 driver.note("iteration", {"n": n, "max": iterations, "pid": proc.pid})
             outcome = driver.drive(proc)
+            if outcome == "not_ours":
+                return "skipped"  # stopped between assignment and start
             code = runs.normalise_exit_code(proc.finish(driver.on_output))
             if outcome or code != 0 or not loop:
                 break
@@ -299,6 +331,8 @@ def execute(run_id: int) -> str:
         extra = workspace.results(ws)
         if outcome is None and _ended_plainly(driver, task, code, extra):
             return _exited(code)
+        if not driver.write_start():
+            return "skipped"  # stopped between assignment and start
         driver.flush(final=True, commit=False)  # committed with the run's end
         return _finish(run, outcome, code, extra, driver)
     except BaseException:
@@ -330,14 +364,18 @@ def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, An
     b = driver.batch
     if b.events or not on_postgresql():  # events take their sequence numbers in the ORM path
         return False
-    return quick.finish(
+    started = quick.finish(
         driver.run,
         task,
         _exited(code),
         exit_code=code,
         log=(b.offset, bytes(b.data)),
         values={**b.facts, **extra},
+        started=driver.pending_start,
     )
+    if started:
+        driver.pending_start = None
+    return started
 
 
 def _finish(

@@ -17,6 +17,8 @@ The end (`finish`) through the ORM was seven round trips and most of a worker's 
 In the plain case (the agent exited by itself, no retry left or needed, no task waiting on this
 one, no concurrency cap, no listening subscription, no parsed events) one transaction in one round
 trip makes the same changes: the last output, the run's end, its task's end, the activity rows.
+The executor writes an agent's start after its first tick; an agent gone by then (a short script)
+has its start written by that same round trip, as `start` would have written it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import functools
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -64,6 +66,14 @@ WITH taken AS (
 SELECT {", ".join(selected)}
 FROM taken JOIN tasks ON tasks.id = taken.task_id JOIN projects ON projects.id = taken.project_id
 """
+
+
+class Started(NamedTuple):
+    """An agent's start that the executor has not written yet (see `finish`)."""
+
+    at: datetime
+    pid: int | None
+    version: str | None
 
 
 Loader = tuple[type, list[tuple[str, Callable[[Any], Any] | None]]]
@@ -149,19 +159,25 @@ WITH listening AS (
        AS v(n, kind, data)
   WHERE v.data IS NOT NULL
   ORDER BY v.n
-  RETURNING id, kind
+  RETURNING id
 )
-SELECT (SELECT count(*) FROM r), (SELECT json_object_agg(kind, id) FROM a),
+SELECT (SELECT count(*) FROM r), (SELECT json_agg(id ORDER BY id) FROM a),
        (SELECT yes FROM listening)
 """
 
 
 def start(
-    run: Run, task: Task, *, pid: int | None, agent_version: str | None, lease_s: int
+    run: Run,
+    task: Task,
+    *,
+    pid: int | None,
+    agent_version: str | None,
+    lease_s: int,
+    at: datetime | None = None,
 ) -> bool | None:
     """Mark the run running as `service.mark_running` does: True, False when the run is no
     longer ours to start, None when this is not the plain case (nothing was written)."""
-    now = utcnow()
+    now = at or utcnow()
     task_changes = task.latest_run_id == run.id and task.status != "running"
     run_data = run_status_data(run, "running", run.exit_code)
     task_data = task_status_data(task, "running", task.status_reason)
@@ -200,26 +216,27 @@ def start(
     if task_changes:
         set_committed_value(task, "status", "running")
         set_committed_value(task, "updated_at", now)
-    entries = [("run.status", run_data)] + ([("task.status", task_data)] if task_changes else [])
-    _announce(run, entries, ids, now, "running", None)
+    entries = [("run.status", run_data, now)]
+    if task_changes:
+        entries.append(("task.status", task_data, now))
+    _announce(run, entries, ids, [("running", None)])
     return True
 
 
 def _announce(
     run: Run,
-    entries: list[tuple[str, dict[str, Any]]],
-    ids: dict[str, int],
-    now: datetime,
-    status: str,
-    exit_code: int | None,
+    entries: list[tuple[str, dict[str, Any], datetime]],
+    ids: list[int],
+    statuses: list[tuple[str, int | None]],
 ) -> None:
-    """As the ORM path sends them after its commit: the activity entries, then the run's
-    status, in one round trip."""
+    """As the ORM path sends them after its commit: the activity entries (`ids` in the same
+    order), then the run's status changes, in one round trip."""
     channel = live.activity_channel()
     with live.batched():
-        for kind, data in entries:
-            live.publish(channel, activity.message(ids[kind], run.project_id, kind, data, now))
-        live.run_status(run.id, status, exit_code)
+        for (kind, data, at), entry_id in zip(entries, ids, strict=True):
+            live.publish(channel, activity.message(entry_id, run.project_id, kind, data, at))
+        for status, exit_code in statuses:
+            live.run_status(run.id, status, exit_code)
 
 
 #: run columns an agent's output or the workspace may set at the end
@@ -239,7 +256,26 @@ _SETS = ",\n    ".join(f"{c} = CASE WHEN %(set_{c})s THEN %({c})s ELSE {c} END" 
 # dependent that a concurrent creation committed while holding its lock on this task.
 _LOCK_RUN = "SELECT id FROM runs WHERE id = %(run_id)s FOR UPDATE"
 _LOCK_TASK = "SELECT id FROM tasks WHERE id = %(task_id)s FOR UPDATE"
-_END = f"""
+_ACTIVE = "status IN ('queued', 'assigned', 'running', 'waiting')"
+_STARTED = """started_at = %(started_at)s, pid = %(pid)s, agent_version = %(version)s,
+    """
+
+
+@functools.cache
+def _end_sql(starting: bool) -> str:
+    """The end's statement; `starting`: the run is still `assigned` (its agent exited before
+    its start was written), and the start's changes and activity rows go with the end's."""
+    runs_were = "status = 'assigned'" if starting else _ACTIVE
+    entries = [(3, "run.status", "run_data", "now"), (4, "task.status", "task_data", "now")]
+    if starting:  # as `start` writes them, then the end's
+        entries[:0] = [
+            (1, "run.status", "start_run_data", "started_at"),
+            (2, "task.status", "start_task_data", "started_at"),
+        ]
+    rows = ",\n         ".join(
+        f"({n}, '{kind}', %({data})s::text, %({at})s)" for n, kind, data, at in entries
+    )
+    return f"""
 WITH plain AS (
   SELECT t.latest_run_id = %(run_id)s
      AND (%(status)s = 'succeeded' OR t.attempts >= t.max_attempts)
@@ -255,9 +291,9 @@ WITH plain AS (
 ), r AS (
   UPDATE runs SET status = %(status)s, exit_code = %(exit_code)s, error_summary = %(summary)s,
     finished_at = %(now)s, lease_expires_at = NULL, log_size = log_size + %(log_size)s,
-    {_SETS}
+    {_STARTED if starting else ""}{_SETS}
   -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
-  WHERE id = %(run_id)s AND (status IN ('queued', 'assigned', 'running', 'waiting')) IS TRUE
+  WHERE id = %(run_id)s AND ({runs_were}) IS TRUE
     AND executor = %(executor)s AND log_size = %(log_offset)s AND (SELECT yes FROM plain)
   RETURNING id
 ), c AS (
@@ -269,13 +305,13 @@ WITH plain AS (
   WHERE id = %(task_id)s AND EXISTS (SELECT 1 FROM r)
 ), a AS (
   INSERT INTO activities (project_id, kind, data, created_at)
-  SELECT %(project_id)s, v.kind, v.data::json, %(now)s
-  FROM r, (VALUES (1, 'run.status', %(run_data)s::text), (2, 'task.status', %(task_data)s::text))
-       AS v(n, kind, data)
+  SELECT %(project_id)s, v.kind, v.data::json, v.at
+  FROM r, (VALUES {rows}) AS v(n, kind, data, at)
+  WHERE v.data IS NOT NULL
   ORDER BY v.n
-  RETURNING id, kind
+  RETURNING id
 )
-SELECT (SELECT count(*) FROM r), (SELECT json_object_agg(kind, id) FROM a)
+SELECT (SELECT count(*) FROM r), (SELECT json_agg(id ORDER BY id) FROM a)
 """
 
 
@@ -287,10 +323,14 @@ def finish(
     exit_code: int,
     log: tuple[int, bytes],
     values: dict[str, Any],
+    started: Started | None = None,
 ) -> bool:
     """End the run as `service.finish` does after an agent exited by itself (`status` is
     succeeded or failed), with its last output (`log`: offset, bytes) and the run columns its
-    output or workspace set. False when this is not the plain case: nothing was written."""
+    output or workspace set. False when this is not the plain case: nothing was written.
+
+    `started`: the run is still `assigned`: its agent exited before the executor wrote its
+    start (`service.mark_running`), which is then written with the end, as `start` writes it."""
     if set(values) - set(END_VALUES):
         return False
     now = utcnow()
@@ -299,6 +339,28 @@ def finish(
     run_data = run_status_data(run, status, exit_code)
     task_data = task_status_data(task, task_status, summary)
     offset, data = log
+    entries = [("run.status", run_data, now), ("task.status", task_data, now)]
+    statuses: list[tuple[str, int | None]] = [(status, exit_code)]
+    start_params: dict[str, Any] = {}
+    if started is not None:
+        start_run = run_status_data(run, "running", run.exit_code)
+        # the end requires the task's latest run to be this one: `start`'s task_changes
+        start_task = (
+            task_status_data(task, "running", task.status_reason)
+            if task.status != "running"
+            else None
+        )
+        start_params = {
+            "started_at": naive_utc(started.at),
+            "pid": started.pid,
+            "version": started.version,
+            "start_run_data": json.dumps(start_run),
+            "start_task_data": json.dumps(start_task) if start_task is not None else None,
+        }
+        entries[:0] = [("run.status", start_run, started.at)] + (
+            [("task.status", start_task, started.at)] if start_task is not None else []
+        )
+        statuses.insert(0, ("running", None))
     params: dict[str, Any] = {
         "run_id": run.id,
         "task_id": task.id,
@@ -314,6 +376,7 @@ def finish(
         "log": data,
         "run_data": json.dumps(run_data),
         "task_data": json.dumps(task_data),
+        **start_params,
     }
     for column in END_VALUES:
         params[f"set_{column}"] = column in values
@@ -324,12 +387,10 @@ def finish(
             cursors[0].execute("BEGIN")
             cursors[1].execute(_LOCK_RUN, params)
             cursors[2].execute(_LOCK_TASK, params)
-            cursors[3].execute(_END, params)
+            cursors[3].execute(_end_sql(started is not None), params)
             cursors[4].execute("COMMIT")
         ended, ids = cursors[3].fetchone()
     if not ended:
         return False
-    _announce(
-        run, [("run.status", run_data), ("task.status", task_data)], ids, now, status, exit_code
-    )
+    _announce(run, entries, ids, statuses)
     return True

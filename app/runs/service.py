@@ -6,7 +6,7 @@ executor finishing, a person stopping it, the sweep expiring its lease) cannot b
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -150,18 +150,27 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
 
 
 def mark_running(
-    run: Run, *, pid: int | None, agent_version: str | None, lease_s: int, task: Task | None = None
+    run: Run,
+    *,
+    pid: int | None,
+    agent_version: str | None,
+    lease_s: int,
+    task: Task | None = None,
+    at: datetime | None = None,
 ) -> bool:
-    """assigned -> running (False when the run is no longer ours). With its `task` loaded, the
-    plain case is one statement on PostgreSQL (`runs.quick`)."""
+    """assigned -> running (False when the run is no longer ours); `at`: when the agent started,
+    if not now. With its `task` loaded, the plain case is one statement on PostgreSQL
+    (`runs.quick`)."""
     from app.runs import quick
     from app.tasks import lifecycle
 
     if task is not None and on_postgresql():
-        started = quick.start(run, task, pid=pid, agent_version=agent_version, lease_s=lease_s)
+        started = quick.start(
+            run, task, pid=pid, agent_version=agent_version, lease_s=lease_s, at=at
+        )
         if started is not None:
             return started
-    now = utcnow()
+    now = at or utcnow()
     if not _transition(
         run.id,
         {"assigned"},
