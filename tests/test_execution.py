@@ -57,15 +57,41 @@ def test_shell_task_succeeds_with_its_log(client, member, project, worker):
 
 def test_an_agent_gone_at_once_still_has_its_start_recorded(app, client, member, project, worker):
     """An agent that exits before its first tick has its start written with its end (one
-    round trip on PostgreSQL); one that lives on is `running` with its pid while it runs."""
+    round trip on PostgreSQL) and announced with RQ's end of the job; one that lives on is
+    `running` with its pid while it runs."""
     import sqlalchemy as sa
 
-    from app.extensions import db
+    from app.extensions import db, get_redis
+    from app.runs import live
 
+    with app.app_context():
+        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(live.activity_channel())
     quick, slow = create(client, member, prompt="exit 0"), create(client, member, prompt="sleep 3")
     done = wait_status(client, member, quick["id"], ("completed", "failed"))
     run = done["runs"][0]
     assert run["status"] == "succeeded" and run["started_at"] <= run["finished_at"]
+    heard: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 10
+    while ("run.status", "succeeded") not in heard and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        for m in live.unpack(msg["data"]) if msg else []:
+            if m["data"].get("run_id") == run["id"]:
+                heard.append((m["kind"], m["data"]["status"]))
+    pubsub.close()
+    assert heard == [("run.status", s) for s in ("queued", "running", "succeeded")]
+    with app.app_context():  # RQ's start and end went in one transaction: nothing left behind
+        from rq.job import Job
+        from rq.registry import FinishedJobRegistry, StartedJobRegistry
+
+        from app.tasks.lifecycle import job_id
+
+        conn = get_redis()
+        job = Job.fetch(job_id(run["id"]), connection=conn)
+        assert (job.get_status(), job.return_value()) == ("finished", "succeeded")
+        assert job.id not in StartedJobRegistry("runs-default", connection=conn).get_job_ids()
+        assert job.id in FinishedJobRegistry("runs-default", connection=conn).get_job_ids()
+        assert not conn.keys(f"rq:execution:{job.id}:*")
     running = wait_status(client, member, slow["id"], "running")["runs"][0]
     assert running["status"] == "running" and running["started_at"]
     with app.app_context():

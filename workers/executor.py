@@ -82,7 +82,9 @@ class RunDriver:
         run is no longer ours. It waits for the agent's first tick: an agent that exits by
         then has its start written with its end, in one round trip (`quick.finish`)."""
         pending, self.pending_start = self.pending_start, None
-        if pending is not None and not runs.mark_running(
+        if pending is None:
+            return not self.not_ours
+        if runs.mark_running(
             self.run,
             pid=pending.pid,
             agent_version=pending.version,
@@ -90,6 +92,8 @@ class RunDriver:
             task=self.task,
             at=pending.at,
         ):
+            jobs.job_started()  # RQ's bookkeeping (else it goes with the job's end)
+        else:
             self.not_ours = True
         return not self.not_ours
 
@@ -312,7 +316,6 @@ def execute(run_id: int) -> str:
                     proc.stop(0.5)
                     return "skipped"  # stopped between assignment and start
                 driver.listen()
-                jobs.job_started()  # RQ's bookkeeping, after the agent's start
             if loop:
                 driver.note("iteration", {"n": n, "max": iterations, "pid": proc.pid})
             outcome = driver.drive(proc)
@@ -364,15 +367,16 @@ def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, An
     b = driver.batch
     if b.events or not on_postgresql():  # events take their sequence numbers in the ORM path
         return False
-    started = quick.finish(
-        driver.run,
-        task,
-        _exited(code),
-        exit_code=code,
-        log=(b.offset, bytes(b.data)),
-        values={**b.facts, **extra},
-        started=driver.pending_start,
-    )
+    with live.handed_over(jobs.end_messages()):  # sent with RQ's end of the job
+        started = quick.finish(
+            driver.run,
+            task,
+            _exited(code),
+            exit_code=code,
+            log=(b.offset, bytes(b.data)),
+            values={**b.facts, **extra},
+            started=driver.pending_start,
+        )
     if started:
         driver.pending_start = None
     return started

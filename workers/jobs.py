@@ -21,6 +21,14 @@ def job_started() -> None:
         logging.getLogger(__name__).warning("could not record the job's start in RQ: %s", exc)
 
 
+def end_messages() -> list[tuple[str, str]] | None:
+    """Where a job's last messages wait to go out with the worker's end-of-job bookkeeping, in
+    one round trip (`live.handed_over`); None outside a worker (they are sent at once)."""
+    from flask import g
+
+    return g.get("job_end_messages")
+
+
 def execute_run(run_id: int) -> str:
     from workers.executor import execute
 

@@ -110,6 +110,7 @@ class AppWorker(SimpleWorker):
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
         self._preparing = pipe
         g.job_started = self.send_preparation
+        g.job_end_messages = []
 
     def send_preparation(self) -> None:
         pipe, self._preparing = self._preparing, None
@@ -117,17 +118,41 @@ class AppWorker(SimpleWorker):
             with pipe:
                 pipe.execute()
 
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        """Whatever way the job ended, nothing it left to send with the end stays unsent."""
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            self.send_preparation()
+            messages = g.pop("job_end_messages", None)
+            if messages:
+                try:
+                    with self.connection.pipeline(transaction=False) as pipe:
+                        for channel, text in messages:
+                            pipe.publish(channel, text)
+                        pipe.execute()
+                except Exception as exc:  # as `live` does: a notification never fails a job
+                    log.warning("could not publish %d messages: %s", len(messages), exc)
+
     # After a job, RQ spends five round trips that the job's end does not need: the job's
     # heartbeat on its own, a WATCH and a read of the job's RQ dependents (to release them), and
-    # the worker's IDLE state, written twice. Here the heartbeat rides with the start bookkeeping
-    # when that is still unsent (else the end's transaction follows at once), the end is one
-    # transaction that also says IDLE, and a state already written is not written again.
+    # the worker's IDLE state, written twice. Here the end is one transaction that also says
+    # IDLE and carries the job's last messages (a run's end, `jobs.end_messages`), preceded in
+    # that same transaction by the start bookkeeping when that is still unsent (a job that ended
+    # before its work was said to have begun); a state already written is not written again.
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         job.ended_at = now()
-        if self._preparing is not None:
+        if self._preparing is not None:  # else the end's transaction follows at once
             job.heartbeat(now(), heartbeat_ttl, pipeline=self._preparing)
+
+    def handle_job_failure(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
         self.send_preparation()
+        super().handle_job_failure(job, queue, *args, **kwargs)
+
+    def handle_job_retry(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        self.send_preparation()
+        super().handle_job_retry(job, queue, *args, **kwargs)
 
     def handle_job_success(
         self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution
@@ -136,9 +161,11 @@ class AppWorker(SimpleWorker):
         `depends_on` (a task's dependencies live in the database). A job that repeats, is
         rate-limited or has RQ dependencies takes RQ's own way."""
         if job.repeats_left or job.has_rate_limit or job._dependency_ids:
+            self.send_preparation()
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
-        with self.connection.pipeline() as pipe:
+        pipe, self._preparing = self._preparing, None
+        with pipe or self.connection.pipeline() as pipe:
             self.increment_successful_job_count(pipeline=pipe)
             self.increment_total_working_time(job.ended_at - job.started_at, pipe)  # type: ignore[operator]
             result_ttl = job.get_result_ttl(self.default_result_ttl)
@@ -155,6 +182,8 @@ class AppWorker(SimpleWorker):
             job._status = JobStatus.FINISHED
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            for channel, text in g.pop("job_end_messages", None) or ():
+                pipe.publish(channel, text)
             pipe.execute()
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:

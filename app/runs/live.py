@@ -78,7 +78,27 @@ def batched() -> Iterator[None]:
                 )
 
 
+#: where a block's messages go instead of Redis (see `handed_over`)
+_handover: ContextVar[list[tuple[str, str]] | None] = ContextVar("sb_handover", default=None)
+
+
+@contextlib.contextmanager
+def handed_over(into: list[tuple[str, str]] | None) -> Iterator[None]:
+    """The messages that batches inside would send are added to `into` instead (channel, text),
+    for the caller to send with its own next round trip: the worker sends a run's last ones with
+    its end-of-job bookkeeping. None: sent as usual."""
+    token = _handover.set(into)
+    try:
+        yield
+    finally:
+        _handover.reset(token)
+
+
 def _send(jobs: list[Callable[[Any], Any]], publishes: list[tuple[str, str]]) -> None:
+    into = _handover.get()
+    if into is not None and not jobs:
+        into.extend(publishes)
+        return
     if not jobs and len(publishes) == 1:  # one command needs no pipeline
         get_redis().publish(*publishes[0])
         return
