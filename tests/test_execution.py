@@ -89,6 +89,7 @@ def test_an_agent_gone_at_once_still_has_its_start_recorded(app, client, member,
         conn = get_redis()
         job = Job.fetch(job_id(run["id"]), connection=conn)
         assert (job.get_status(), job.return_value()) == ("finished", "succeeded")
+        assert job.worker_name and job.started_at <= job.ended_at
         assert job.id not in StartedJobRegistry("runs-default", connection=conn).get_job_ids()
         assert job.id in FinishedJobRegistry("runs-default", connection=conn).get_job_ids()
         assert not conn.keys(f"rq:execution:{job.id}:*")

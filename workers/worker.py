@@ -137,9 +137,10 @@ class AppWorker(SimpleWorker):
     # After a job, RQ spends five round trips that the job's end does not need: the job's
     # heartbeat on its own, a WATCH and a read of the job's RQ dependents (to release them), and
     # the worker's IDLE state, written twice. Here the end is one transaction that also says
-    # IDLE and carries the job's last messages (a run's end, `jobs.end_messages`), preceded in
-    # that same transaction by the start bookkeeping when that is still unsent (a job that ended
-    # before its work was said to have begun); a state already written is not written again.
+    # IDLE and carries the job's last messages (a run's end, `jobs.end_messages`); a job that
+    # ended before its work was said to have begun skips the start bookkeeping, which the end
+    # would undo (its job hash gets the start's fields with the end's); a state already written
+    # is not written again.
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         job.ended_at = now()
@@ -164,8 +165,12 @@ class AppWorker(SimpleWorker):
             self.send_preparation()
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
-        pipe, self._preparing = self._preparing, None
-        with pipe or self.connection.pipeline() as pipe:
+        unsent, self._preparing = self._preparing, None
+        if unsent is not None:
+            # the job ended before its start was recorded: RQ's record goes from queued to
+            # finished at once (the start's entries would be removed again in this transaction)
+            unsent.reset()
+        with self.connection.pipeline() as pipe:
             self.increment_successful_job_count(pipeline=pipe)
             self.increment_total_working_time(job.ended_at - job.started_at, pipe)  # type: ignore[operator]
             result_ttl = job.get_result_ttl(self.default_result_ttl)
@@ -180,7 +185,10 @@ class AppWorker(SimpleWorker):
                 )
             job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
             job._status = JobStatus.FINISHED
-            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            if unsent is None:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            else:
+                self.executions.pop(execution.id, None)
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
             for channel, text in g.pop("job_end_messages", None) or ():
                 pipe.publish(channel, text)
