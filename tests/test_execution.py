@@ -116,6 +116,35 @@ def test_an_agent_gone_at_once_still_has_its_start_recorded(app, client, member,
     ]
 
 
+def test_a_stop_asked_for_before_an_agents_start_is_written_is_seen_by_that_write(
+    app, client, member, project
+):
+    """The executor listens for stop requests only from its write of the agent's start (see
+    `RunDriver.write_start`): that write must report a stop asked for since the run was taken,
+    on the one-statement path and on the ORM path alike."""
+    import sqlalchemy as sa
+
+    from app.extensions import db
+    from app.runs import service as runs
+    from app.runs.models import Run
+    from app.timeutil import utcnow
+
+    for fast in (True, False):
+        t = create(client, member, prompt="true")
+        with app.app_context():
+            run, task, _project = runs.take(t["latest_run_id"], "e1", 30)
+            assert run.stop_requested_at is None
+            with db.engine.begin() as conn:  # what `request_stop` commits, from elsewhere
+                conn.execute(
+                    sa.update(Run).where(Run.id == run.id).values(stop_requested_at=utcnow())
+                )
+            assert runs.mark_running(
+                run, pid=1, agent_version=None, lease_s=30, task=task if fast else None
+            )
+            assert run.stop_requested_at is not None and run.status == "running"
+            db.session.remove()
+
+
 def test_failing_command_gets_a_human_summary(client, member, project, worker):
     t = create(client, member, prompt="echo oops >&2; exit 3")
     done = wait_status(client, member, t["id"], ("completed", "failed"))

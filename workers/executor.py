@@ -80,10 +80,16 @@ class RunDriver:
     def write_start(self) -> bool:
         """Write the agent's start (assigned → running) if it is still pending; False when the
         run is no longer ours. It waits for the agent's first tick: an agent that exits by
-        then has its start written with its end, in one round trip (`quick.finish`)."""
+        then has its start written with its end, in one round trip (`quick.finish`), and never
+        listens for stop requests.
+
+        Listening begins just before the start is written, which reads the run's
+        `stop_requested_at`: a stop asked for before that write is in what it read, one asked
+        for after it is published after the subscription. None is missed."""
         pending, self.pending_start = self.pending_start, None
         if pending is None:
             return not self.not_ours
+        self.listen()
         if runs.mark_running(
             self.run,
             pid=pending.pid,
@@ -93,12 +99,13 @@ class RunDriver:
             at=pending.at,
         ):
             jobs.job_started()  # RQ's bookkeeping (else it goes with the job's end)
+            self.stop_requested = self.stop_requested or self.run.stop_requested_at is not None
         else:
             self.not_ours = True
         return not self.not_ours
 
     def listen(self) -> None:
-        """Hear stop requests (after the agent started: its start should not wait for this).
+        """Hear stop requests (see `write_start`).
 
         One subscriber connection serves every run of this worker process: closing a PubSub
         drops its connection, and the next Redis command of the run's end then paid for a new
@@ -315,7 +322,6 @@ def execute(run_id: int) -> str:
                 if (loop or not on_postgresql()) and not driver.write_start():
                     proc.stop(0.5)
                     return "skipped"  # stopped between assignment and start
-                driver.listen()
             if loop:
                 driver.note("iteration", {"n": n, "max": iterations, "pid": proc.pid})
             outcome = driver.drive(proc)

@@ -41,7 +41,7 @@ from app.runs.models import Run
 from app.runs.service import ASYNC_COMMIT, error_summary
 from app.tasks.lifecycle import TASK_FOR_RUN, run_status_data, task_status_data
 from app.tasks.models import Task
-from app.timeutil import naive_utc, utcnow
+from app.timeutil import as_utc, naive_utc, utcnow
 
 _TAKEN = (Run, Task, Project)
 
@@ -148,7 +148,7 @@ WITH listening AS (
   WHERE id = %(run_id)s AND (status = 'assigned') IS TRUE AND executor = %(executor)s
     AND NOT (SELECT yes FROM listening)
     AND {ASYNC_COMMIT}
-  RETURNING id
+  RETURNING id, stop_requested_at
 ), t AS (
   UPDATE tasks SET status = 'running', updated_at = %(now)s
   WHERE id = %(task_id)s AND %(task_changes)s AND EXISTS (SELECT 1 FROM r)
@@ -162,7 +162,7 @@ WITH listening AS (
   RETURNING id
 )
 SELECT (SELECT count(*) FROM r), (SELECT json_agg(id ORDER BY id) FROM a),
-       (SELECT yes FROM listening)
+       (SELECT yes FROM listening), (SELECT stop_requested_at FROM r)
 """
 
 
@@ -176,7 +176,8 @@ def start(
     at: datetime | None = None,
 ) -> bool | None:
     """Mark the run running as `service.mark_running` does: True, False when the run is no
-    longer ours to start, None when this is not the plain case (nothing was written)."""
+    longer ours to start, None when this is not the plain case (nothing was written). The run's
+    `stop_requested_at` is brought up to date (a stop asked for since it was taken)."""
     now = at or utcnow()
     task_changes = task.latest_run_id == run.id and task.status != "running"
     run_data = run_status_data(run, "running", run.exit_code)
@@ -200,12 +201,13 @@ def start(
                 "task_data": json.dumps(task_data) if task_changes else None,
             },
         )
-        moved, ids, listening = cursor.fetchone()
+        moved, ids, listening, stop = cursor.fetchone()
         cursor.close()
     if not moved:
         return None if listening else False
     # the loaded objects follow without a reload, as `_transition` keeps them
     for key, value in (
+        ("stop_requested_at", as_utc(stop) if stop is not None else None),
         ("status", "running"),
         ("started_at", now),
         ("pid", pid),

@@ -159,8 +159,9 @@ def mark_running(
     at: datetime | None = None,
 ) -> bool:
     """assigned -> running (False when the run is no longer ours); `at`: when the agent started,
-    if not now. With its `task` loaded, the plain case is one statement on PostgreSQL
-    (`runs.quick`)."""
+    if not now. The run's `stop_requested_at` is brought up to date, so an executor that
+    subscribed to stop requests before this misses none. With its `task` loaded, the plain case
+    is one statement on PostgreSQL (`runs.quick`)."""
     from app.runs import quick
     from app.tasks import lifecycle
 
@@ -183,6 +184,8 @@ def mark_running(
     ):
         db.session.rollback()
         return False
+    stop = db.session.scalar(sa.select(Run.stop_requested_at).where(Run.id == run.id))
+    set_committed_value(run, "stop_requested_at", stop)
     lifecycle.run_changed(run)
     after_commit(lambda: live.run_status(run.id, "running"))  # with the activity messages
     db.session.commit()
