@@ -215,6 +215,30 @@ def test_missing_agent_binary_fails_clearly(client, member, project, app, monkey
     )
 
 
+def test_an_agents_binary_is_looked_up_again_once_removed_or_installed(tmp_path):
+    """Binaries found on PATH are remembered for a while (searching PATH costs every run a
+    stat per directory), but a removed binary is missed at once and an installed one found."""
+    import pytest
+
+    from workers import agents
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    path = f"{first}{os.pathsep}{second}"
+    agent = agents.Agent("x", ("sb-test-agent",))
+    with pytest.raises(agents.AgentNotInstalled):
+        agents.resolve_binary(agent, path)
+    (second / "sb-test-agent").write_text("#!/bin/sh\n")
+    (second / "sb-test-agent").chmod(0o755)
+    assert agents.resolve_binary(agent, path) == str(second / "sb-test-agent")
+    (second / "sb-test-agent").unlink()
+    with pytest.raises(agents.AgentNotInstalled):
+        agents.resolve_binary(agent, path)
+    (first / "sb-test-agent").write_text("#!/bin/sh\n")
+    (first / "sb-test-agent").chmod(0o755)
+    assert agents.resolve_binary(agent, path) == str(first / "sb-test-agent")
+
+
 def agent_pids(app, run_id: int) -> list[int]:
     """Processes started for this run by this test session's workers (run ids repeat across
     parallel test sessions; instance paths do not)."""

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,13 +281,26 @@ def registry(custom: str | dict[str, Any] | None = None) -> dict[str, Agent]:
 _versions: dict[tuple[str, float], str | None] = {}
 
 
+#: (command, PATH) → (binary, when found): searching PATH stats every directory on it, for
+#: every run; a binary found is trusted for a while if it is still there and executable
+_binaries: dict[tuple[str, str | None], tuple[str, float]] = {}
+BINARY_TRUSTED_S = 10.0
+
+
 def resolve_binary(agent: Agent, path: str | None = None) -> str:
+    key = (agent.command[0], path)
+    found = _binaries.get(key)
+    now = time.monotonic()
+    if found is not None and now - found[1] < BINARY_TRUSTED_S and os.access(found[0], os.X_OK):
+        return found[0]
     binary = shutil.which(agent.command[0], path=path)
     if binary is None:
+        _binaries.pop(key, None)
         raise AgentNotInstalled(
             f"agent '{agent.name}' is not installed on this worker "
             f"({agent.command[0]!r} not found on PATH)"
         )
+    _binaries[key] = (binary, now)
     return binary
 
 
