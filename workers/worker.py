@@ -28,7 +28,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from sqlalchemy.orm import configure_mappers
 
-from app.extensions import ALL_QUEUES, RUN_QUEUES, db, get_redis
+from app.extensions import ALL_QUEUES, RUN_QUEUES, db, get_redis, keep_autocommit_connection
 from workers.process import die_with_parent
 
 log = logging.getLogger("workers.pool")
@@ -218,6 +218,7 @@ def run_worker(app: Flask, queue_names: list[str] | None = None, *, burst: bool 
     queues = [Queue(name, connection=connection) for name in (queue_names or ALL_QUEUES)]
     worker = AppWorker(queues, connection=connection)
     worker.app = app
+    keep_autocommit_connection()  # jobs run one at a time, in this thread
     # what start-up built lives as long as the process: keep the collector from walking it again
     # on every full collection (a pause of tens of ms in the middle of a run's start)
     gc.collect()
