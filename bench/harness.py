@@ -138,6 +138,11 @@ def load(
 
 def read_response(sock: socket.socket, buffer: bytearray) -> int:
     """Read one response on a keep-alive connection; its status code."""
+    return read_response_body(sock, buffer)[0]
+
+
+def read_response_body(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
+    """Read one response on a keep-alive connection; its status code and body."""
     while b"\r\n\r\n" not in buffer:
         chunk = sock.recv(65536)
         if not chunk:
@@ -151,8 +156,9 @@ def read_response(sock: socket.socket, buffer: bytearray) -> int:
             length = int(line.split(":", 1)[1])
     while len(buffer) < head_end + length:
         buffer += sock.recv(65536)
+    body = bytes(buffer[head_end : head_end + length])
     del buffer[: head_end + length]
-    return int(head.split(" ", 2)[1])
+    return int(head.split(" ", 2)[1]), body
 
 
 def socket_load(
