@@ -29,6 +29,7 @@ from rq.worker import WorkerStatus
 from sqlalchemy.orm import configure_mappers
 
 from app.extensions import ALL_QUEUES, RUN_QUEUES, db, get_redis, keep_autocommit_connection
+from app.runs import live
 from workers.process import die_with_parent
 
 log = logging.getLogger("workers.pool")
@@ -124,15 +125,7 @@ class AppWorker(SimpleWorker):
             return super().perform_job(job, queue, execution)
         finally:
             self.send_preparation()
-            messages = g.pop("job_end_messages", None)
-            if messages:
-                try:
-                    with self.connection.pipeline(transaction=False) as pipe:
-                        for channel, text in messages:
-                            pipe.publish(channel, text)
-                        pipe.execute()
-                except Exception as exc:  # as `live` does: a notification never fails a job
-                    log.warning("could not publish %d messages: %s", len(messages), exc)
+            live.send(g.pop("job_end_messages", None) or [])
 
     # After a job, RQ spends five round trips that the job's end does not need: the job's
     # heartbeat on its own, a WATCH and a read of the job's RQ dependents (to release them), and

@@ -69,13 +69,18 @@ def batched() -> Iterator[None]:
         yield
     finally:
         _batch.reset(token)
-        if jobs or messages:
-            try:
-                _send(jobs, _coalesced(messages))
-            except Exception as exc:  # never let a notification break what it reports
-                log.warning(
-                    "could not send %d jobs, %d messages: %s", len(jobs), len(messages), exc
-                )
+        send(_coalesced(messages), jobs)
+
+
+def send(messages: list[tuple[str, str]], jobs: list[Callable[[Any], Any]] | None = None) -> None:
+    """Send (channel, text) messages as they are, and `jobs` before them, in one round trip; a
+    failure is logged, never raised: a notification must not break what it reports."""
+    if not jobs and not messages:
+        return
+    try:
+        _send(jobs or [], messages)
+    except Exception as exc:
+        log.warning("could not send %d jobs, %d messages: %s", len(jobs or []), len(messages), exc)
 
 
 #: where a block's messages go instead of Redis (see `handed_over`)

@@ -179,9 +179,8 @@ def start(
     longer ours to start, None when this is not the plain case (nothing was written). The run's
     `stop_requested_at` is brought up to date (a stop asked for since it was taken)."""
     now = at or utcnow()
-    task_changes = task.latest_run_id == run.id and task.status != "running"
-    run_data = run_status_data(run, "running", run.exit_code)
-    task_data = task_status_data(task, "running", task.status_reason)
+    run_data, task_data = _start_data(run, task)
+    task_changes = task_data is not None
     lease = now + timedelta(seconds=lease_s)
     with autocommit() as driver:  # one statement, its own transaction
         cursor = driver.cursor()
@@ -198,7 +197,7 @@ def start(
                 "task_changes": task_changes,
                 "project_id": run.project_id,
                 "run_data": json.dumps(run_data),
-                "task_data": json.dumps(task_data) if task_changes else None,
+                "task_data": json.dumps(task_data) if task_data is not None else None,
             },
         )
         moved, ids, listening, stop = cursor.fetchone()
@@ -218,11 +217,26 @@ def start(
     if task_changes:
         set_committed_value(task, "status", "running")
         set_committed_value(task, "updated_at", now)
-    entries = [("run.status", run_data, now)]
-    if task_changes:
-        entries.append(("task.status", task_data, now))
-    _announce(run, entries, ids, [("running", None)])
+    _announce(run, _start_entries(run_data, task_data, now), ids, [("running", None)])
     return True
+
+
+def _start_data(run: Run, task: Task) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The start's `run.status` entry, and its `task.status` entry when the task changes (its
+    latest run starting, the task not running yet)."""
+    run_data = run_status_data(run, "running", run.exit_code)
+    if task.latest_run_id != run.id or task.status == "running":
+        return run_data, None
+    return run_data, task_status_data(task, "running", task.status_reason)
+
+
+def _start_entries(
+    run_data: dict[str, Any], task_data: dict[str, Any] | None, at: datetime
+) -> list[tuple[str, dict[str, Any], datetime]]:
+    entries = [("run.status", run_data, at)]
+    if task_data is not None:
+        entries.append(("task.status", task_data, at))
+    return entries
 
 
 def _announce(
@@ -345,13 +359,7 @@ def finish(
     statuses: list[tuple[str, int | None]] = [(status, exit_code)]
     start_params: dict[str, Any] = {}
     if started is not None:
-        start_run = run_status_data(run, "running", run.exit_code)
-        # the end requires the task's latest run to be this one: `start`'s task_changes
-        start_task = (
-            task_status_data(task, "running", task.status_reason)
-            if task.status != "running"
-            else None
-        )
+        start_run, start_task = _start_data(run, task)
         start_params = {
             "started_at": naive_utc(started.at),
             "pid": started.pid,
@@ -359,9 +367,7 @@ def finish(
             "start_run_data": json.dumps(start_run),
             "start_task_data": json.dumps(start_task) if start_task is not None else None,
         }
-        entries[:0] = [("run.status", start_run, started.at)] + (
-            [("task.status", start_task, started.at)] if start_task is not None else []
-        )
+        entries[:0] = _start_entries(start_run, start_task, started.at)
         statuses.insert(0, ("running", None))
     params: dict[str, Any] = {
         "run_id": run.id,
