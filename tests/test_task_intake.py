@@ -195,6 +195,158 @@ def test_plain_creation_matches_the_flask_view(
         assert jobs == []
 
 
+def prepared(app: Flask, who: Account, bodies: list[dict]) -> list[Any]:
+    """Creations read and decided, as concurrent requests would hand them to the combiner."""
+    from app.extensions import autocommit
+    from app.tasks import quick, service
+    from app.tasks.schemas import TaskCreateSchema
+
+    caller = quick.Caller(user_id=who.id, token_hash=None, request_id="r-1", ip="127.0.0.1")
+    agents = frozenset(service.known_agents())
+    with autocommit() as driver:
+        made = [
+            quick.prepare(driver, caller, TaskCreateSchema().load(b), agents, lambda _u: True)
+            for b in bodies
+        ]
+    assert all(made)
+    return made
+
+
+@pytest.mark.parametrize("target", ["pool", "external"])
+def test_creations_written_together_match_those_written_alone(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, target: str
+) -> None:
+    from rq import Queue
+
+    from app.extensions import autocommit, get_redis
+    from app.runs import live
+    from app.tasks import lifecycle, quick
+
+    body = {"project": "demo", "title": "t", "prompt": "p", "target": target, "config": {"a": 1}}
+    alone = post_task(client, member, body, False, intake)
+    assert alone.status_code == 201
+    with app.app_context():
+        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(live.activity_channel())
+        queue = Queue(lifecycle.queue_name("normal"), connection=get_redis())
+        queue.empty()
+        priorities = ["normal", "high", "normal", "normal"]
+        group = prepared(app, member, [{**body, "priority": p} for p in priorities])
+        with autocommit() as driver:
+            for creation in group:
+                creation.driver = driver
+            quick.write_group(group)
+    assert all(c.written is not None for c in group)
+    ids = [c.task["id"] for c in group]
+
+    # the same rows as a task created alone (the priority aside)
+    for creation, priority in zip(group, priorities, strict=True):
+        wrote = rows(app, creation.task["id"])
+        wrote["task"]["priority"], wrote["task"]["priority_rank"] = "normal", 1
+        wrote["activities"] = [
+            (k, {**d, "priority": "normal"} if k == "task.created" else d)
+            for k, d in wrote["activities"]
+        ]
+        wrote["audit"] = [(*a[:6], {**a[6], "priority": "normal"}, a[7]) for a in wrote["audit"]]
+        assert wrote == rows(app, alone.get_json()["id"]), priority
+    # each position is the one counting the queue gives: the high one first, then by age
+    positions = [c.written[1] + 1 for c in group]
+    assert positions == [
+        client.get(f"/api/v1/tasks/{i}", headers=member.headers).get_json()["queue_position"]
+        for i in ids
+    ]
+    assert positions == [3, 1, 4, 5]
+    # its activity ids are its own rows
+    with app.app_context(), autocommit() as driver:
+        for creation in group:
+            found = driver.execute(
+                "SELECT kind, id FROM activities WHERE (data ->> 'task_id')::bigint = %s",
+                (creation.task["id"],),
+            ).fetchall()
+            assert dict(found) == creation.written[0]
+    # the notifications of all of them, in order, and their jobs
+    heard = [m for _channel, m in hear(pubsub, 12)]
+    assert [m["kind"] for m in heard] == ["run.status", "task.status", "task.created"] * 4
+    assert [m["data"]["task_id"] for m in heard] == [i for i in ids for _ in range(3)]
+    with app.app_context():
+        high = Queue(lifecycle.queue_name("high"), connection=get_redis())
+        jobs = queue.get_job_ids() + high.get_job_ids()
+    runs = [c.task["latest_run_id"] for c in group]
+    expected = [runs[0], runs[2], runs[3], runs[1]] if target == "pool" else []
+    assert jobs == [f"run-{r}" for r in expected]
+
+
+def test_a_group_that_fails_writes_nothing_and_leaves_each_creation_to_its_thread(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    from app.extensions import autocommit
+    from app.tasks import quick
+
+    body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
+    with app.app_context():
+        group = prepared(app, member, [body, body])
+        group[1].params["project_id"] = 10**6  # no such project: the statement fails
+        with autocommit() as driver:
+            for creation in group:
+                creation.driver = driver
+            quick.write_group(group)
+            assert [c.written for c in group] == [None, None]
+            found = driver.execute(
+                "SELECT count(*) FROM tasks WHERE id = ANY(%s)", ([c.task["id"] for c in group],)
+            ).fetchone()
+            assert found == (0,)
+    # the connection is as good as before, and the next creation is written
+    resp = post_task(client, member, body, False, intake)
+    assert resp.status_code == 201
+
+
+def test_concurrent_creations_are_written_together_and_each_answered(
+    app: Flask, intake: Any, member: Account, project: dict
+) -> None:
+    import threading
+
+    from app.tasks import quick
+
+    body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
+    first = app.test_client().post("/api/v1/tasks", json=body, headers=member.headers)
+    assert first.status_code == 201
+    with app.app_context():
+        combiner = quick._combiner()
+    write, waiting = combiner._write, 6
+
+    def held(group: list) -> None:
+        """The first write waits for the others to queue up behind it."""
+        deadline = time.monotonic() + 10
+        while len(combiner._queue) < 1 + waiting and time.monotonic() < deadline:
+            time.sleep(0.005)
+        combiner._write = write
+        write(group)
+
+    combiner._write = held
+    before = (combiner.batches, combiner.items)
+    answers: list[Any] = []
+
+    def post() -> None:
+        resp = app.test_client().post("/api/v1/tasks", json=body, headers=member.headers)
+        answers.append((resp.status_code, resp.get_json()))
+
+    threads = [threading.Thread(target=post) for _ in range(1 + waiting)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [code for code, _ in answers] == [201] * (1 + waiting)
+    assert (combiner.batches - before[0], combiner.items - before[1]) == (2, 1 + waiting)
+    assert intake.served == 2 + waiting
+    # every position is distinct and what counting the queue says
+    positions = sorted(a["queue_position"] for _, a in answers)
+    assert positions == list(range(2, 3 + waiting))
+    client = app.test_client()
+    for _, a in answers:
+        got = client.get(f"/api/v1/tasks/{a['id']}", headers=member.headers).get_json()
+        assert got["queue_position"] == a["queue_position"]
+
+
 def test_everything_else_reaches_the_flask_view(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
 ) -> None:

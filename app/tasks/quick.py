@@ -8,6 +8,11 @@ the caller's role in it, whether a subscription listens, and the new ids), and o
 writes the same rows: the task, its first run, three activity entries and the audit entry. The
 queue position comes from `task_queue_counts` (a few rows) instead of counting the queue.
 
+Creations that arrive in this process while another is being written are written together next,
+by one statement for many and one Redis round trip (`app.combining`): under load a write carries
+two to five of them, which saved ~15% of a creation's CPU in the bench; alone, a creation is
+written as before. Writes in a process are thus one at a time, and its queue positions exact.
+
 Anything outside the plain case returns None and the caller takes the ORM path, which stays the
 one place that explains refusals. `tests/test_task_intake.py` holds both paths to the same rows,
 notifications and response.
@@ -16,22 +21,27 @@ notifications and response.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from flask import current_app
 
 from app.activity import service as activity
 from app.audit.redact import redact
 from app.auth.abilities import abilities_for_role
 from app.auth.service import LAST_USED_RESOLUTION
+from app.combining import Combiner
 from app.extensions import autocommit, db, on_postgresql
 from app.projects.service import ROLE_RANK
 from app.runs import live
 from app.tasks import lifecycle
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
 from app.timeutil import as_utc, naive_utc, utcnow
+
+log = logging.getLogger(__name__)
 
 #: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
 PLAIN_FIELDS = frozenset(
@@ -85,6 +95,55 @@ WITH t AS (
 SELECT (SELECT json_object_agg(kind, id) FROM a),
        (SELECT coalesce(sum(queued), 0)::bigint FROM task_queue_counts
           WHERE project_id = %(project_id)s AND priority_rank >= %(rank)s)
+"""
+
+#: `_WRITE` for several tasks: one row per task in the arrays (`_many_params`), the same rows
+#: written; per task, in order, its activity ids and the queued tasks ahead of it (those counted,
+#: plus the group's own that come first: higher priority, or the same and an older id)
+_WRITE_MANY = """
+WITH i AS (
+  SELECT * FROM unnest(%(task_id)s::bigint[], %(run_id)s::bigint[], %(project_id)s::integer[],
+    %(title)s::text[], %(prompt)s::text[], %(agent)s::text[], %(target)s::text[],
+    %(priority)s::text[], %(rank)s::integer[], %(timeout_s)s::integer[],
+    %(max_attempts)s::integer[], %(loop)s::json[], %(config)s::json[], %(user_id)s::integer[],
+    %(username)s::text[], %(via)s::text[], %(request_id)s::text[], %(ip)s::text[],
+    %(now)s::timestamp[], %(dispatched_at)s::timestamp[], %(audit)s::json[],
+    %(run_status)s::json[], %(task_status)s::json[], %(task_created)s::json[])
+  WITH ORDINALITY AS i(task_id, run_id, project_id, title, prompt, agent, target, priority, rank,
+    timeout_s, max_attempts, loop, config, user_id, username, via, request_id, ip, now,
+    dispatched_at, audit, run_status, task_status, task_created, n)
+), t AS (
+  INSERT INTO tasks (id, project_id, title, prompt, agent, target, priority, priority_rank,
+    status, status_reason, timeout_s, max_attempts, attempts, loop, config, source, source_ref,
+    creator_id, idempotency_key, latest_run_id, created_at, updated_at, finished_at)
+  SELECT task_id, project_id, title, prompt, agent, target, priority, rank, 'queued', NULL,
+    timeout_s, max_attempts, 1, loop, config, 'api', NULL, user_id, NULL, run_id, now, now, NULL
+  FROM i ORDER BY n
+), r AS (
+  INSERT INTO runs (id, task_id, project_id, attempt, status, agent, queued_at, dispatched_at,
+    log_size, event_count)
+  SELECT run_id, task_id, project_id, 1, 'queued', agent, now, dispatched_at, 0, 0
+  FROM i ORDER BY n
+), au AS (
+  INSERT INTO audit_logs (created_at, actor_id, actor_name, via, action, target_type, target_id,
+    request_id, ip, payload)
+  SELECT now, user_id, username, via, 'task.create', 'task', task_id::text, request_id, ip, audit
+  FROM i ORDER BY n
+), a AS (
+  INSERT INTO activities (project_id, kind, data, created_at)
+  SELECT i.project_id, k.kind, k.data, i.now
+  FROM i CROSS JOIN LATERAL (VALUES (1, 'run.status', i.run_status),
+    (2, 'task.status', i.task_status), (3, 'task.created', i.task_created)) AS k(o, kind, data)
+  ORDER BY i.n, k.o
+  RETURNING id, kind, (data ->> 'task_id')::bigint AS task_id
+)
+SELECT (SELECT json_object_agg(a.kind, a.id) FROM a WHERE a.task_id = i.task_id),
+       (SELECT coalesce(sum(c.queued), 0)::bigint FROM task_queue_counts c
+          WHERE c.project_id = i.project_id AND c.priority_rank >= i.rank)
+       + (SELECT count(*) FROM i AS o
+          WHERE o.project_id = i.project_id
+            AND (o.rank > i.rank OR (o.rank = i.rank AND o.task_id < i.task_id)))
+FROM i ORDER BY i.n
 """
 
 #: rows of database sessions that ended, folded into shard 0 (zero sums go)
@@ -144,26 +203,103 @@ def create(
     # each statement is its own transaction (the read decides, the write is atomic on its own,
     # as the view's read-then-write in READ COMMITTED would be)
     with autocommit() as driver:
-        cursor = driver.cursor()
-        cursor.execute(
-            _READ,
-            {
-                "project": data["project"],
-                "user_id": caller.user_id,
-                "token_hash": caller.token_hash,
-            },
-        )
-        row = cursor.fetchone()
-        task = _plan(caller, data, row, agents)
-        if task is None or not admit(task["creator_id"]):
+        creation = prepare(driver, caller, data, agents, admit)
+        if creation is None:
             return None
-        activities = _activities(task)
-        cursor.execute(_WRITE, _write_params(caller, task, activities, row[0]))
-        created, ahead = cursor.fetchone()
-        cursor.close()
-    task["queue_position"] = int(ahead) + 1
-    _after_commit(task, activities, created)
+        _combiner().submit(creation)
+        if creation.written is None:  # its group could not be written: alone, errors and all
+            creation.written = _write_one(driver, creation.params)
+            _after_commit(creation.task, creation.activities, creation.written[0])
+    task = creation.task
+    task["queue_position"] = creation.written[1] + 1
     return task
+
+
+def prepare(
+    driver: Any,
+    caller: Caller,
+    data: dict[str, Any],
+    agents: frozenset[str],
+    admit: Callable[[int], bool],
+) -> _Creation | None:
+    """The read and the decision: the creation to write, or None (nothing to write here)."""
+    cursor = driver.cursor()
+    cursor.execute(
+        _READ,
+        {"project": data["project"], "user_id": caller.user_id, "token_hash": caller.token_hash},
+    )
+    row = cursor.fetchone()
+    cursor.close()
+    task = _plan(caller, data, row, agents)
+    if task is None or not admit(task["creator_id"]):
+        return None
+    activities = _activities(task)
+    return _Creation(task, activities, _write_params(caller, task, activities, row[0]), driver)
+
+
+class _Creation:
+    """A planned creation waiting for its write: what to write, and once written the ids of its
+    activity entries and how many queued tasks are ahead of it."""
+
+    __slots__ = ("activities", "driver", "params", "task", "written")
+
+    def __init__(
+        self,
+        task: dict[str, Any],
+        activities: dict[str, dict[str, Any]],
+        params: dict[str, Any],
+        driver: Any,
+    ) -> None:
+        self.task = task
+        self.activities = activities
+        self.params = params
+        self.driver = driver
+        self.written: tuple[dict[str, int], int] | None = None
+
+
+def _write_one(driver: Any, params: dict[str, Any]) -> tuple[dict[str, int], int]:
+    cursor = driver.cursor()
+    cursor.execute(_WRITE, params)
+    created, ahead = cursor.fetchone()
+    cursor.close()
+    return created, int(ahead)
+
+
+def write_group(group: list[_Creation]) -> None:
+    """The combiner's write, on the connection of the first creation (its own thread's): alone
+    with the one-task statement, several with the one for many; then their notifications and
+    jobs in one round trip. A group that fails writes nothing and leaves every creation to its
+    own thread (`written` None), so that an error is met by the request that caused it."""
+    driver = group[0].driver
+    try:
+        if len(group) == 1:
+            group[0].written = _write_one(driver, group[0].params)
+        else:
+            cursor = driver.cursor()
+            cursor.execute(_WRITE_MANY, _many_params([c.params for c in group]))
+            for creation, (created, ahead) in zip(group, cursor.fetchall(), strict=True):
+                creation.written = created, int(ahead)
+            cursor.close()
+    except Exception as exc:
+        for creation in group:
+            creation.written = None
+        if len(group) > 1:
+            log.info("a group of %d creations is written one by one: %s", len(group), exc)
+        return
+    with live.batched():
+        for creation in group:
+            assert creation.written is not None
+            _after_commit(creation.task, creation.activities, creation.written[0])
+
+
+def _combiner() -> Combiner[_Creation]:
+    """The app's: creations in this process that arrive during a write wait for it, and are
+    written together next (one per app, as each app has its own database)."""
+    extensions = current_app.extensions
+    combiner = extensions.get("switchboard_creations")
+    if combiner is None:
+        combiner = extensions.setdefault("switchboard_creations", Combiner(write_group))
+    return combiner
 
 
 def _plan(
@@ -305,6 +441,18 @@ def _write_params(
         "task_status": _json(activities["task.status"]),
         "task_created": _json(activities["task.created"]),
     }
+
+
+def _many_params(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """`_write_params` of several tasks as one array per column."""
+    return {name: [row[name] for row in rows] for name in _MANY_COLUMNS}
+
+
+_MANY_COLUMNS = (
+    "task_id", "run_id", "project_id", "title", "prompt", "agent", "target", "priority", "rank",
+    "timeout_s", "max_attempts", "loop", "config", "user_id", "username", "via", "request_id",
+    "ip", "now", "dispatched_at", "audit", "run_status", "task_status", "task_created",
+)  # fmt: skip
 
 
 def _after_commit(
