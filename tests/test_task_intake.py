@@ -195,21 +195,16 @@ def test_plain_creation_matches_the_flask_view(
         assert jobs == []
 
 
-def prepared(app: Flask, who: Account, bodies: list[dict]) -> list[Any]:
-    """Creations read and decided, as concurrent requests would hand them to the combiner."""
-    from app.extensions import autocommit
+def asked(who: Account, bodies: list[dict]) -> list[Any]:
+    """Creations as concurrent requests hand them to the combiner."""
     from app.tasks import quick, service
     from app.tasks.schemas import TaskCreateSchema
 
     caller = quick.Caller(user_id=who.id, token_hash=None, request_id="r-1", ip="127.0.0.1")
     agents = frozenset(service.known_agents())
-    with autocommit() as driver:
-        made = [
-            quick.prepare(driver, caller, TaskCreateSchema().load(b), agents, lambda _u: True)
-            for b in bodies
-        ]
-    assert all(made)
-    return made
+    return [
+        quick.Creation(caller, TaskCreateSchema().load(b), agents, lambda _u: True) for b in bodies
+    ]
 
 
 @pytest.mark.parametrize("target", ["pool", "external"])
@@ -222,7 +217,14 @@ def test_creations_written_together_match_those_written_alone(
     from app.runs import live
     from app.tasks import lifecycle, quick
 
-    body = {"project": "demo", "title": "t", "prompt": "p", "target": target, "config": {"a": 1}}
+    body = {
+        "project": "demo",
+        "title": 'Fix “the” \\ "flaky" test ✓',  # what JSON and arrays escape
+        "prompt": "line 1\nline 2\t'x' {a,b}",
+        "target": target,
+        "config": {"a": [1, {"b": None}]},
+        "loop": {"max_iterations": 2, "done_marker": "DONE"},
+    }
     alone = post_task(client, member, body, False, intake)
     assert alone.status_code == 201
     with app.app_context():
@@ -231,12 +233,12 @@ def test_creations_written_together_match_those_written_alone(
         queue = Queue(lifecycle.queue_name("normal"), connection=get_redis())
         queue.empty()
         priorities = ["normal", "high", "normal", "normal"]
-        group = prepared(app, member, [{**body, "priority": p} for p in priorities])
+        group = asked(member, [{**body, "priority": p} for p in priorities])
+        someone_else = asked(member, [{**body, "project": "nope"}])  # declined: not written
         with autocommit() as driver:
-            for creation in group:
-                creation.driver = driver
-            quick.write_group(group)
+            quick.settle(driver, group[:2] + someone_else + group[2:])
     assert all(c.written is not None for c in group)
+    assert someone_else[0].settled and someone_else[0].result() is None
     ids = [c.task["id"] for c in group]
 
     # the same rows as a task created alone (the priority aside)
@@ -284,20 +286,22 @@ def test_a_group_that_fails_writes_nothing_and_leaves_each_creation_to_its_threa
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
     with app.app_context():
-        group = prepared(app, member, [body, body])
-        group[1].params["project_id"] = 10**6  # no such project: the statement fails
+        group = asked(member, [body, body, body])
+        group[1].data["title"] = "x" * 400  # too long for its column: the statement fails
+        quick.settle_group(group)
+        assert [(c.settled, c.written, c.error) for c in group] == [(False, None, None)] * 3
         with autocommit() as driver:
-            for creation in group:
-                creation.driver = driver
-            quick.write_group(group)
-            assert [c.written for c in group] == [None, None]
-            found = driver.execute(
-                "SELECT count(*) FROM tasks WHERE id = ANY(%s)", ([c.task["id"] for c in group],)
-            ).fetchone()
+            found = driver.execute("SELECT count(*) FROM tasks").fetchone()
             assert found == (0,)
-    # the connection is as good as before, and the next creation is written
+            # alone, each meets its own fate: the first is written, the second's error is its own
+            quick.settle_group(group[:1])
+            assert group[0].settled and group[0].result()["queue_position"] == 1
+            quick.settle_group(group[1:2])
+            assert group[1].error is not None and "too long" in str(group[1].error)
+            assert driver.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
+    # the pooled connections are as good as before, and the next creation is written
     resp = post_task(client, member, body, False, intake)
-    assert resp.status_code == 201
+    assert resp.status_code == 201 and resp.get_json()["queue_position"] == 2
 
 
 def test_concurrent_creations_are_written_together_and_each_answered(

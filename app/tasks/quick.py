@@ -8,10 +8,11 @@ the caller's role in it, whether a subscription listens, and the new ids), and o
 writes the same rows: the task, its first run, three activity entries and the audit entry. The
 queue position comes from `task_queue_counts` (a few rows) instead of counting the queue.
 
-Creations that arrive in this process while another is being written are written together next,
-by one statement for many and one Redis round trip (`app.combining`): under load a write carries
-two to five of them, which saved ~15% of a creation's CPU in the bench; alone, a creation is
-written as before. Writes in a process are thus one at a time, and its queue positions exact.
+Creations that arrive in this process while another is being read and written are settled
+together next, by the thread that asked first: one read for all of them, one write, one Redis
+round trip (`app.combining`, `settle`). Under load a group holds a few creations and each costs
+less CPU; alone, a creation takes the same three round trips as before. Writes in a process are
+thus one at a time, and the queue positions it answers exact.
 
 Anything outside the plain case returns None and the caller takes the ORM path, which stays the
 one place that explains refusals. `tests/test_task_intake.py` holds both paths to the same rows,
@@ -97,27 +98,36 @@ SELECT (SELECT json_object_agg(kind, id) FROM a),
           WHERE project_id = %(project_id)s AND priority_rank >= %(rank)s)
 """
 
-#: `_WRITE` for several tasks: one row per task in the arrays (`_many_params`), the same rows
-#: written; per task, in order, its activity ids and the queued tasks ahead of it (those counted,
-#: plus the group's own that come first: higher priority, or the same and an older id)
+#: `_READ` for several creations, in order (a creation whose caller or project is not found has a
+#: row of NULLs after its number)
+_READ_MANY = (
+    "SELECT q.n, r.* FROM unnest(%(projects)s::text[], %(user_ids)s::integer[],"
+    " %(token_hashes)s::text[]) WITH ORDINALITY AS q(project, user_id, token_hash, n)"
+    " LEFT JOIN LATERAL ("
+    + _READ.replace("%(project)s", "q.project")
+    .replace("%(user_id)s::integer", "q.user_id")
+    .replace("%(token_hash)s", "q.token_hash")
+    + ") AS r ON true ORDER BY q.n"
+)
+
+#: `_WRITE` for several tasks, given as one JSON array of their `_write_params` (dumping 24
+#: arrays cost more than the rest of the write); the same rows written; per task, in order, its
+#: activity ids and the queued tasks ahead of it (those counted, plus the group's own that come
+#: first: higher priority, or the same and an older id). JSON values travel as text in the array.
 _WRITE_MANY = """
 WITH i AS (
-  SELECT * FROM unnest(%(task_id)s::bigint[], %(run_id)s::bigint[], %(project_id)s::integer[],
-    %(title)s::text[], %(prompt)s::text[], %(agent)s::text[], %(target)s::text[],
-    %(priority)s::text[], %(rank)s::integer[], %(timeout_s)s::integer[],
-    %(max_attempts)s::integer[], %(loop)s::json[], %(config)s::json[], %(user_id)s::integer[],
-    %(username)s::text[], %(via)s::text[], %(request_id)s::text[], %(ip)s::text[],
-    %(now)s::timestamp[], %(dispatched_at)s::timestamp[], %(audit)s::json[],
-    %(run_status)s::json[], %(task_status)s::json[], %(task_created)s::json[])
-  WITH ORDINALITY AS i(task_id, run_id, project_id, title, prompt, agent, target, priority, rank,
-    timeout_s, max_attempts, loop, config, user_id, username, via, request_id, ip, now,
-    dispatched_at, audit, run_status, task_status, task_created, n)
+  SELECT * FROM json_to_recordset(%(rows)s::json) AS i(n integer, task_id bigint, run_id bigint,
+    project_id integer, title text, prompt text, agent text, target text, priority text,
+    rank integer, timeout_s integer, max_attempts integer, loop text, config text,
+    user_id integer, username text, via text, request_id text, ip text, now timestamp,
+    dispatched_at timestamp, audit text, run_status text, task_status text, task_created text)
 ), t AS (
   INSERT INTO tasks (id, project_id, title, prompt, agent, target, priority, priority_rank,
     status, status_reason, timeout_s, max_attempts, attempts, loop, config, source, source_ref,
     creator_id, idempotency_key, latest_run_id, created_at, updated_at, finished_at)
   SELECT task_id, project_id, title, prompt, agent, target, priority, rank, 'queued', NULL,
-    timeout_s, max_attempts, 1, loop, config, 'api', NULL, user_id, NULL, run_id, now, now, NULL
+    timeout_s, max_attempts, 1, loop::json, config::json, 'api', NULL, user_id, NULL, run_id, now,
+    now, NULL
   FROM i ORDER BY n
 ), r AS (
   INSERT INTO runs (id, task_id, project_id, attempt, status, agent, queued_at, dispatched_at,
@@ -127,11 +137,12 @@ WITH i AS (
 ), au AS (
   INSERT INTO audit_logs (created_at, actor_id, actor_name, via, action, target_type, target_id,
     request_id, ip, payload)
-  SELECT now, user_id, username, via, 'task.create', 'task', task_id::text, request_id, ip, audit
+  SELECT now, user_id, username, via, 'task.create', 'task', task_id::text, request_id, ip,
+    audit::json
   FROM i ORDER BY n
 ), a AS (
   INSERT INTO activities (project_id, kind, data, created_at)
-  SELECT i.project_id, k.kind, k.data, i.now
+  SELECT i.project_id, k.kind, k.data::json, i.now
   FROM i CROSS JOIN LATERAL (VALUES (1, 'run.status', i.run_status),
     (2, 'task.status', i.task_status), (3, 'task.created', i.task_created)) AS k(o, kind, data)
   ORDER BY i.n, k.o
@@ -200,105 +211,137 @@ def create(
     task is about to be written) refuses; nothing was written then."""
     if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
         return None
-    # each statement is its own transaction (the read decides, the write is atomic on its own,
-    # as the view's read-then-write in READ COMMITTED would be)
-    with autocommit() as driver:
-        creation = prepare(driver, caller, data, agents, admit)
-        if creation is None:
-            return None
-        _combiner().submit(creation)
-        if creation.written is None:  # its group could not be written: alone, errors and all
-            creation.written = _write_one(driver, creation.params)
-            _after_commit(creation.task, creation.activities, creation.written[0])
-    task = creation.task
-    task["queue_position"] = creation.written[1] + 1
-    return task
+    creation = Creation(caller, data, agents, admit)
+    _combiner().submit(creation)
+    if creation.error is not None:
+        raise creation.error
+    if not creation.settled:  # its group failed: alone, errors and all
+        with autocommit() as driver:
+            settle(driver, [creation])
+    return creation.result()
 
 
-def prepare(
-    driver: Any,
-    caller: Caller,
-    data: dict[str, Any],
-    agents: frozenset[str],
-    admit: Callable[[int], bool],
-) -> _Creation | None:
-    """The read and the decision: the creation to write, or None (nothing to write here)."""
-    cursor = driver.cursor()
-    cursor.execute(
-        _READ,
-        {"project": data["project"], "user_id": caller.user_id, "token_hash": caller.token_hash},
-    )
-    row = cursor.fetchone()
-    cursor.close()
-    task = _plan(caller, data, row, agents)
-    if task is None or not admit(task["creator_id"]):
-        return None
-    activities = _activities(task)
-    return _Creation(task, activities, _write_params(caller, task, activities, row[0]), driver)
+class Creation:
+    """A creation asked for, then read and decided (`task` None: declined, nothing to write
+    here), then written: the ids of its activity entries and the queued tasks ahead of it."""
 
-
-class _Creation:
-    """A planned creation waiting for its write: what to write, and once written the ids of its
-    activity entries and how many queued tasks are ahead of it."""
-
-    __slots__ = ("activities", "driver", "params", "task", "written")
+    __slots__ = (
+        "activities", "admit", "admitted", "agents", "caller", "data", "error", "params",
+        "settled", "task", "written",
+    )  # fmt: skip
 
     def __init__(
         self,
-        task: dict[str, Any],
-        activities: dict[str, dict[str, Any]],
-        params: dict[str, Any],
-        driver: Any,
+        caller: Caller,
+        data: dict[str, Any],
+        agents: frozenset[str],
+        admit: Callable[[int], bool],
     ) -> None:
-        self.task = task
-        self.activities = activities
-        self.params = params
-        self.driver = driver
+        self.caller = caller
+        self.data = data
+        self.agents = agents
+        self.admit = admit
+        self.admitted = False  # once admitted, a retry after a failed group does not count again
+        self.task: dict[str, Any] | None = None
+        self.activities: dict[str, dict[str, Any]] = {}
+        self.params: dict[str, Any] = {}
         self.written: tuple[dict[str, int], int] | None = None
+        self.settled = False
+        self.error: BaseException | None = None
+
+    def result(self) -> dict[str, Any] | None:
+        if self.task is None or self.written is None:
+            return None
+        self.task["queue_position"] = self.written[1] + 1
+        return self.task
 
 
-def _write_one(driver: Any, params: dict[str, Any]) -> tuple[dict[str, int], int]:
-    cursor = driver.cursor()
-    cursor.execute(_WRITE, params)
-    created, ahead = cursor.fetchone()
-    cursor.close()
-    return created, int(ahead)
-
-
-def write_group(group: list[_Creation]) -> None:
-    """The combiner's write, on the connection of the first creation (its own thread's): alone
-    with the one-task statement, several with the one for many; then their notifications and
-    jobs in one round trip. A group that fails writes nothing and leaves every creation to its
-    own thread (`written` None), so that an error is met by the request that caused it."""
-    driver = group[0].driver
-    try:
-        if len(group) == 1:
-            group[0].written = _write_one(driver, group[0].params)
-        else:
-            cursor = driver.cursor()
-            cursor.execute(_WRITE_MANY, _many_params([c.params for c in group]))
-            for creation, (created, ahead) in zip(group, cursor.fetchall(), strict=True):
-                creation.written = created, int(ahead)
-            cursor.close()
-    except Exception as exc:
-        for creation in group:
-            creation.written = None
-        if len(group) > 1:
-            log.info("a group of %d creations is written one by one: %s", len(group), exc)
-        return
+def settle(driver: Any, group: list[Creation]) -> None:
+    """Read, decide and write a group of creations: one statement each for all of them (the
+    one-task statements for one), each its own transaction, as the view's read-then-write in
+    READ COMMITTED would be; then their notifications and jobs in one Redis round trip. Raises
+    what the database raised, with nothing written."""
+    planned = []
+    for creation, row in zip(group, _read(driver, group), strict=True):
+        c = creation
+        c.task = task = _plan(c.caller, c.data, row, c.agents)
+        if task is None or not (c.admitted or c.admit(task["creator_id"])):
+            c.task = None
+            continue
+        c.admitted = True
+        c.activities = _activities(task)
+        c.params = _write_params(c.caller, task, c.activities, row[0])
+        planned.append(c)
+    if len(planned) == 1:
+        cursor = driver.cursor()
+        cursor.execute(_WRITE, planned[0].params)
+        written = [cursor.fetchone()]
+        cursor.close()
+    elif planned:
+        cursor = driver.cursor()
+        cursor.execute(_WRITE_MANY, _many_params([c.params for c in planned]))
+        written = cursor.fetchall()
+        cursor.close()
+    for creation, (created, ahead) in zip(planned, written if planned else (), strict=True):
+        creation.written = created, int(ahead)
+    for creation in group:
+        creation.settled = True
     with live.batched():
-        for creation in group:
-            assert creation.written is not None
+        for creation in planned:
+            assert creation.task is not None and creation.written is not None
             _after_commit(creation.task, creation.activities, creation.written[0])
 
 
-def _combiner() -> Combiner[_Creation]:
+def _read(driver: Any, group: list[Creation]) -> list[Any]:
+    cursor = driver.cursor()
+    if len(group) == 1:
+        c = group[0]
+        cursor.execute(
+            _READ,
+            {
+                "project": c.data["project"],
+                "user_id": c.caller.user_id,
+                "token_hash": c.caller.token_hash,
+            },
+        )
+        rows = [cursor.fetchone()]
+    else:
+        cursor.execute(
+            _READ_MANY,
+            {
+                "projects": [c.data["project"] for c in group],
+                "user_ids": [c.caller.user_id for c in group],
+                "token_hashes": [c.caller.token_hash for c in group],
+            },
+        )
+        # a creation whose caller or project is not found has a row of NULLs
+        rows = [row[1:] if row[1] is not None else None for row in cursor.fetchall()]
+    cursor.close()
+    return rows
+
+
+def settle_group(group: list[Creation]) -> None:
+    """The combiner's write. A group that fails leaves every creation to its own thread, so
+    that an error is met by the request that caused it (alone, the error is handed over)."""
+    try:
+        with autocommit() as driver:
+            settle(driver, group)
+    except Exception as exc:
+        for creation in group:
+            creation.task, creation.written, creation.settled = None, None, False
+        if len(group) == 1:
+            group[0].error = exc
+        else:
+            log.info("a group of %d creations is written one by one: %s", len(group), exc)
+
+
+def _combiner() -> Combiner[Creation]:
     """The app's: creations in this process that arrive during a write wait for it, and are
     written together next (one per app, as each app has its own database)."""
     extensions = current_app.extensions
     combiner = extensions.get("switchboard_creations")
     if combiner is None:
-        combiner = extensions.setdefault("switchboard_creations", Combiner(write_group))
+        combiner = extensions.setdefault("switchboard_creations", Combiner(settle_group))
     return combiner
 
 
@@ -443,16 +486,21 @@ def _write_params(
     }
 
 
-def _many_params(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """`_write_params` of several tasks as one array per column."""
-    return {name: [row[name] for row in rows] for name in _MANY_COLUMNS}
+def _many_params(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """`_write_params` of several tasks as `_WRITE_MANY` reads them."""
+    return {
+        "rows": json.dumps(
+            [
+                {**row, "n": n, "now": row["now"].isoformat(), "dispatched_at": _iso(row)}
+                for n, row in enumerate(rows)
+            ],
+            separators=(",", ":"),
+        )
+    }
 
 
-_MANY_COLUMNS = (
-    "task_id", "run_id", "project_id", "title", "prompt", "agent", "target", "priority", "rank",
-    "timeout_s", "max_attempts", "loop", "config", "user_id", "username", "via", "request_id",
-    "ip", "now", "dispatched_at", "audit", "run_status", "task_status", "task_created",
-)  # fmt: skip
+def _iso(row: dict[str, Any]) -> str | None:
+    return None if row["dispatched_at"] is None else row["dispatched_at"].isoformat()
 
 
 def _after_commit(
