@@ -110,7 +110,7 @@ class TaskIntake:
         task = quick.create(caller, data, frozenset(service.known_agents()), admit)
         if task is None:
             return None
-        payload = self.app.json.response(_body(task)).get_data()
+        payload = _json_bytes(self.app, _body(task))
         headers = [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(payload))),
@@ -127,6 +127,15 @@ class TaskIntake:
         if schema is None:
             schema = self._schemas.create = TaskCreateSchema()
         return schema
+
+
+def _json_bytes(app: Flask, obj: Any) -> bytes:
+    """What `app.json.response(obj)` would send, without building a response to read it from."""
+    provider = app.json
+    compact = getattr(provider, "compact", None)
+    if (compact is None and app.debug) or compact is False:
+        return provider.response(obj).get_data()
+    return (provider.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
 def _credential(environ: dict[str, Any]) -> str | None:

@@ -113,21 +113,21 @@ _READ_MANY = (
 #: `_WRITE` for several tasks, given as one JSON array of their `_write_params` (dumping 24
 #: arrays cost more than the rest of the write); the same rows written; per task, in order, its
 #: activity ids and the queued tasks ahead of it (those counted, plus the group's own that come
-#: first: higher priority, or the same and an older id). JSON values travel as text in the array.
+#: first: higher priority, or the same and an older id).
 _WRITE_MANY = """
 WITH i AS (
   SELECT * FROM json_to_recordset(%(rows)s::json) AS i(n integer, task_id bigint, run_id bigint,
     project_id integer, title text, prompt text, agent text, target text, priority text,
-    rank integer, timeout_s integer, max_attempts integer, loop text, config text,
+    rank integer, timeout_s integer, max_attempts integer, loop json, config json,
     user_id integer, username text, via text, request_id text, ip text, now timestamp,
-    dispatched_at timestamp, audit text, run_status text, task_status text, task_created text)
+    dispatched_at timestamp, audit json, run_status json, task_status json, task_created json)
 ), t AS (
   INSERT INTO tasks (id, project_id, title, prompt, agent, target, priority, priority_rank,
     status, status_reason, timeout_s, max_attempts, attempts, loop, config, source, source_ref,
     creator_id, idempotency_key, latest_run_id, created_at, updated_at, finished_at)
   SELECT task_id, project_id, title, prompt, agent, target, priority, rank, 'queued', NULL,
-    timeout_s, max_attempts, 1, loop::json, config::json, 'api', NULL, user_id, NULL, run_id, now,
-    now, NULL
+    timeout_s, max_attempts, 1, loop, config, 'api', NULL, user_id, NULL, run_id, now, now,
+    NULL
   FROM i ORDER BY n
 ), r AS (
   INSERT INTO runs (id, task_id, project_id, attempt, status, agent, queued_at, dispatched_at,
@@ -137,12 +137,11 @@ WITH i AS (
 ), au AS (
   INSERT INTO audit_logs (created_at, actor_id, actor_name, via, action, target_type, target_id,
     request_id, ip, payload)
-  SELECT now, user_id, username, via, 'task.create', 'task', task_id::text, request_id, ip,
-    audit::json
+  SELECT now, user_id, username, via, 'task.create', 'task', task_id::text, request_id, ip, audit
   FROM i ORDER BY n
 ), a AS (
   INSERT INTO activities (project_id, kind, data, created_at)
-  SELECT i.project_id, k.kind, k.data::json, i.now
+  SELECT i.project_id, k.kind, k.data, i.now
   FROM i CROSS JOIN LATERAL (VALUES (1, 'run.status', i.run_status),
     (2, 'task.status', i.task_status), (3, 'task.created', i.task_created)) AS k(o, kind, data)
   ORDER BY i.n, k.o
@@ -274,7 +273,7 @@ def settle(driver: Any, group: list[Creation]) -> None:
         planned.append(c)
     if len(planned) == 1:
         cursor = driver.cursor()
-        cursor.execute(_WRITE, planned[0].params)
+        cursor.execute(_WRITE, _one_params(planned[0].params))
         written = [cursor.fetchone()]
         cursor.close()
     elif planned:
@@ -470,8 +469,8 @@ def _write_params(
         "rank": PRIORITY_RANK[task["priority"]],
         "timeout_s": task["timeout_s"],
         "max_attempts": task["max_attempts"],
-        "loop": _json(task["loop"]),
-        "config": _json(task["config"]),
+        "loop": task["loop"],
+        "config": task["config"],
         "user_id": task["creator_id"],
         "username": username,
         "via": task["via"],
@@ -479,11 +478,20 @@ def _write_params(
         "ip": caller.ip,
         "now": now,
         "dispatched_at": now if task["target"] == lifecycle.POOL_TARGET else None,
-        "audit": _json(redact(audit)),
-        "run_status": _json(activities["run.status"]),
-        "task_status": _json(activities["task.status"]),
-        "task_created": _json(activities["task.created"]),
+        "audit": redact(audit),
+        "run_status": activities["run.status"],
+        "task_status": activities["task.status"],
+        "task_created": activities["task.created"],
     }
+
+
+#: what `_write_params` holds as objects, that the database stores as JSON
+_JSON_PARAMS = ("loop", "config", "audit", "run_status", "task_status", "task_created")
+
+
+def _one_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`_write_params` as `_WRITE` reads them."""
+    return {**params, **{name: _json(params[name]) for name in _JSON_PARAMS}}
 
 
 def _many_params(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -493,8 +501,7 @@ def _many_params(rows: list[dict[str, Any]]) -> dict[str, str]:
             [
                 {**row, "n": n, "now": row["now"].isoformat(), "dispatched_at": _iso(row)}
                 for n, row in enumerate(rows)
-            ],
-            separators=(",", ":"),
+            ]  # as `_json` writes them: the JSON columns keep the same text
         )
     }
 
