@@ -77,3 +77,91 @@ def test_a_kept_connection_is_reused_and_replaced_when_it_died_idle(app):
         kept.release()
         for conn in others:
             conn.close()
+
+
+def test_a_creation_on_a_connection_that_died_is_answered_and_made_once(app, client, admin):
+    """A database restart kills the pooled connections while they are in use, too quick for
+    the idle ping: the fast path's read fails with nothing written, and the request is answered
+    anyway (by the view, on a connection that works)."""
+    from app.extensions import db
+
+    h = admin.headers
+    assert client.post("/api/v1/projects", headers=h, json={"key": "p", "name": "P"}).status_code
+    body = {"project": "p", "title": "t", "prompt": "echo", "target": "external"}
+    assert client.post("/api/v1/tasks", headers=h, json=body).status_code == 201
+    with app.app_context():
+        database = db.engine.url.database
+        with sa.create_engine(
+            db.engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT"
+        ).connect() as admin_conn:
+            killed = admin_conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"
+                ),
+                {"db": database},
+            ).scalar()
+    assert killed >= 1
+    for title in ("after", "again"):
+        resp = client.post("/api/v1/tasks", headers=h, json={**body, "title": title})
+        assert resp.status_code == 201, resp.get_json()
+    with app.app_context():
+        titles = db.session.scalars(sa.text("SELECT title FROM tasks ORDER BY id")).all()
+        db.session.remove()
+    assert titles == ["t", "after", "again"]
+
+
+def test_a_creation_whose_connection_died_during_its_write_is_not_made_twice(app, client, admin):
+    """Lost with the write sent, a creation may have been made: the fast path answers the
+    problem an unexpected error gets, and neither retries it nor hands it to the view."""
+    import threading
+    import time
+
+    from app.extensions import db
+
+    h = admin.headers
+    assert client.post("/api/v1/projects", headers=h, json={"key": "p", "name": "P"}).status_code
+    body = {"project": "p", "title": "t", "prompt": "echo", "target": "external"}
+    with app.app_context():
+        url = db.engine.url
+    blocker = sa.create_engine(url)
+    answers = []
+    with blocker.connect() as conn, blocker.connect() as poll:
+        poll.execution_options(isolation_level="AUTOCOMMIT")
+        # the write's queue-count trigger waits for this lock: the write is sent and pending
+        conn.execute(sa.text("LOCK TABLE task_queue_counts IN EXCLUSIVE MODE"))
+        post = threading.Thread(
+            target=lambda: answers.append(
+                app.test_client().post("/api/v1/tasks", headers=h, json=body)
+            )
+        )
+        post.start()
+        deadline = time.monotonic() + 10
+        waiting = []
+        while not waiting and time.monotonic() < deadline:
+            waiting = (  # another session: statistics stay as first read in a transaction
+                poll.execute(
+                    sa.text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = :db"
+                        " AND wait_event_type = 'Lock' AND query LIKE '%%INSERT INTO tasks%%'"
+                    ),
+                    {"db": url.database},
+                )
+                .scalars()
+                .all()
+            )
+            time.sleep(0.02)
+        assert waiting, "the write never waited for the lock"
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": waiting[0]})
+        conn.rollback()
+    blocker.dispose()
+    post.join(10)
+    resp = answers[0]
+    assert resp.status_code == 500
+    assert resp.content_type == "application/problem+json"
+    assert resp.get_json()["code"] == "internal_error"
+    assert resp.get_json()["request_id"] == resp.headers["X-Request-ID"]
+    with app.app_context():
+        count = db.session.scalar(sa.text("SELECT count(*) FROM tasks"))
+        db.session.remove()
+    assert count == 0  # rolled back when its session ended, and not made again by the view

@@ -22,7 +22,7 @@ import marshmallow as ma
 from flask import Flask
 
 from app.auth import throttle, tokens
-from app.errors import DomainError
+from app.errors import PROBLEM_TYPE_BASE, DomainError
 from app.extensions import db, hit_write_limit
 from app.requests import rate_limit_headers, request_id
 from app.tasks import quick, service
@@ -59,22 +59,28 @@ class TaskIntake:
             return self.wsgi_app(environ, start_response)
         body = environ["wsgi.input"].read(length)
         environ["wsgi.input"] = io.BytesIO(body)  # the Flask view reads it again if need be
+        rid = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
         with self.app.app_context():
             try:
-                answer = self._create(environ, token, body)
-            except DomainError:
-                answer = None  # the view answers refusals
+                answer = self._create(environ, token, body, rid)
+            except (DomainError, quick.NotWritten):
+                answer = None  # the view answers refusals, and tries what failed unwritten
+            except Exception:
+                # perhaps written (a connection lost after the write was sent): not the view,
+                # which would create it again; the answer it gives any unexpected error
+                self.app.logger.exception("unhandled error on POST %s (rid=%s)", PATH, rid)
+                answer = _internal_error(self.app, rid)
             finally:
                 db.session.remove()
         if answer is None:
             return self.wsgi_app(environ, start_response)
-        self.served += 1
         status, headers, payload = answer
+        self.served += status.startswith("201")
         start_response(status, headers)
         return [payload]
 
     def _create(
-        self, environ: dict[str, Any], token: str, body: bytes
+        self, environ: dict[str, Any], token: str, body: bytes, rid: str
     ) -> tuple[str, list[tuple[str, str]], bytes] | None:
         if self._supported is None:
             self._supported = quick.supported()
@@ -105,7 +111,6 @@ class TaskIntake:
 
         if config.get("RATELIMIT_ENABLED"):
             throttle.check(ip)
-        rid = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
         caller = quick.Caller(user_id=user_id, token_hash=token_hash, request_id=rid, ip=ip)
         task = quick.create(caller, data, frozenset(service.known_agents()), admit)
         if task is None:
@@ -127,6 +132,29 @@ class TaskIntake:
         if schema is None:
             schema = self._schemas.create = TaskCreateSchema()
         return schema
+
+
+def _internal_error(app: Flask, rid: str) -> tuple[str, list[tuple[str, str]], bytes]:
+    """The problem `errors.unexpected_error` answers, for an error met before Flask."""
+    payload = _json_bytes(
+        app,
+        {
+            "type": PROBLEM_TYPE_BASE + "internal_error",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": "Something went wrong on our side. Quote the request id when reporting it.",
+            "instance": PATH,
+            "code": "internal_error",
+            "request_id": rid,
+        },
+    )
+    headers = [
+        ("Content-Type", "application/problem+json"),
+        ("Content-Length", str(len(payload))),
+        ("X-Request-ID", rid),
+        ("Cache-Control", "no-store"),
+    ]
+    return "500 INTERNAL SERVER ERROR", headers, payload
 
 
 def _json_bytes(app: Flask, obj: Any) -> bytes:

@@ -211,13 +211,32 @@ def create(
     if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
         return None
     creation = Creation(caller, data, agents, admit)
-    _combiner().submit(creation)
-    if creation.error is not None:
-        raise creation.error
-    if not creation.settled:  # its group failed: alone, errors and all
-        with autocommit() as driver:
-            settle(driver, [creation])
+    try:
+        _combiner().submit(creation)
+        if creation.error is not None:
+            raise creation.error
+        if not creation.settled:  # its group failed, surely unwritten: alone, errors and all
+            with autocommit() as driver:
+                settle(driver, [creation])
+    except Exception as exc:
+        if _maybe_written(creation, exc):
+            raise
+        raise NotWritten(str(exc)) from exc
     return creation.result()
+
+
+class NotWritten(Exception):
+    """The fast path failed with nothing written (a pooled connection that had died, say): the
+    view may answer instead."""
+
+
+def _maybe_written(creation: Creation, exc: BaseException) -> bool:
+    """Whether a failed creation may have been written after all: its write was sent and the
+    connection failed (any other error is PostgreSQL's refusal of the statement, which rolled it
+    back). Such a creation is neither retried nor handed to the view: it could be made twice."""
+    import psycopg
+
+    return creation.sent and isinstance(exc, psycopg.OperationalError)
 
 
 class Creation:
@@ -226,7 +245,7 @@ class Creation:
 
     __slots__ = (
         "activities", "admit", "admitted", "agents", "caller", "data", "error", "params",
-        "settled", "task", "written",
+        "sent", "settled", "task", "written",
     )  # fmt: skip
 
     def __init__(
@@ -245,6 +264,7 @@ class Creation:
         self.activities: dict[str, dict[str, Any]] = {}
         self.params: dict[str, Any] = {}
         self.written: tuple[dict[str, int], int] | None = None
+        self.sent = False  # its write was sent to the database
         self.settled = False
         self.error: BaseException | None = None
 
@@ -271,6 +291,8 @@ def settle(driver: Any, group: list[Creation]) -> None:
         c.activities = _activities(task)
         c.params = _write_params(c.caller, task, c.activities, row[0])
         planned.append(c)
+    for c in planned:
+        c.sent = True
     if len(planned) == 1:
         cursor = driver.cursor()
         cursor.execute(_WRITE, _one_params(planned[0].params))
@@ -320,17 +342,21 @@ def _read(driver: Any, group: list[Creation]) -> list[Any]:
 
 
 def settle_group(group: list[Creation]) -> None:
-    """The combiner's write. A group that fails leaves every creation to its own thread, so
-    that an error is met by the request that caused it (alone, the error is handed over)."""
+    """The combiner's write. A group that fails surely unwritten leaves every creation to its
+    own thread, so that an error is met by the request that caused it; alone, or when the
+    group may have been written, the error is handed over."""
     try:
         with autocommit() as driver:
             settle(driver, group)
     except Exception as exc:
         for creation in group:
             creation.task, creation.written, creation.settled = None, None, False
-        if len(group) == 1:
-            group[0].error = exc
+        if len(group) == 1 or _maybe_written(group[0], exc):
+            for creation in group:
+                creation.error = exc
         else:
+            for creation in group:
+                creation.sent = False
             log.info("a group of %d creations is written one by one: %s", len(group), exc)
 
 
