@@ -12,7 +12,8 @@ Creations that arrive in this process while another is being read and written ar
 together next, by the thread that asked first: one read for all of them, one write, one Redis
 round trip (`app.combining`, `settle`). Under load a group holds a few creations and each costs
 less CPU; alone, a creation takes the same three round trips as before. Writes in a process are
-thus one at a time, and the queue positions it answers exact.
+thus one at a time: the queue positions it answers never collide with each other (another
+process's concurrent creations are counted once committed, as before).
 
 Anything outside the plain case returns None and the caller takes the ORM path, which stays the
 one place that explains refusals. `tests/test_task_intake.py` holds both paths to the same rows,
