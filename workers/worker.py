@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -249,20 +250,79 @@ def plan(processes: int, queue_names: list[str] | None) -> list[list[str]]:
     return [list(runs) for _ in range(processes)] + [["events"]]
 
 
+class ForkedWorker:
+    """A worker process forked from the supervisor, which has imported everything already: it
+    starts in milliseconds where a new interpreter took seconds (importing the app again), so a
+    worker that died is replaced at once. What `Supervisor` needs of `subprocess.Popen`."""
+
+    def __init__(self, app: Flask, queues: list[str]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child never returns: its exit must not run the parent's clean-up
+            code = 1
+            try:
+                code = _forked_worker(app, queues)
+            except BaseException:
+                log.exception("worker process failed")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone all the same
+                self.returncode = -1
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _forked_worker(app: Flask, queues: list[str]) -> int:
+    """In the child: a session of its own (Ctrl-C reaches the supervisor, which stops the
+    children in order), gone with its parent, and none of the parent's connections."""
+    os.setsid()
+    die_with_parent(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with app.app_context():
+        db.engine.dispose(close=False)  # the parent's pooled sockets stay the parent's
+        app.extensions.pop("switchboard_redis", None)
+        app.extensions.pop("switchboard_queues", None)
+        return 0 if run_worker(app, queues) else 1
+
+
 class Supervisor:
     def __init__(self, app: Flask, processes: int, queue_names: list[str] | None) -> None:
         self.app = app
         self.plan = plan(processes, queue_names)
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.children: list[ForkedWorker] = []
         self.stopping = False
 
-    def _spawn(self, queues: list[str]) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "flask", "--app", "app:create_app", "worker", "--child"]
-        argv += ["--queues", ",".join(queues)]
-        # its own session: Ctrl-C reaches the supervisor, which stops the children in order
-        child = subprocess.Popen(
-            argv, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM)
-        )
+    def _spawn(self, queues: list[str]) -> ForkedWorker:
+        child = ForkedWorker(self.app, queues)
         log.info("started worker process %s", child.pid)
         return child
 
@@ -270,6 +330,9 @@ class Supervisor:
         self.stopping = True
 
     def run(self) -> None:
+        import workers.executor  # noqa: F401 - imported once here, forked into every child
+
+        configure_mappers()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         interval = self.app.config["SWITCHBOARD_SWEEP_INTERVAL"]
