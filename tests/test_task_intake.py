@@ -553,6 +553,47 @@ def test_personal_access_tokens_take_the_fast_path_too(
     assert intake.served == 2
 
 
+def test_a_group_reads_each_callers_own_rights(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    """One read for a group of callers: a session, a token that may start runs, one that may
+    not and one that does not exist; each is decided as it would be alone."""
+    from app.auth import tokens
+    from app.extensions import autocommit
+    from app.tasks import quick, service
+    from app.tasks.schemas import TaskCreateSchema
+
+    def token(abilities: list[str]) -> dict:
+        asked = {"label": "ci", "abilities": abilities}
+        made = client.post("/api/v1/me/tokens", headers=member.headers, json=asked).get_json()
+        used = client.get("/api/v1/projects", headers={"X-API-Key": made["token"]})
+        assert used.status_code == 200  # its last_used_at is written: the fast path may take it
+        return made
+
+    starter, reader = token(["projects:read", "runs:start"]), token(["projects:read"])
+    body = TaskCreateSchema().load({"project": "demo", "title": "t", "prompt": "p"})
+    agents = frozenset(service.known_agents())
+
+    def asking(user_id: int | None, secret: str | None) -> Any:
+        digest = None if secret is None else tokens.digest(secret)
+        caller = quick.Caller(user_id=user_id, token_hash=digest, request_id="r", ip=None)
+        return quick.Creation(caller, dict(body), agents, lambda _u: True)
+
+    group = [
+        asking(member.id, None),
+        asking(None, reader["token"]),
+        asking(None, starter["token"]),
+        asking(None, "sbp_no_such_token"),
+    ]
+    with app.app_context(), autocommit() as driver:
+        quick.settle(driver, group)
+    made = [c.result() for c in group]
+    assert [m is not None for m in made] == [True, False, True, False]
+    assert [m["queue_position"] for m in made if m] == [1, 2]
+    vias = [rows(app, m["id"])["audit"][0][2] for m in made if m]
+    assert vias == ["session", f"pat:{starter['id']}"]
+
+
 def test_who_may_create_is_decided_as_the_view_decides(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
 ) -> None:
