@@ -18,13 +18,14 @@ T = TypeVar("T")
 
 class Combiner(Generic[T]):
     def __init__(self, write: Callable[[list[T]], None], limit: int = 32) -> None:
-        """`write(batch)` writes every item of the batch, or leaves those it could not write for
-        their own threads to retry (it reports per item, on the items); it must not raise."""
+        """`write(batch)` writes the batch's items and reports on each (an item it could not
+        write is its own thread's to retry). Should it raise, the exception reaches the thread
+        that wrote, and the others return as if written: their items say they were not."""
         self._write = write
         self._limit = limit
         self._lock = threading.Lock()
         self._queue: deque[_Slot[T]] = deque()
-        self.batches = 0  # written batches and items: the tests and the bench read them
+        self.batches = 0  # written batches and items, for the tests
         self.items = 0
 
     def submit(self, item: T) -> None:

@@ -282,36 +282,38 @@ def settle(driver: Any, group: list[Creation]) -> None:
     READ COMMITTED would be; then their notifications and jobs in one Redis round trip. Raises
     what the database raised, with nothing written."""
     planned = []
-    for creation, row in zip(group, _read(driver, group), strict=True):
-        c = creation
-        c.task = task = _plan(c.caller, c.data, row, c.agents)
+    for c, row in zip(group, _read(driver, group), strict=True):
+        task = _plan(c.caller, c.data, row, c.agents)
         if task is None or not (c.admitted or c.admit(task["creator_id"])):
-            c.task = None
             continue
-        c.admitted = True
+        c.task, c.admitted = task, True
         c.activities = _activities(task)
         c.params = _write_params(c.caller, task, c.activities, row[0])
         planned.append(c)
+    for c, (created, ahead) in zip(planned, _write(driver, planned), strict=True):
+        c.written = created, int(ahead)
+    for c in group:
+        c.settled = True
+    with live.batched():
+        for c in planned:
+            assert c.task is not None and c.written is not None
+            _after_commit(c.task, c.activities, c.written[0])
+
+
+def _write(driver: Any, planned: list[Creation]) -> list[Any]:
+    """Each planned creation's activity ids and queued tasks ahead, in order."""
+    if not planned:
+        return []
     for c in planned:
         c.sent = True
+    cursor = driver.cursor()
     if len(planned) == 1:
-        cursor = driver.cursor()
         cursor.execute(_WRITE, _one_params(planned[0].params))
-        written = [cursor.fetchone()]
-        cursor.close()
-    elif planned:
-        cursor = driver.cursor()
+    else:
         cursor.execute(_WRITE_MANY, _many_params([c.params for c in planned]))
-        written = cursor.fetchall()
-        cursor.close()
-    for creation, (created, ahead) in zip(planned, written if planned else (), strict=True):
-        creation.written = created, int(ahead)
-    for creation in group:
-        creation.settled = True
-    with live.batched():
-        for creation in planned:
-            assert creation.task is not None and creation.written is not None
-            _after_commit(creation.task, creation.activities, creation.written[0])
+    rows = cursor.fetchall()
+    cursor.close()
+    return rows
 
 
 def _read(driver: Any, group: list[Creation]) -> list[Any]:
