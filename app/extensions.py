@@ -267,7 +267,7 @@ class KeptConnection:
         except BaseException:
             if driver.info.transaction_status != TransactionStatus.IDLE:
                 conn, self.conn = self.conn, None
-                conn.invalidate()
+                _discard(conn, driver)
             raise
         finally:
             self.used_at = time.monotonic()
@@ -312,13 +312,24 @@ def autocommit() -> Iterator[Any]:
         yield driver
     except BaseException:
         if driver.info.transaction_status != TransactionStatus.IDLE:
-            conn.invalidate()
+            _discard(conn, driver)
             raise
         driver.autocommit = False
         conn.close()
         raise
     driver.autocommit = False
     conn.close()
+
+
+def _discard(conn: Any, driver: Any) -> None:
+    """Not put back: a connection an error left inside a transaction, or broken. A broken one
+    says the server may have gone (a restart kills every connection): the pool's others go too,
+    as SQLAlchemy does when its own statements meet a disconnect, so the next checkout, the
+    view's included, gets a working one instead of the next dead one."""
+    broken = driver.broken
+    conn.invalidate()
+    if broken:
+        db.engine.dispose()  # idle ones closed now, those in use when they come back
 
 
 def on_postgresql() -> bool:
