@@ -40,9 +40,12 @@ def decode_cursor(token: str) -> Any:
 
 
 class CursorField(ma.fields.Field):
-    """Decodes the opaque cursor into the last id seen; a tampered cursor is a 422."""
+    """Decodes the opaque cursor into the last id seen; a tampered cursor is a 422. An empty
+    one is the first page: clients that loop on `cursor={next_cursor or ""}` start with it."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int | None:
+        if value == "":
+            return None
         try:
             decoded = decode_cursor(str(value))
         except ValueError as exc:
