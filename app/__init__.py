@@ -32,6 +32,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from app.extensions import api, init_extensions
     from app.logs import configure_logging
     from app.openapi import openapi_config, register_docs_assets
+    from app.storable import register_converters
 
     settings = Settings.from_env()
     for key, value in (config or {}).items():
@@ -39,6 +40,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     settings.resolve()
 
     app = Flask(__name__, instance_path=settings.INSTANCE_PATH, static_folder=None)
+    register_converters(app)
     app.config.update(settings.flask_config())
     app.config.update(openapi_config())
     configure_logging(app)

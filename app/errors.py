@@ -15,6 +15,8 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from app.storable import NoSuchId
+
 PROBLEM_TYPE_BASE = "https://switchboard.dev/problems/"
 
 
@@ -107,6 +109,20 @@ def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Re
     return resp
 
 
+def flat_errors(messages: dict[Any, Any], prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow nests the errors of nested fields and list items; clients get one level,
+    field path -> messages: `loop.done_marker`, `depends_on.0`."""
+    flat: dict[str, list[str]] = {}
+    for key, value in messages.items():
+        name = prefix if key == "_schema" and prefix else f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flat_errors(value, name))
+        else:
+            items = value if isinstance(value, list) else [value]
+            flat.setdefault(name, []).extend(str(item) for item in items)
+    return flat
+
+
 def _snake(name: str) -> str:
     return name.lower().replace(" ", "_").replace("-", "_")
 
@@ -120,9 +136,9 @@ def http_error(error: HTTPException) -> Response:
     status = error.code or 500
     if messages:
         # webargs: {location: {field: [msg]}}, or {location: [msg]} for an unreadable body
-        errors: dict[str, Any] = {}
+        errors: dict[str, list[str]] = {}
         for location, found in messages.items():
-            errors.update(found if isinstance(found, dict) else {location: found})
+            errors.update(flat_errors(found) if isinstance(found, dict) else {location: found})
         extra["errors"] = errors
     detail = data.get("message") or error.description or error.name
     code = _snake(error.name)
@@ -136,7 +152,7 @@ def http_error(error: HTTPException) -> Response:
     elif status == 413:
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
         detail = f"The request body is larger than the limit of {limit} bytes."
-    elif status == 404 and request.endpoint is None:
+    elif status == 404 and request.endpoint is None and not isinstance(error, NoSuchId):
         detail = f"No such endpoint: {request.method} {request.path}"
     elif status == 405:
         detail = f"{request.method} is not allowed on {request.path}"

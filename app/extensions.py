@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase
 
 from app.errors import ProblemSchema
+from app.storable import RequestParser
 
 RUN_QUEUES = ("runs-urgent", "runs-high", "runs-default", "runs-low")
 ALL_QUEUES = (*RUN_QUEUES, "events", "maintenance")
@@ -158,6 +159,8 @@ class Api(flask_smorest.Api):
 
 class Blueprint(flask_smorest.Blueprint):
     """One place to customise every blueprint of the API."""
+
+    ARGUMENTS_PARSER = RequestParser()
 
 
 class Schema(ma.Schema):

@@ -1,6 +1,7 @@
 import marshmallow as ma
 
 from app.pagination import PageQuerySchema, page_schema
+from app.storable import Id
 from app.timeutil import Timestamp
 
 
@@ -22,7 +23,7 @@ AuditLogPageSchema = page_schema(AuditLogSchema, "AuditLogPage")
 
 
 class AuditQuerySchema(PageQuerySchema):
-    actor_id = ma.fields.Int()
+    actor_id = Id()
     action = ma.fields.Str(metadata={"description": "exact action, or a prefix ending in '.'"})
     target_type = ma.fields.Str()
     target_id = ma.fields.Str()

@@ -3,6 +3,7 @@ import marshmallow as ma
 from app.extensions import Schema
 from app.pagination import PageQuerySchema, page_schema
 from app.projects.models import PROJECT_ROLES
+from app.storable import Id
 from app.timeutil import Timestamp
 
 _cap = ma.validate.Range(1, 10_000)
@@ -71,7 +72,7 @@ class MemberListSchema(ma.Schema):
 
 
 class MemberAddSchema(Schema):
-    user_id = ma.fields.Int(required=True)
+    user_id = Id(required=True)
     role = ma.fields.Str(required=True, validate=ma.validate.OneOf(PROJECT_ROLES))
 
 

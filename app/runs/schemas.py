@@ -3,6 +3,7 @@ import marshmallow as ma
 from app.extensions import QuerySchema, Schema
 from app.pagination import PageQuerySchema, page_schema
 from app.runs.models import RUN_STATUSES
+from app.storable import MAX_BIGINT, MAX_ID, MIN_INT, Id
 from app.timeutil import Timestamp
 
 
@@ -39,13 +40,13 @@ RunPageSchema = page_schema(RunSchema, "RunPage")
 
 class RunQuerySchema(PageQuerySchema):
     project = ma.fields.Str()
-    task = ma.fields.Int()
+    task = Id()
     status = ma.fields.Str(validate=ma.validate.OneOf(RUN_STATUSES))
     executor = ma.fields.Str(metadata={"description": "prefix, e.g. `pool:` or a name"})
 
 
 class LogQuerySchema(QuerySchema):
-    offset = ma.fields.Int(load_default=0, validate=ma.validate.Range(min=0))
+    offset = ma.fields.Int(load_default=0, validate=ma.validate.Range(0, MAX_BIGINT))
     limit = ma.fields.Int(load_default=65536, validate=ma.validate.Range(1, 1024 * 1024))
 
 
@@ -70,7 +71,11 @@ class EventPageSchema(ma.Schema):
 
 
 class EventQuerySchema(QuerySchema):
-    after = ma.fields.Int(load_default=None, metadata={"description": "last seq seen"})
+    after = ma.fields.Int(
+        load_default=None,
+        validate=ma.validate.Range(0, MAX_BIGINT),
+        metadata={"description": "last seq seen"},
+    )
     type = ma.fields.Str()
     limit = ma.fields.Int(load_default=100, validate=ma.validate.Range(1, 1000))
 
@@ -86,8 +91,12 @@ class HeartbeatResponseSchema(ma.Schema):
 
 class LogAppendSchema(Schema):
     executor = ma.fields.Str(required=True, validate=ma.validate.Length(1, 200))
-    offset = ma.fields.Int(required=True, validate=ma.validate.Range(min=0))
-    text = ma.fields.Str(required=True, validate=ma.validate.Length(max=1024 * 1024))
+    offset = ma.fields.Int(required=True, validate=ma.validate.Range(0, MAX_BIGINT))
+    text = ma.fields.Str(
+        required=True,
+        validate=ma.validate.Length(max=1024 * 1024),
+        metadata={"nul": True},  # stored as bytes, as an agent's output is
+    )
 
 
 class LogAppendResponseSchema(ma.Schema):
@@ -100,7 +109,9 @@ class CompleteSchema(Schema):
     status = ma.fields.Str(
         required=True, validate=ma.validate.OneOf(("succeeded", "failed", "cancelled", "timed_out"))
     )
-    exit_code = ma.fields.Int(load_default=None, allow_none=True)
+    exit_code = ma.fields.Int(
+        load_default=None, allow_none=True, validate=ma.validate.Range(MIN_INT, MAX_ID)
+    )
     summary = ma.fields.Str(
         load_default=None, allow_none=True, validate=ma.validate.Length(max=1000)
     )

@@ -3,6 +3,7 @@ import marshmallow as ma
 from app.extensions import Schema
 from app.pagination import PageQuerySchema, page_schema
 from app.runs.schemas import RunSchema
+from app.storable import Id
 from app.tasks.models import PRIORITIES, TASK_STATUSES
 from app.timeutil import Timestamp
 
@@ -30,9 +31,7 @@ class TaskCreateSchema(Schema):
         metadata={"description": "`pool` (the server's workers) or `external` (claimed over REST)"},
     )
     priority = ma.fields.Str(load_default="normal", validate=ma.validate.OneOf(PRIORITIES))
-    depends_on = ma.fields.List(
-        ma.fields.Int(), load_default=list, validate=ma.validate.Length(max=100)
-    )
+    depends_on = ma.fields.List(Id(), load_default=list, validate=ma.validate.Length(max=100))
     timeout_s = ma.fields.Int(
         load_default=None, allow_none=True, validate=ma.validate.Range(1, 7 * 24 * 3600)
     )
@@ -48,7 +47,7 @@ class TaskCreateSchema(Schema):
 class TaskUpdateSchema(Schema):
     title = ma.fields.Str(validate=ma.validate.Length(1, 300))
     priority = ma.fields.Str(validate=ma.validate.OneOf(PRIORITIES))
-    depends_on = ma.fields.List(ma.fields.Int(), validate=ma.validate.Length(max=100))
+    depends_on = ma.fields.List(Id(), validate=ma.validate.Length(max=100))
 
 
 class TaskSchema(ma.Schema):
@@ -94,7 +93,7 @@ class TaskQuerySchema(PageQuerySchema):
     status = ma.fields.Str(validate=ma.validate.OneOf(TASK_STATUSES))
     agent = ma.fields.Str()
     priority = ma.fields.Str(validate=ma.validate.OneOf(PRIORITIES))
-    creator = ma.fields.Int(metadata={"description": "creator's user id"})
+    creator = Id(metadata={"description": "creator's user id"})
 
 
 class ClaimSchema(Schema):
