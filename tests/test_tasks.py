@@ -22,7 +22,7 @@ def test_create_defaults_and_validation(client, member, project):
         ({"depends_on": [99999]}, "depends_on"),
         ({"target": "mars"}, "target"),
         ({"priority": "asap"}, "priority"),
-        ({"loop": {"max_iterations": 0}}, "loop"),
+        ({"loop": {"max_iterations": 0}}, "loop.max_iterations"),
     ]
     for fields, field in bad:
         body = {"project": "demo", "title": "t", "prompt": "x", **fields}
