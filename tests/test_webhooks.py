@@ -185,6 +185,23 @@ def test_labeled_issue_makes_one_task_even_when_delivered_twice(
     assert_problem(client.get(f"/api/v1/events/{receipt['id']}", headers=bob.headers), 404)
 
 
+def test_a_nul_in_a_payload_reaches_the_task_as_a_replacement_character(
+    client, admin, member, project, gh, events_worker
+):
+    """PostgreSQL's text holds no NUL: the rendered title and prompt carry U+FFFD instead, as
+    logs do with bytes that are not UTF-8, and the event is stored as it came."""
+    add_rule(client, member)
+    payload = fixture("issues.labeled")
+    payload["issue"]["title"] = "Crash on \x00 in input"
+    receipt = deliver(client, payload, "issues").get_json()
+    done = settled(client, admin, receipt["id"])
+    assert done["state"] == "dispatched", done
+    assert done["payload"]["issue"]["title"] == "Crash on \x00 in input"
+    task = client.get(f"/api/v1/tasks/{done['tasks'][0]}", headers=member.headers).get_json()
+    assert task["title"] == "Fix: Crash on \ufffd in input"
+    assert "Crash on \ufffd in input" in task["prompt"]
+
+
 def test_three_rules_three_tasks_unmatched_skipped_and_template_errors_fail(
     app, client, admin, member, project, gh, events_worker
 ):

@@ -20,6 +20,8 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
+from app.storable import NUL
+
 TITLE_MAX = 300
 PROMPT_MAX = 200_000
 
@@ -167,8 +169,9 @@ def render_task(
     field) for the caller to report on the event."""
     context = dict(payload) if isinstance(payload, dict) else {}
     context.update(payload=payload, event=event_type, action=action, delivery=delivery_id, **extra)
-    title = _env.from_string(template["title"]).render(context).strip()
-    prompt = _env.from_string(template["prompt"]).render(context)
+    # a NUL from the payload becomes U+FFFD, as in logs: PostgreSQL's text holds no NUL
+    title = _env.from_string(template["title"]).render(context).strip().replace(NUL, "\ufffd")
+    prompt = _env.from_string(template["prompt"]).render(context).replace(NUL, "\ufffd")
     if not title:
         raise TemplateError("the title template rendered an empty title")
     if len(prompt) > PROMPT_MAX:
