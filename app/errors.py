@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 from app.storable import NoSuchId
 
 PROBLEM_TYPE_BASE = "https://switchboard.dev/problems/"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class DomainError(Exception):
@@ -184,8 +185,23 @@ def domain_error(error: DomainError) -> Response:
 
 
 def unexpected_error(error: Exception) -> Response:
+    from app.extensions import database_unavailable, write_sent
+
     if isinstance(error, HTTPException):
         return http_error(error)
+    if database_unavailable(error) and (request.method in SAFE_METHODS or not write_sent()):
+        # a restart or failover: nothing was written, so the client may simply send it again
+        current_app.logger.warning(
+            "database unavailable on %s %s: %s", request.method, request.path, error
+        )
+        resp = problem(
+            503,
+            "Service Unavailable",
+            "The database is unavailable; nothing was changed. Try again shortly.",
+            "service_unavailable",
+        )
+        resp.headers["Retry-After"] = "1"
+        return resp
     current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
     resp = problem(
         500,

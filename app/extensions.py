@@ -17,7 +17,7 @@ import marshmallow as ma
 import redis
 import sqlalchemy as sa
 import sqlalchemy.orm
-from flask import Flask, current_app
+from flask import Flask, current_app, g, has_request_context
 from flask_limiter import ApplicationLimit, Limiter
 from flask_migrate import Migrate
 from flask_sock import Sock
@@ -90,6 +90,20 @@ def _ping_idle_connection(dbapi_connection: Any, record: Any, _proxy: Any) -> No
         dbapi_connection.rollback()
     except Exception as exc:
         raise sa.exc.DisconnectionError(str(exc)) from exc
+
+
+@sa.event.listens_for(Engine, "commit")
+def _note_commit(_conn: Any) -> None:
+    """A COMMIT goes out: the request's writes may be kept from here on (see `write_sent`)."""
+    if has_request_context():
+        g.sb_write_sent = True
+
+
+def write_sent() -> bool:
+    """Whether this request may have written anything: a session commit began, or a
+    hand-written statement went out on an autocommit connection. When the database then fails,
+    the request cannot say that nothing changed."""
+    return bool(g.get("sb_write_sent"))
 
 
 def delete_in_batches(ids: sa.Select[Any], *columns: Any, batch: int = 1000) -> int:
@@ -309,6 +323,8 @@ def autocommit() -> Iterator[Any]:
             yield driver
         return
     conn = db.engine.raw_connection()
+    if has_request_context():
+        g.sb_write_sent = True  # from here on, each statement commits itself
     driver = conn.driver_connection
     driver.autocommit = True
     try:
@@ -333,6 +349,25 @@ def _discard(conn: Any, driver: Any) -> None:
     conn.invalidate()
     if broken:
         db.engine.dispose()  # idle ones closed now, those in use when they come back
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection (a restart, a failover, a
+    lock it gave up waiting for): worth trying again shortly, unlike an error in what was
+    asked. A commit cut off in flight may have been kept: what is tried again must be safe to
+    repeat."""
+    import sqlite3
+
+    import psycopg
+
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    if isinstance(orig, sqlite3.OperationalError):
+        return "locked" in str(orig) or "busy" in str(orig)
+    return False
 
 
 def on_postgresql() -> bool:

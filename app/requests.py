@@ -13,7 +13,7 @@ from app import context
 from app.audit import service as audit
 from app.auth.guard import authenticate_request
 from app.errors import DomainError
-from app.extensions import db, limiter
+from app.extensions import database_unavailable, db, limiter
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -97,8 +97,11 @@ def _audit_mutation(response: Response) -> Response:
             target_id=request.path[:64],
             payload={"status": response.status_code, "body": body},
         )
-    except Exception:  # the response is already decided; never turn it into a 500 here
-        current_app.logger.exception("could not write the request audit entry")
+    except Exception as exc:  # the response is already decided; never turn it into a 500 here
+        if database_unavailable(exc):
+            current_app.logger.warning("could not write the request audit entry: %s", exc)
+        else:
+            current_app.logger.exception("could not write the request audit entry")
         db.session.rollback()
     return response
 

@@ -3,11 +3,15 @@ timeout) are replaced before use, without a ping on every request."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from helpers import assert_problem, count, wait_for
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("DATABASE_URL", "").startswith("postgres"),
@@ -166,3 +170,64 @@ def test_a_creation_whose_connection_died_during_its_write_is_not_made_twice(app
         count = db.session.scalar(sa.text("SELECT count(*) FROM tasks"))
         db.session.remove()
     assert count == 0  # rolled back when its session ended, and not made again by the view
+
+
+@contextlib.contextmanager
+def database_away(app: Flask) -> Iterator[None]:
+    """What a database restart looks like from here: every connection dropped, and new ones
+    refused until the block ends."""
+    from app.extensions import db
+
+    with app.app_context():
+        url = db.engine.url
+    engine = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as admin_conn:
+        admin_conn.execute(sa.text(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false'))
+        try:
+            kill_connections(app)
+            yield
+        finally:
+            admin_conn.execute(sa.text(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true'))
+    engine.dispose()
+
+
+def test_a_run_goes_on_through_a_database_restart(app, client, member, project, worker):
+    """The agent is not stopped: its output is kept and written when the database is back, its
+    end too; meanwhile the API answers 503 with Retry-After and creates nothing."""
+    from test_execution import create, log_text, wait_status
+
+    from app.tasks.models import Task
+
+    t = create(client, member, prompt="for i in 1 2 3 4; do echo tick $i; sleep 0.3; done")
+    wait_for(
+        lambda: (
+            (run := task_run(client, member, t["id"]))
+            and log_text(client, member, run["id"])[0].startswith("tick 1")
+        ),
+        timeout=15,
+    )
+    with database_away(app):
+        refused = client.post(
+            "/api/v1/tasks",
+            json={"project": "demo", "title": "t2", "prompt": "echo no"},
+            headers=member.headers,
+        )
+        listed = client.get("/api/v1/tasks", headers=member.headers)
+        time.sleep(1.5)  # the agent prints on, and ends, while the database is away
+    for resp in (refused, listed):
+        body = assert_problem(resp, 503, "service_unavailable")
+        assert resp.headers["Retry-After"] == "1" and "nothing was changed" in body["detail"]
+    done = wait_status(client, member, t["id"], ("completed", "failed"), timeout=20)
+    assert done["status"] == "completed", done
+    assert [(r["attempt"], r["status"], r["exit_code"]) for r in done["runs"]] == [
+        (1, "succeeded", 0)
+    ]
+    text, page = log_text(client, member, done["runs"][0]["id"])
+    assert text == "tick 1\ntick 2\ntick 3\ntick 4\n" and page["complete"]
+    assert count(app, Task) == 1
+    assert "the database is back" in worker.output()
+
+
+def task_run(client, acct, task_id):
+    runs = client.get(f"/api/v1/tasks/{task_id}", headers=acct.headers).get_json()["runs"]
+    return runs[0] if runs and runs[0]["status"] == "running" else None

@@ -10,19 +10,21 @@ The run always ends in a terminal state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from flask import current_app
 
-from app.extensions import db, get_redis, on_postgresql
+from app.extensions import database_unavailable, db, get_redis, on_postgresql
 from app.runs import live, logs, quick
 from app.runs import service as runs
 from app.runs.models import Run
@@ -32,11 +34,14 @@ from workers import agents, jobs, workspace
 from workers.process import AgentProcess
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: set when the worker is asked to shut down: the running agent is stopped and its run requeued
 shutdown_requested = threading.Event()
 SHUTDOWN_GRACE = 3.0
 TICK = 0.02
+#: while the database is unreachable, how often a run's writes are tried again
+DB_RETRY_S = 0.5
 
 
 def executor_name() -> str:
@@ -59,6 +64,9 @@ class RunDriver:
     def __init__(self, run: Run, task: Task, agent: agents.Agent) -> None:
         cfg = current_app.config
         self.run, self.task, self.agent = run, task, agent
+        # kept apart from the row: after a failed write the session expires `run`, and reading
+        # it again needs the database
+        self.run_id, self.executor = run.id, run.executor or ""
         self.lease_s = cfg["SWITCHBOARD_LEASE_SECONDS"]
         self.renew_every = cfg["SWITCHBOARD_LEASE_RENEW_SECONDS"]
         self.grace = cfg["SWITCHBOARD_STOP_GRACE_SECONDS"]
@@ -76,6 +84,10 @@ class RunDriver:
         # the agent's start, until it is written (see `write_start`)
         self.pending_start: quick.Started | None = None
         self.not_ours = False
+        self.listening = False
+        # the database is away (a restart, a failover): writes wait until then, the agent goes on
+        self.db_retry_at = 0.0
+        self.db_down_since: float | None = None
 
     def write_start(self) -> bool:
         """Write the agent's start (assigned → running) if it is still pending; False when the
@@ -89,15 +101,21 @@ class RunDriver:
         pending, self.pending_start = self.pending_start, None
         if pending is None:
             return not self.not_ours
-        self.listen()
-        if runs.mark_running(
-            self.run,
-            pid=pending.pid,
-            agent_version=pending.version,
-            lease_s=self.lease_s,
-            task=self.task,
-            at=pending.at,
-        ):
+        if not self.listening:
+            self.listen()
+        try:
+            ours = runs.mark_running(
+                self.run,
+                pid=pending.pid,
+                agent_version=pending.version,
+                lease_s=self.lease_s,
+                task=self.task,
+                at=pending.at,
+            )
+        except BaseException:
+            self.pending_start = pending  # still to be written
+            raise
+        if ours:
             jobs.job_started()  # RQ's bookkeeping (else it goes with the job's end)
             self.stop_requested = self.stop_requested or self.run.stop_requested_at is not None
         else:
@@ -110,12 +128,13 @@ class RunDriver:
         One subscriber connection serves every run of this worker process: closing a PubSub
         drops its connection, and the next Redis command of the run's end then paid for a new
         one. Subscribing only sends; a stop is also seen by the next lease renewal."""
-        self.channel = live.control_channel(self.run.id).encode()
+        self.listening = True
+        self.channel = live.control_channel(self.run_id).encode()
         try:
             self.pubsub = _control_listener()
             self.pubsub.subscribe(self.channel)
         except redis.RedisError:
-            log.warning("run %s: cannot hear stop requests live (Redis)", self.run.id)
+            log.warning("run %s: cannot hear stop requests live (Redis)", self.run_id)
             _reset_control_listener()
             self.pubsub = None
 
@@ -131,15 +150,15 @@ class RunDriver:
         b.partial_line = lines.pop()
         for line in lines:
             self._parse(line)
-        if len(b.data) >= self.flush_bytes:
-            self.flush()
+        if len(b.data) >= self.flush_bytes and self.db_ready():
+            self.attempt(self.flush)
 
     def _publish(self, chunk: bytes, final: bool = False) -> None:
         """Live subscribers get output at once, in whole UTF-8 characters."""
         pending = self.live_hold + chunk
         cut = len(pending) if final else logs.utf8_boundary(pending)
         if cut:
-            live.run_log(self.run.id, self.live_offset, pending[:cut])
+            live.run_log(self.run_id, self.live_offset, pending[:cut])
             self.live_offset += cut
         self.live_hold = pending[cut:]
 
@@ -176,7 +195,7 @@ class RunDriver:
         if commit:
             db.session.commit()
         if stored:
-            live.run_events(run.id, stored)
+            live.run_events(self.run_id, stored)
         self.batch = Batch(offset=run.log_size, partial_line=b.partial_line)
 
     def due(self) -> bool:
@@ -184,6 +203,38 @@ class RunDriver:
         return bool(b.events or b.facts) or (
             b.since is not None and time.monotonic() - b.since >= self.flush_s
         )
+
+    # -- the database away ---------------------------------------------------------------------
+
+    def db_ready(self) -> bool:
+        return time.monotonic() >= self.db_retry_at
+
+    def attempt(self, write: Callable[[], T]) -> T | None:
+        """`write`, or None when the database is unreachable: the session is rolled back, what
+        was to be written stays (the batch, the pending start) and is tried again after
+        `DB_RETRY_S`, while the agent goes on. A database restart must not end an agent's
+        work; the lease decides if the database stays away longer than it lasts."""
+        try:
+            result = write()
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            with contextlib.suppress(Exception):
+                db.session.rollback()
+            now = time.monotonic()
+            if self.db_down_since is None:
+                self.db_down_since = now
+                log.warning("run %s: the database is unreachable; the agent goes on", self.run_id)
+            self.db_retry_at = now + DB_RETRY_S
+            return None
+        if self.db_down_since is not None:
+            log.warning(
+                "run %s: the database is back after %.1f s",
+                self.run_id,
+                time.monotonic() - self.db_down_since,
+            )
+            self.db_down_since = None
+        return result
 
     # -- control -------------------------------------------------------------------------------
 
@@ -205,24 +256,28 @@ class RunDriver:
         exiting = False
         while proc.poll() is None:
             proc.pump(self.on_output, TICK)
-            if self.pending_start is not None and proc.poll() is None:
+            if self.pending_start is not None and proc.poll() is None and self.db_ready():
                 if proc.output_closed and not exiting:
                     exiting = True  # its exit follows at once: the next pump waits for it
                 else:
-                    self.write_start()
+                    self.attempt(self.write_start)
             if self.not_ours:
                 proc.stop(0.5)
                 return "not_ours"
             now = time.monotonic()
-            if self.due():
-                self.flush()
-            if now >= next_renew:
-                ours, stop = runs.renew_lease(self.run.id, self.run.executor or "", self.lease_s)
+            if self.due() and self.db_ready():
+                self.attempt(self.flush)
+            if now >= next_renew and self.db_ready():
+                renewed = self.attempt(
+                    lambda: runs.renew_lease(self.run_id, self.executor, self.lease_s)
+                )
                 next_renew = now + self.renew_every
-                if not ours:
-                    proc.stop(0.5, self.on_output)
-                    return "lease_lost"
-                self.stop_requested = self.stop_requested or stop
+                if renewed is not None:
+                    ours, stop = renewed
+                    if not ours:
+                        proc.stop(0.5, self.on_output)
+                        return "lease_lost"
+                    self.stop_requested = self.stop_requested or stop
             if self.stop_signalled():
                 proc.stop(self.grace, self.on_output)
                 return "cancelled"
@@ -269,7 +324,8 @@ def execute(run_id: int) -> str:
     """Job body. Returns a one-word outcome for RQ's result."""
     cfg = current_app.config
     me = executor_name()
-    taken = runs.take(run_id, me, cfg["SWITCHBOARD_LEASE_SECONDS"])
+    lease_s = cfg["SWITCHBOARD_LEASE_SECONDS"]
+    taken = _while_unavailable(lambda: runs.take(run_id, me, lease_s), lease_s)
     if taken is None:
         return "skipped"  # another job took it, or it was cancelled before it started
     run, task, project = taken
@@ -338,12 +394,7 @@ def execute(run_id: int) -> str:
                 driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
         driver.settle()
         extra = workspace.results(ws)
-        if outcome is None and _ended_plainly(driver, task, code, extra):
-            return _exited(code)
-        if not driver.write_start():
-            return "skipped"  # stopped between assignment and start
-        driver.flush(final=True, commit=False)  # committed with the run's end
-        return _finish(run, outcome, code, extra, driver)
+        return _until_written(lambda: _end(driver, task, outcome, code, extra), driver)
     except BaseException:
         # worker killed mid-run (SystemExit from a cold shutdown) or our own bug: the agent
         # must not outlive us, and the run must not stay running.
@@ -367,6 +418,54 @@ def execute(run_id: int) -> str:
         driver.close()
 
 
+def _end(
+    driver: RunDriver, task: Task, outcome: str | None, code: int, extra: dict[str, Any]
+) -> str:
+    """Write the run's end with its last output; the job's outcome."""
+    if outcome is None and _ended_plainly(driver, task, code, extra):
+        return _exited(code)
+    if not driver.write_start():
+        return "skipped"  # stopped between assignment and start
+    batch = driver.batch
+    try:
+        driver.flush(final=True, commit=False)  # committed with the run's end
+        return _finish(driver, outcome, code, extra)
+    except BaseException:
+        driver.batch = batch  # not written: tried again whole
+        raise
+
+
+def _until_written(write: Callable[[], str], driver: RunDriver) -> str:
+    """The run's end, tried again while the database is unreachable (its writes are guarded
+    by the run's state: one that was kept already makes the next a no-op), for as long as the
+    lease lasts; then the lease decides, as for a worker that died."""
+    deadline = time.monotonic() + driver.lease_s
+    while True:
+        outcome = driver.attempt(write)
+        if outcome is not None:
+            return outcome
+        if time.monotonic() >= deadline or shutdown_requested.is_set():
+            return write()  # its error ends the job; the sweep ends the run
+        time.sleep(DB_RETRY_S)
+
+
+def _while_unavailable(write: Callable[[], T], seconds: float) -> T:
+    """`write`, tried again while the database is unreachable, for up to `seconds`: a run
+    dispatched during a restart starts when the database is back, not when the sweep finds
+    its failed job."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not database_unavailable(exc) or time.monotonic() >= deadline:
+                raise
+            db.session.rollback()
+        if shutdown_requested.is_set():
+            return write()
+        time.sleep(DB_RETRY_S)
+
+
 def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, Any]) -> bool:
     """The agent exited by itself: on PostgreSQL, the plain case of the run's end with its last
     output in one round trip (`runs.quick.finish`). False when nothing was written."""
@@ -388,17 +487,15 @@ def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, An
     return started
 
 
-def _finish(
-    run: Run, outcome: str | None, code: int, extra: dict[str, Any], driver: RunDriver
-) -> str:
-    me = run.executor
+def _finish(driver: RunDriver, outcome: str | None, code: int, extra: dict[str, Any]) -> str:
+    run_id, me = driver.run_id, driver.executor
     if outcome == "cancelled":
         runs.finish(
-            run.id, "cancelled", exit_code=code, summary="stopped by request", executor=me, **extra
+            run_id, "cancelled", exit_code=code, summary="stopped by request", executor=me, **extra
         )
     elif outcome == "timed_out":
         runs.finish(
-            run.id,
+            run_id,
             "timed_out",
             exit_code=code,
             summary=f"timed out after {driver.timeout}s",
@@ -407,7 +504,7 @@ def _finish(
         )
     elif outcome == "shutdown":
         runs.finish(
-            run.id,
+            run_id,
             "lost",
             exit_code=code,
             summary="worker shut down while running; queued again",
@@ -418,7 +515,7 @@ def _finish(
     elif outcome == "lease_lost":
         return "lease_lost"  # the sweep already ended it
     else:
-        runs.finish(run.id, _exited(code), exit_code=code, executor=me, **extra)
+        runs.finish(run_id, _exited(code), exit_code=code, executor=me, **extra)
     return outcome or _exited(code)
 
 
