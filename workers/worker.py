@@ -29,7 +29,14 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from sqlalchemy.orm import configure_mappers
 
-from app.extensions import ALL_QUEUES, RUN_QUEUES, db, get_redis, keep_autocommit_connection
+from app.extensions import (
+    ALL_QUEUES,
+    RUN_QUEUES,
+    database_unavailable,
+    db,
+    get_redis,
+    keep_autocommit_connection,
+)
 from app.runs import live
 from workers.process import die_with_parent
 
@@ -232,9 +239,13 @@ def sweep_once(app: Flask, interval: int) -> dict[str, int] | None:
             if any(result.values()):
                 log.info("sweep: %s", result)
             return result
-        except Exception:
-            log.exception("sweep failed")
-            db.session.rollback()
+        except Exception as exc:
+            if database_unavailable(exc):  # a restart: the next sweep catches up
+                log.warning("sweep skipped: the database is unreachable (%s)", exc)
+            else:
+                log.exception("sweep failed")
+            with contextlib.suppress(Exception):
+                db.session.rollback()
             return None
         finally:
             db.session.remove()
