@@ -231,3 +231,26 @@ def test_a_run_goes_on_through_a_database_restart(app, client, member, project, 
 def task_run(client, acct, task_id):
     runs = client.get(f"/api/v1/tasks/{task_id}", headers=acct.headers).get_json()["runs"]
     return runs[0] if runs and runs[0]["status"] == "running" else None
+
+
+def test_a_webhook_delivered_while_the_database_is_away_is_refused_then_taken(app, client, admin):
+    """The sender gets a 503 problem it may retry (not a dropped connection), and the same
+    delivery sent again once the database is back is stored once."""
+    from test_webhooks import SECRET, deliver, fixture
+
+    from app.webhooks.models import WebhookEvent
+
+    made = client.post(
+        "/api/v1/webhook-sources",
+        headers=admin.headers,
+        json={"name": "gh", "kind": "github", "secret": SECRET},
+    )
+    assert made.status_code == 201, made.get_json()
+    payload = fixture("issues.labeled")
+    with database_away(app):
+        refused = deliver(client, payload, "issues", delivery="d-1")
+    assert_problem(refused, 503, "service_unavailable")
+    assert count(app, WebhookEvent) == 0
+    for _ in range(2):
+        assert deliver(client, payload, "issues", delivery="d-1").status_code in (200, 202)
+    assert count(app, WebhookEvent) == 1

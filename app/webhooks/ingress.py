@@ -12,6 +12,7 @@ hands it the body it read, so nothing is lost and nothing is decided twice.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 
 from app.errors import DomainError
-from app.extensions import db
+from app.extensions import database_unavailable, db
 from app.requests import request_id
 from app.webhooks import service
 
@@ -55,6 +56,14 @@ class WebhookIngress:
                 receipt = service.receive(name, body, headers, mimetype, environ.get("REMOTE_ADDR"))
             except DomainError:
                 return self.wsgi_app(environ, start_response)  # the view answers errors
+            except Exception as exc:
+                # the view tries again and answers what still fails (a 503 while the database
+                # is away): storing a delivery twice keeps one (its delivery id is unique)
+                if not database_unavailable(exc):
+                    self.app.logger.exception("webhook fast path failed; the view answers")
+                with contextlib.suppress(Exception):
+                    db.session.rollback()
+                return self.wsgi_app(environ, start_response)
             finally:
                 db.session.remove()
         rid = request_id(headers.get("X-Request-ID", ""))
