@@ -51,7 +51,12 @@ def test_ids_in_bodies_and_queries_beyond_any_row_are_422(client, member, projec
         422,
     )
     assert list(body["errors"]) == ["depends_on.1"]
-    for query in (f"runs?task={TOO_BIG}", f"tasks?creator={-1}", f"runs/1/log?offset={2**63}"):
+    for query in (
+        f"runs?task={TOO_BIG}",
+        f"tasks?creator={-1}",
+        f"runs/1/log?offset={2**63}",
+        f"runs/1/events?after={TOO_BIG}",
+    ):
         assert_problem(client.get(f"/api/v1/{query}", headers=member.headers), 422)
     assert (count(app, ProjectMember), count(app, Task)) == before
 

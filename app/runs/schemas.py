@@ -73,7 +73,7 @@ class EventPageSchema(ma.Schema):
 class EventQuerySchema(QuerySchema):
     after = ma.fields.Int(
         load_default=None,
-        validate=ma.validate.Range(0, MAX_BIGINT),
+        validate=ma.validate.Range(0, MAX_ID),  # `seq` is an integer column
         metadata={"description": "last seq seen"},
     )
     type = ma.fields.Str()
