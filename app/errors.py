@@ -91,6 +91,19 @@ class ProblemSchema(ma.Schema):
         values=ma.fields.List(ma.fields.Str()),
         metadata={"description": "field -> messages, on validation errors"},
     )
+    # extension members (RFC 9457 §3.2) some problems carry
+    executor = ma.fields.Str(
+        allow_none=True,
+        metadata={"description": "409 on a claimed task or run: the executor that holds it"},
+    )
+    expected_offset = ma.fields.Int(
+        metadata={"description": "409 on a log append that leaves a gap: the offset to send"}
+    )
+    checks = ma.fields.Dict(
+        keys=ma.fields.Str(),
+        values=ma.fields.Str(),
+        metadata={"description": "503 from /health/ready: each check and its state"},
+    )
 
 
 def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Response:
