@@ -100,9 +100,9 @@ def _note_commit(_conn: Any) -> None:
 
 
 def write_sent() -> bool:
-    """Whether this request may have written anything: a session commit began, or a
-    hand-written statement went out on an autocommit connection. When the database then fails,
-    the request cannot say that nothing changed."""
+    """Whether this request may have written anything: a COMMIT went out, or a hand-written
+    statement on an autocommit connection. When the database then fails, the request cannot
+    say that nothing changed."""
     return bool(g.get("sb_write_sent"))
 
 

@@ -1,7 +1,7 @@
 """Input the database cannot hold is the client's error (404 or 422), never a 500 from the
 driver: ids beyond PostgreSQL's `integer` (every id column), and text with NUL characters
-(PostgreSQL's text and jsonb hold no U+0000). SQLite would take both; refusing them everywhere
-keeps the two backends alike."""
+(PostgreSQL's text holds no U+0000). SQLite would take both; refusing them everywhere keeps the
+two backends alike."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from werkzeug.routing import IntegerConverter, Map, UnicodeConverter
 
 MAX_ID = 2**31 - 1  # PostgreSQL `integer`: every id, and counts such as exit codes
 MIN_INT = -(2**31)
-MAX_BIGINT = 2**63 - 1  # byte offsets and event numbers
+MAX_BIGINT = 2**63 - 1  # byte offsets into a run's log
 NUL = "\x00"
 NUL_MESSAGE = "must not contain NUL (U+0000) characters"
 
