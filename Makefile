@@ -22,6 +22,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -n $${PYTEST_WORKERS:-auto} -q $(PYTEST_ARGS)
 
+## Run every benchmark in turn (PostgreSQL + Redis on this machine; several minutes).
+bench: $(STAMP)
+	for b in api dispatch webhooks streams soak; do $(BIN)/python bench/$$b.py || exit 1; done
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
