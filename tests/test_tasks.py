@@ -298,6 +298,48 @@ def test_cancel_retry_delete(client, member, project, app):
     assert count(app, Run) == 0
 
 
+def at_once(app, count, request):
+    """`count` requests sent together from their own threads (each its own test client, so
+    its own session and database transaction): their responses."""
+    import threading
+
+    barrier, answers = threading.Barrier(count), [None] * count
+
+    def send(i):
+        client = app.test_client()
+        barrier.wait()
+        answers[i] = request(client)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return answers
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_task(member, project, app):
+    body = {"project": "demo", "title": "once", "prompt": "x", "target": "external"}
+    headers = {**member.headers, "Idempotency-Key": "deploy-42"}
+    answers = at_once(app, 8, lambda c: c.post("/api/v1/tasks", json=body, headers=headers))
+    assert [a.status_code for a in answers] == [201] * 8, [a.get_json() for a in answers]
+    assert len({a.get_json()["id"] for a in answers}) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 7
+    assert count(app, Task) == 1
+
+
+def test_concurrent_retries_queue_one_attempt(client, member, project, app):
+    t = create(client, member, prompt="x", target="external")
+    client.post(f"/api/v1/tasks/{t['id']}/cancel", headers=member.headers)
+    url = f"/api/v1/tasks/{t['id']}/retry"
+    answers = at_once(app, 8, lambda c: c.post(url, headers=member.headers))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201] + [409] * 7, [a.get_json() for a in answers]
+    runs = task(client, member, t["id"])["runs"]
+    assert [r["status"] for r in runs] == ["cancelled", "queued"]
+    assert count(app, Run) == 2
+
+
 def test_list_filters(client, member, project):
     create(client, member, title="a", prompt="x", target="external", priority="high")
     create(client, member, title="b", prompt="x", target="external", agent="claude")

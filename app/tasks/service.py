@@ -107,8 +107,8 @@ def create_task(
     existing = _idempotent(principal, idempotency_key)
     if existing is not None:
         return Created(existing, True)
-    task = build_task(principal, data, idempotency_key)
     try:
+        task = build_task(principal, data, idempotency_key)  # it flushes: the key may clash here
         db.session.commit()
     except sa.exc.IntegrityError:
         # the same key raced in from another request: answer with the winner
@@ -355,6 +355,23 @@ def retry_task(task: Task) -> Run:
     pending, _dead = lifecycle.unmet_dependencies(task.id)
     if pending:
         raise Conflict(f"Task {task.id} still waits on {pending} dependencies.")
+    # Claim the retry: only the request that still finds the task as read above goes on. A
+    # concurrent one waits for this row (PostgreSQL) or for the database's write lock (SQLite),
+    # then finds the new attempt and is refused, instead of queueing a second one.
+    seen_run = (
+        Task.latest_run_id.is_(None)
+        if task.latest_run_id is None
+        else Task.latest_run_id == task.latest_run_id
+    )
+    claimed = db.session.execute(
+        sa.update(Task)
+        .where(Task.id == task.id, Task.status == task.status, seen_run)
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if claimed != 1:
+        db.session.rollback()
+        raise Conflict(f"Task {task.id} was retried or changed meanwhile.")
     new = lifecycle.new_attempt(task, reason="retried by a person")
     task.max_attempts = max(task.max_attempts, task.attempts)
     audit.record(
