@@ -308,7 +308,7 @@ def at_once(app, count, request):
     def send(i):
         client = app.test_client()
         barrier.wait()
-        answers[i] = request(client)
+        answers[i] = request(client, i)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
     for t in threads:
@@ -321,7 +321,7 @@ def at_once(app, count, request):
 def test_concurrent_requests_with_one_idempotency_key_make_one_task(member, project, app):
     body = {"project": "demo", "title": "once", "prompt": "x", "target": "external"}
     headers = {**member.headers, "Idempotency-Key": "deploy-42"}
-    answers = at_once(app, 8, lambda c: c.post("/api/v1/tasks", json=body, headers=headers))
+    answers = at_once(app, 8, lambda c, _: c.post("/api/v1/tasks", json=body, headers=headers))
     assert [a.status_code for a in answers] == [201] * 8, [a.get_json() for a in answers]
     assert len({a.get_json()["id"] for a in answers}) == 1
     assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 7
@@ -332,12 +332,32 @@ def test_concurrent_retries_queue_one_attempt(client, member, project, app):
     t = create(client, member, prompt="x", target="external")
     client.post(f"/api/v1/tasks/{t['id']}/cancel", headers=member.headers)
     url = f"/api/v1/tasks/{t['id']}/retry"
-    answers = at_once(app, 8, lambda c: c.post(url, headers=member.headers))
+    answers = at_once(app, 8, lambda c, _: c.post(url, headers=member.headers))
     codes = sorted(a.status_code for a in answers)
     assert codes == [201] + [409] * 7, [a.get_json() for a in answers]
     runs = task(client, member, t["id"])["runs"]
     assert [r["status"] for r in runs] == ["cancelled", "queued"]
     assert count(app, Run) == 2
+
+
+def test_concurrent_dependency_changes_cannot_make_a_cycle(client, member, project, app):
+    """A waits on B and B on A, asked for at the same moment: one is refused (each alone is
+    fine; together they would wait for ever)."""
+    root = create(client, member, prompt="x", target="external")  # keeps both blocked
+    a, b = (
+        create(client, member, prompt="x", target="external", depends_on=[root["id"]])
+        for _ in range(2)
+    )
+    changes = [(a["id"], b["id"]), (b["id"], a["id"])] * 3
+
+    def change(c, i):
+        one, other = changes[i]
+        return c.patch(f"/api/v1/tasks/{one}", json={"depends_on": [other]}, headers=member.headers)
+
+    answers = at_once(app, len(changes), change)
+    assert all(r.status_code in (200, 422) for r in answers), [r.get_json() for r in answers]
+    deps = {t: set(task(client, member, t)["depends_on"]) for t in (a["id"], b["id"])}
+    assert not (b["id"] in deps[a["id"]] and a["id"] in deps[b["id"]]), deps
 
 
 def test_list_filters(client, member, project):

@@ -296,7 +296,17 @@ def update_task(task: Task, changes: dict[str, Any]) -> Task:
         task.priority = changes["priority"]
         task.priority_rank = PRIORITY_RANK[changes["priority"]]
     if "depends_on" in changes:
-        project = db.session.get(Project, task.project_id)
+        # One change of dependencies at a time per project: two made at once could each pass
+        # the cycle check and together make a cycle (A waits on B, B on A). PostgreSQL: the
+        # project's row, FOR NO KEY UPDATE, which rows that only refer to the project (new
+        # tasks, runs, activity) do not wait for; SQLite: the database's write lock, which
+        # `_dependencies` takes.
+        project = db.session.scalar(
+            sa.select(Project)
+            .where(Project.id == task.project_id)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        )
         deps = _dependencies(project, changes["depends_on"])
         if any(d.id == task.id for d in deps) or _would_cycle(task.id, [d.id for d in deps]):
             raise ValidationFailed(
