@@ -40,3 +40,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def at_once(app: Any, count: int, request: Callable[[Any, int], Any]) -> list[Any]:
+    """`count` requests sent together from their own threads (each its own test client, so
+    its own session and database transaction): their responses. `request(client, i)`."""
+    import threading
+
+    barrier, answers = threading.Barrier(count), [None] * count
+
+    def send(i: int) -> None:
+        client = app.test_client()
+        barrier.wait()
+        answers[i] = request(client, i)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return answers

@@ -4,7 +4,7 @@ delete, and the external executors' claim model."""
 import random
 
 import sqlalchemy as sa
-from helpers import assert_problem, count
+from helpers import assert_problem, at_once, count
 from test_execution import create, log_text, task, wait_status
 
 from app.extensions import db
@@ -296,26 +296,6 @@ def test_cancel_retry_delete(client, member, project, app):
     assert client.delete(f"/api/v1/tasks/{t['id']}", headers=member.headers).status_code == 204
     assert_problem(client.get(f"/api/v1/tasks/{t['id']}", headers=member.headers), 404)
     assert count(app, Run) == 0
-
-
-def at_once(app, count, request):
-    """`count` requests sent together from their own threads (each its own test client, so
-    its own session and database transaction): their responses."""
-    import threading
-
-    barrier, answers = threading.Barrier(count), [None] * count
-
-    def send(i):
-        client = app.test_client()
-        barrier.wait()
-        answers[i] = request(client, i)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return answers
 
 
 def test_concurrent_requests_with_one_idempotency_key_make_one_task(member, project, app):

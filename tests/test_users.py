@@ -2,7 +2,7 @@
 
 import sqlalchemy as sa
 from conftest import login
-from helpers import assert_problem
+from helpers import assert_problem, at_once
 
 from app.auth.models import RefreshToken
 from app.extensions import db
@@ -182,3 +182,44 @@ def test_bootstrap_creates_admin_once(app, client, monkeypatch):
     login(client, "boss", password)
     second = runner.invoke(args=["bootstrap"])
     assert second.exit_code == 0 and "password" not in second.output
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one(client, admin, app):
+    """Each alone is allowed (another admin remains); together they would leave none."""
+    other = client.post(
+        "/api/v1/users",
+        headers=admin.headers,
+        json={"username": "root2", "password": "another long password", "role": "admin"},
+    ).get_json()
+    root2 = login(client, "root2", "another long password")
+    headers = [admin.headers, {"Authorization": f"Bearer {root2['access_token']}"}]
+    targets = [other["id"], admin.id]
+    answers = at_once(
+        app,
+        2,
+        lambda c, i: c.patch(
+            f"/api/v1/users/{targets[i]}", json={"role": "member"}, headers=headers[i]
+        ),
+    )
+    # the loser is refused as the last admin (409), or as no admin any more (403)
+    codes = sorted(a.status_code for a in answers)
+    assert codes in ([200, 403], [200, 409]), [a.get_json() for a in answers]
+    with app.app_context():
+        admins = db.session.scalar(
+            sa.select(sa.func.count(User.id)).where(User.role == "admin", User.is_active)
+        )
+    assert admins == 1
+
+
+def test_the_same_username_created_twice_at_once_is_one_user(client, admin, app):
+    body = {"username": "twin", "password": "a long enough password"}
+    answers = at_once(
+        app, 6, lambda c, _: c.post("/api/v1/users", json=body, headers=admin.headers)
+    )
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 5, [
+        a.get_json() for a in answers
+    ]
+    with app.app_context():
+        assert (
+            db.session.scalar(sa.select(sa.func.count(User.id)).where(User.username == "twin")) == 1
+        )

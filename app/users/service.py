@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,7 +15,7 @@ from app.auth import service as auth
 from app.auth import totp
 from app.auth.passwords import MAX_LENGTH, MIN_LENGTH, hash_password, verify_password
 from app.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed
-from app.extensions import db
+from app.extensions import db, on_postgresql
 from app.pagination import Page, paginate
 from app.users.models import ROLES, User
 
@@ -84,7 +85,9 @@ def create_user(
         git_email=git_email,
     )
     db.session.add(user)
-    db.session.flush()
+    _flush_unique(
+        lambda: (_unique(User.username, username, "username"), _unique(User.email, email, "email"))
+    )
     audit.record(
         "user.create",
         target_type="user",
@@ -114,7 +117,31 @@ def list_users(
     return paginate(stmt, User.id, cursor=cursor, limit=limit, newest_first=False)
 
 
+def _flush_unique(recheck: Callable[[], object]) -> None:
+    """Flush; a username or email taken by a request that committed meanwhile (the unique
+    index saw it, our check before did not) is the same 409 as one taken before."""
+    try:
+        db.session.flush()
+    except sa.exc.IntegrityError:
+        db.session.rollback()
+        recheck()  # raises the 409 naming the field
+        raise
+
+
 def _active_admins_other_than(user_id: int) -> int:
+    """Counted with the admins' rows locked (PostgreSQL; SQLite: the write lock), so that two
+    admins demoting each other at once cannot both see the other remain."""
+    if on_postgresql():
+        db.session.execute(
+            sa.select(User.id)
+            .where(User.role == "admin", User.is_active.is_(True))
+            .with_for_update()
+        ).all()
+    else:
+        db.session.execute(
+            sa.update(User).where(User.role == "admin").values(id=User.id),
+            execution_options={"synchronize_session": False},
+        )
     return (
         db.session.scalar(
             sa.select(sa.func.count(User.id)).where(
@@ -139,6 +166,8 @@ def update_user(user_id: int, changes: dict[str, Any]) -> User:
         _unique(User.email, changes["email"], "email", exclude_id=user.id)
     for key, value in changes.items():
         setattr(user, "is_active" if key == "active" else key, value)
+    if "email" in changes:
+        _flush_unique(lambda: _unique(User.email, changes["email"], "email", exclude_id=user_id))
     if changes.get("active") is False and before.get("active") is not False:
         auth.revoke_user_sessions(user.id, "deactivated")
         auth.revoke_user_pats(user.id)
@@ -157,11 +186,14 @@ def update_user(user_id: int, changes: dict[str, Any]) -> User:
 
 
 def update_profile(user: User, changes: dict[str, Any]) -> User:
+    user_id = user.id
     if "email" in changes:
         changes["email"] = _norm_email(changes["email"])
-        _unique(User.email, changes["email"], "email", exclude_id=user.id)
+        _unique(User.email, changes["email"], "email", exclude_id=user_id)
     for key, value in changes.items():
         setattr(user, key, value)
+    if "email" in changes:
+        _flush_unique(lambda: _unique(User.email, changes["email"], "email", exclude_id=user_id))
     audit.record(
         "user.profile_update",
         target_type="user",
