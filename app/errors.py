@@ -215,6 +215,16 @@ def unexpected_error(error: Exception) -> Response:
         )
         resp.headers["Retry-After"] = "1"
         return resp
+    if _lost_a_race(error):
+        # a check passed, then the database refused the write: a request at the same moment
+        # made the same name or removed what this one refers to
+        current_app.logger.warning("conflict on %s %s: %s", request.method, request.path, error)
+        return problem(
+            409,
+            "Conflict",
+            "A change made at the same moment conflicts with this one; nothing was changed.",
+            "conflict",
+        )
     current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
     resp = problem(
         500,
@@ -223,6 +233,24 @@ def unexpected_error(error: Exception) -> Response:
         "internal_error",
     )
     return resp
+
+
+def _lost_a_race(error: Exception) -> bool:
+    """A unique or foreign-key violation: what the service checked before writing changed
+    in between (its own checks answer the same 409 when nothing races)."""
+    import sqlite3
+
+    import psycopg
+    import sqlalchemy as sa
+
+    if not isinstance(error, sa.exc.IntegrityError):
+        return False
+    orig = error.orig
+    if isinstance(orig, psycopg.errors.UniqueViolation | psycopg.errors.ForeignKeyViolation):
+        return True
+    return isinstance(orig, sqlite3.IntegrityError) and (
+        "UNIQUE constraint failed" in str(orig) or "FOREIGN KEY constraint failed" in str(orig)
+    )
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,7 +1,7 @@
 """Projects, members and the roles enforced on every project-scoped route."""
 
 from conftest import account
-from helpers import assert_problem
+from helpers import assert_problem, at_once
 
 
 def test_create_get_update_archive(client, member, project):
@@ -153,3 +153,29 @@ def test_stats(client, member, project):
     stats = client.get("/api/v1/projects/demo/stats", headers=member.headers).get_json()
     assert stats["tasks"]["queued"] == 1 and stats["tasks_total"] == 1
     assert stats["runs"] == {"queued": 1} and stats["log_bytes"] == 0
+
+
+def test_racing_writes_the_database_refuses_are_409s(client, member, app):
+    """Checks that pass for every request sent at once, then a unique index refuses all but
+    one: the losers get the 409 a later request would get, not a 500."""
+    body = {"key": "twin", "name": "Twin"}
+    answers = at_once(
+        app, 6, lambda c, _: c.post("/api/v1/projects", json=body, headers=member.headers)
+    )
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 5, [
+        a.get_json() for a in answers
+    ]
+    bob = account(app, client, "bob")
+    answers = at_once(
+        app,
+        6,
+        lambda c, _: c.post(
+            "/api/v1/projects/twin/members",
+            json={"user_id": bob.id, "role": "viewer"},
+            headers=member.headers,
+        ),
+    )
+    codes = [a.status_code for a in answers]  # adding again only sets the role: 2xx or 409
+    assert set(codes) <= {200, 201, 409} and {200, 201} & set(codes), codes
+    members = client.get("/api/v1/projects/twin/members", headers=member.headers).get_json()
+    assert sorted(m["username"] for m in members["data"]) == sorted(["bob", member.username])
