@@ -179,3 +179,30 @@ def test_racing_writes_the_database_refuses_are_409s(client, member, app):
     assert set(codes) <= {200, 201, 409} and {200, 201} & set(codes), codes
     members = client.get("/api/v1/projects/twin/members", headers=member.headers).get_json()
     assert sorted(m["username"] for m in members["data"]) == sorted(["bob", member.username])
+
+
+def test_two_maintainers_stepping_down_at_once_leave_one(client, member, app):
+    """Each alone is allowed (the other remains); together they would leave the project with
+    none. The loser is refused as the last maintainer (409) or as no maintainer any more
+    (403/404)."""
+    client.post("/api/v1/projects", json={"key": "duo", "name": "Duo"}, headers=member.headers)
+    bob = account(app, client, "bob")
+    client.post(
+        "/api/v1/projects/duo/members",
+        json={"user_id": bob.id, "role": "maintainer"},
+        headers=member.headers,
+    )
+    who = [(member, member.id), (bob, bob.id)]
+    answers = at_once(
+        app,
+        2,
+        lambda c, i: c.post(
+            "/api/v1/projects/duo/members",
+            json={"user_id": who[i][1], "role": "developer"},
+            headers=who[i][0].headers,
+        ),
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes[0] in (200, 201) and codes[1] in (403, 404, 409), codes
+    members = client.get("/api/v1/projects/duo/members", headers=bob.headers).get_json()["data"]
+    assert [m["role"] for m in members].count("maintainer") == 1, members
