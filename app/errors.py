@@ -202,15 +202,18 @@ def unexpected_error(error: Exception) -> Response:
 
     if isinstance(error, HTTPException):
         return http_error(error)
-    if database_unavailable(error) and (request.method in SAFE_METHODS or not write_sent()):
+    away = (
+        "The database" if database_unavailable(error) else "Redis" if _redis_away(error) else None
+    )
+    if away and (request.method in SAFE_METHODS or not write_sent()):
         # a restart or failover: nothing was written, so the client may simply send it again
         current_app.logger.warning(
-            "database unavailable on %s %s: %s", request.method, request.path, error
+            "%s unavailable on %s %s: %s", away, request.method, request.path, error
         )
         resp = problem(
             503,
             "Service Unavailable",
-            "The database is unavailable; nothing was changed. Try again shortly.",
+            f"{away} is unavailable; nothing was changed. Try again shortly.",
             "service_unavailable",
         )
         resp.headers["Retry-After"] = "1"
@@ -233,6 +236,14 @@ def unexpected_error(error: Exception) -> Response:
         "internal_error",
     )
     return resp
+
+
+def _redis_away(error: Exception) -> bool:
+    """Redis could not be reached (a restart): what needs it (a live stream) can be asked for
+    again shortly."""
+    import redis
+
+    return isinstance(error, redis.ConnectionError | redis.TimeoutError)
 
 
 def _lost_a_race(error: Exception) -> bool:

@@ -186,3 +186,20 @@ def test_subscriptions_are_released(client, member, project, app):
     for r in readers:
         r.close()
     wait_for(lambda: h.channel_count() == before, timeout=5)
+
+
+def test_a_stream_asked_for_while_redis_is_away_is_a_503_to_retry(
+    client, member, project, app, monkeypatch
+):
+    """Streams need Redis: while it restarts, the answer says so and when to try again."""
+    import redis
+
+    t = create(client, member, prompt="x", target="external")
+    run = client.post(
+        f"/api/v1/tasks/{t['id']}/claim", json={"executor": "e"}, headers=member.headers
+    ).get_json()
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    monkeypatch.setitem(app.extensions, "switchboard_redis", dead)
+    resp = client.get(f"/api/v1/runs/{run['id']}/stream", headers=member.headers)
+    body = assert_problem(resp, 503, "service_unavailable")
+    assert resp.headers["Retry-After"] == "1" and body["detail"].startswith("Redis is unavailable")
