@@ -203,3 +203,28 @@ def test_a_stream_asked_for_while_redis_is_away_is_a_503_to_retry(
     resp = client.get(f"/api/v1/runs/{run['id']}/stream", headers=member.headers)
     body = assert_problem(resp, 503, "service_unavailable")
     assert resp.headers["Retry-After"] == "1" and body["detail"].startswith("Redis is unavailable")
+
+
+def test_while_redis_is_away_only_the_first_request_waits_for_it(
+    client, member, project, app, monkeypatch
+):
+    """Notifications and jobs are skipped for a moment after Redis failed, instead of every
+    request waiting for the client's retries; the runs are queued again by the sweep."""
+    import time
+
+    import redis
+
+    from app.runs import live
+
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    monkeypatch.setitem(app.extensions, "switchboard_redis", dead)
+    monkeypatch.setitem(app.extensions, "switchboard_queues", {})
+    monkeypatch.setattr(live, "REDIS_BACKOFF_SECONDS", 30.0)
+    timings = []
+    for _ in range(4):
+        started = time.monotonic()
+        created = create(client, member, prompt="echo hi")  # the view: Redis after the commit
+        timings.append(time.monotonic() - started)
+        assert created["status"] == "queued"
+    assert sum(timings[1:]) < 0.5, timings
+    assert timings[0] > sum(timings[1:]), timings  # the first one did try

@@ -10,9 +10,12 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
+
+import redis
 
 from app.extensions import get_redis
 
@@ -72,14 +75,43 @@ def batched() -> Iterator[None]:
         send(_coalesced(messages), jobs)
 
 
+#: after Redis could not be reached, sends are skipped for this long: the client's retries take
+#: seconds, and every request and every agent's output would wait for them while Redis is away.
+#: Nothing skipped is lost for good: live subscribers resume from the database (Last-Event-ID),
+#: the sweep queues again the runs whose job never came, a stop is also seen by the lease.
+REDIS_BACKOFF_SECONDS = 2.0
+
+
+def _redis_to_send() -> Any:
+    """The app's Redis client, or None while it is backing off after a failure."""
+    client = get_redis()
+    if time.monotonic() < getattr(client, "sb_away_until", 0.0):
+        return None
+    return client
+
+
+def _failed(client: Any, exc: Exception) -> None:
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        client.sb_away_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+
+
 def send(messages: list[tuple[str, str]], jobs: list[Callable[[Any], Any]] | None = None) -> None:
     """Send (channel, text) messages as they are, and `jobs` before them, in one round trip; a
     failure is logged, never raised: a notification must not break what it reports."""
     if not jobs and not messages:
         return
+    into = _handover.get()
+    if into is not None and not jobs:
+        into.extend(messages)
+        return
+    client = _redis_to_send()
+    if client is None:
+        log.debug("Redis is away: %d jobs, %d messages not sent", len(jobs or []), len(messages))
+        return
     try:
-        _send(jobs or [], messages)
+        _send(client, jobs or [], messages)
     except Exception as exc:
+        _failed(client, exc)
         log.warning("could not send %d jobs, %d messages: %s", len(jobs or []), len(messages), exc)
 
 
@@ -99,16 +131,12 @@ def handed_over(into: list[tuple[str, str]] | None) -> Iterator[None]:
         _handover.reset(token)
 
 
-def _send(jobs: list[Callable[[Any], Any]], publishes: list[tuple[str, str]]) -> None:
-    into = _handover.get()
-    if into is not None and not jobs:
-        into.extend(publishes)
-        return
+def _send(client: Any, jobs: list[Callable[[Any], Any]], publishes: list[tuple[str, str]]) -> None:
     if not jobs and len(publishes) == 1:  # one command needs no pipeline
-        get_redis().publish(*publishes[0])
+        client.publish(*publishes[0])
         return
     # jobs first: RQ puts the pipeline in MULTI mode, which must precede any command
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     for command in jobs:
         command(pipe)
     for channel, text in publishes:
@@ -149,9 +177,13 @@ def publish(channel: str, message: dict[str, Any]) -> None:
     if pending is not None:
         pending[1].append((channel, text))
         return
+    client = _redis_to_send()
+    if client is None:
+        return  # Redis is away (see REDIS_BACKOFF_SECONDS)
     try:
-        get_redis().publish(channel, text)
+        client.publish(channel, text)
     except Exception as exc:  # never let a notification break the state change it reports
+        _failed(client, exc)
         log.warning("could not publish on %s: %s", channel, exc)
 
 
