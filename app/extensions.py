@@ -370,6 +370,20 @@ def database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def lock_rows(column: Any, *where: Any) -> None:
+    """Lock the rows `where` selects until the transaction ends, so that a count or check made
+    next cannot be made at the same moment by another request: PostgreSQL, FOR UPDATE; SQLite,
+    which has no row locks, the database's write lock, taken by a write that changes nothing
+    (`column` set to itself)."""
+    if on_postgresql():
+        db.session.execute(sa.select(column).where(*where).with_for_update()).all()
+    else:
+        db.session.execute(
+            sa.update(column.class_).where(*where).values({column.key: column}),
+            execution_options={"synchronize_session": False},
+        )
+
+
 def on_postgresql() -> bool:
     """The paths written for PostgreSQL alone (data-modifying WITH, row locks) ask this."""
     return db.engine.dialect.name == "postgresql"

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from app.extensions import db, on_postgresql
+from app.extensions import db, lock_rows
 from app.pagination import Page, paginate
 from app.projects.models import PROJECT_ROLES, Project, ProjectMember
 from app.runs.models import RUN_ACTIVE, Run
@@ -205,19 +205,11 @@ def get_member(project: Project, user_id: int) -> tuple[ProjectMember, User]:
 def _maintainers(project_id: int) -> int:
     """Counted with the maintainers' rows locked (PostgreSQL; SQLite: the write lock), so that
     two maintainers stepping down at once cannot both see the other remain."""
-    if on_postgresql():
-        db.session.execute(
-            sa.select(ProjectMember.user_id)
-            .where(ProjectMember.project_id == project_id, ProjectMember.role == "maintainer")
-            .with_for_update()
-        ).all()
-    else:
-        db.session.execute(
-            sa.update(ProjectMember)
-            .where(ProjectMember.project_id == project_id, ProjectMember.role == "maintainer")
-            .values(role=ProjectMember.role),
-            execution_options={"synchronize_session": False},
-        )
+    lock_rows(
+        ProjectMember.role,
+        ProjectMember.project_id == project_id,
+        ProjectMember.role == "maintainer",
+    )
     return (
         db.session.scalar(
             sa.select(sa.func.count())

@@ -15,7 +15,7 @@ from app.auth import service as auth
 from app.auth import totp
 from app.auth.passwords import MAX_LENGTH, MIN_LENGTH, hash_password, verify_password
 from app.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed
-from app.extensions import db, on_postgresql
+from app.extensions import db, lock_rows
 from app.pagination import Page, paginate
 from app.users.models import ROLES, User
 
@@ -131,17 +131,7 @@ def _flush_unique(recheck: Callable[[], object]) -> None:
 def _active_admins_other_than(user_id: int) -> int:
     """Counted with the admins' rows locked (PostgreSQL; SQLite: the write lock), so that two
     admins demoting each other at once cannot both see the other remain."""
-    if on_postgresql():
-        db.session.execute(
-            sa.select(User.id)
-            .where(User.role == "admin", User.is_active.is_(True))
-            .with_for_update()
-        ).all()
-    else:
-        db.session.execute(
-            sa.update(User).where(User.role == "admin").values(id=User.id),
-            execution_options={"synchronize_session": False},
-        )
+    lock_rows(User.id, User.role == "admin", User.is_active.is_(True))
     return (
         db.session.scalar(
             sa.select(sa.func.count(User.id)).where(
