@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
+if TYPE_CHECKING:  # the package imports nothing else: `app.agents` serves the machine client
+    from flask import Flask
 
 __version__ = "0.1.0"
 
@@ -22,10 +22,15 @@ MODULES = (
     "webhooks",
     "subscriptions",
 )
+#: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
+LISTENING = ("tasks", "webhooks", "subscriptions")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app. `config` overrides settings by their Settings name (e.g. `DATABASE_URL`)."""
+    from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
     from app import requests as request_hooks
     from app.config import Settings
     from app.errors import register_error_handlers
@@ -66,6 +71,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     for name in MODULES:
         module = importlib.import_module(f"app.{name}.routes")
         api.register_blueprint(module.blp)
+    for name in LISTENING:
+        importlib.import_module(f"app.{name}.listeners").connect()
 
     from app.cli import register_commands
 

@@ -236,7 +236,7 @@ class Settings:
         except ValueError as exc:
             raise ConfigError(f"SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS is not valid: {exc}") from exc
         if self.AGENTS:
-            from workers.agents import custom_agents
+            from app.agents.registry import custom_agents
 
             try:
                 custom_agents(self.AGENTS)

@@ -220,12 +220,13 @@ def test_an_agents_binary_is_looked_up_again_once_removed_or_installed(tmp_path)
     stat per directory), but a removed binary is missed at once and an installed one found."""
     import pytest
 
+    from app.agents.registry import Agent
     from workers import agents
 
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
     path = f"{first}{os.pathsep}{second}"
-    agent = agents.Agent("x", ("sb-test-agent",))
+    agent = Agent("x", ("sb-test-agent",))
     with pytest.raises(agents.AgentNotInstalled):
         agents.resolve_binary(agent, path)
     (second / "sb-test-agent").write_text("#!/bin/sh\n")

@@ -1,4 +1,4 @@
-"""The fast path of task creation (`app/tasks/ingress.py` + `app/tasks/quick.py`) must be
+"""The fast path of task creation (`app/tasks/ingress.py` + `app/tasks/pg_fastpath.py`) must be
 indistinguishable from the Flask view it stands in for: same rows, notifications, job, response
 and write-limit accounting; and everything outside the plain case must reach the view."""
 
@@ -18,11 +18,11 @@ from flask.testing import FlaskClient
 
 @pytest.fixture
 def intake(app: Flask, client: FlaskClient) -> Any:
-    from app.tasks import quick
+    from app.tasks import pg_fastpath
     from app.tasks.ingress import TaskIntake
 
     with app.app_context():
-        if not quick.supported():
+        if not pg_fastpath.supported():
             pytest.skip("the fast path runs on PostgreSQL only")
     found = app.wsgi_app
     while not isinstance(found, TaskIntake):
@@ -197,13 +197,15 @@ def test_plain_creation_matches_the_flask_view(
 
 def asked(who: Account, bodies: list[dict]) -> list[Any]:
     """Creations as concurrent requests hand them to the combiner."""
-    from app.tasks import quick, service
+    from app.agents.registry import known_agents
+    from app.tasks import pg_fastpath
     from app.tasks.schemas import TaskCreateSchema
 
-    caller = quick.Caller(user_id=who.id, token_hash=None, request_id="r-1", ip="127.0.0.1")
-    agents = frozenset(service.known_agents())
+    caller = pg_fastpath.Caller(user_id=who.id, token_hash=None, request_id="r-1", ip="127.0.0.1")
+    agents = frozenset(known_agents())
     return [
-        quick.Creation(caller, TaskCreateSchema().load(b), agents, lambda _u: True) for b in bodies
+        pg_fastpath.Creation(caller, TaskCreateSchema().load(b), agents, lambda _u: True)
+        for b in bodies
     ]
 
 
@@ -215,7 +217,7 @@ def test_creations_written_together_match_those_written_alone(
 
     from app.extensions import autocommit, get_redis
     from app.runs import live
-    from app.tasks import lifecycle, quick
+    from app.tasks import lifecycle, pg_fastpath
 
     body = {
         "project": "demo",
@@ -236,7 +238,7 @@ def test_creations_written_together_match_those_written_alone(
         group = asked(member, [{**body, "priority": p} for p in priorities])
         someone_else = asked(member, [{**body, "project": "nope"}])  # declined: not written
         with autocommit() as driver:
-            quick.settle(driver, group[:2] + someone_else + group[2:])
+            pg_fastpath.settle(driver, group[:2] + someone_else + group[2:])
     assert all(c.written is not None for c in group)
     assert someone_else[0].settled and someone_else[0].result() is None
     ids = [c.task["id"] for c in group]
@@ -282,21 +284,21 @@ def test_a_group_that_fails_writes_nothing_and_leaves_each_creation_to_its_threa
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
 ) -> None:
     from app.extensions import autocommit
-    from app.tasks import quick
+    from app.tasks import pg_fastpath
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
     with app.app_context():
         group = asked(member, [body, body, body])
         group[1].data["title"] = "x" * 400  # too long for its column: the statement fails
-        quick.settle_group(group)
+        pg_fastpath.settle_group(group)
         assert [(c.settled, c.written, c.error) for c in group] == [(False, None, None)] * 3
         with autocommit() as driver:
             found = driver.execute("SELECT count(*) FROM tasks").fetchone()
             assert found == (0,)
             # alone, each meets its own fate: the first is written, the second's error is its own
-            quick.settle_group(group[:1])
+            pg_fastpath.settle_group(group[:1])
             assert group[0].settled and group[0].result()["queue_position"] == 1
-            quick.settle_group(group[1:2])
+            pg_fastpath.settle_group(group[1:2])
             assert group[1].error is not None and "too long" in str(group[1].error)
             assert driver.execute("SELECT count(*) FROM tasks").fetchone() == (1,)
     # the pooled connections are as good as before, and the next creation is written
@@ -309,13 +311,13 @@ def test_concurrent_creations_are_written_together_and_each_answered(
 ) -> None:
     import threading
 
-    from app.tasks import quick
+    from app.tasks import pg_fastpath
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
     first = app.test_client().post("/api/v1/tasks", json=body, headers=member.headers)
     assert first.status_code == 201
     with app.app_context():
-        combiner = quick._combiner()
+        combiner = pg_fastpath._combiner()
     write, waiting = combiner._write, 6
 
     def held(group: list) -> None:
@@ -558,9 +560,10 @@ def test_a_group_reads_each_callers_own_rights(
 ) -> None:
     """One read for a group of callers: a session, a token that may start runs, one that may
     not and one that does not exist; each is decided as it would be alone."""
+    from app.agents.registry import known_agents
     from app.auth import tokens
     from app.extensions import autocommit
-    from app.tasks import quick, service
+    from app.tasks import pg_fastpath
     from app.tasks.schemas import TaskCreateSchema
 
     def token(abilities: list[str]) -> dict:
@@ -572,12 +575,12 @@ def test_a_group_reads_each_callers_own_rights(
 
     starter, reader = token(["projects:read", "runs:start"]), token(["projects:read"])
     body = TaskCreateSchema().load({"project": "demo", "title": "t", "prompt": "p"})
-    agents = frozenset(service.known_agents())
+    agents = frozenset(known_agents())
 
     def asking(user_id: int | None, secret: str | None) -> Any:
         digest = None if secret is None else tokens.digest(secret)
-        caller = quick.Caller(user_id=user_id, token_hash=digest, request_id="r", ip=None)
-        return quick.Creation(caller, dict(body), agents, lambda _u: True)
+        caller = pg_fastpath.Caller(user_id=user_id, token_hash=digest, request_id="r", ip=None)
+        return pg_fastpath.Creation(caller, dict(body), agents, lambda _u: True)
 
     group = [
         asking(member.id, None),
@@ -586,7 +589,7 @@ def test_a_group_reads_each_callers_own_rights(
         asking(None, "sbp_no_such_token"),
     ]
     with app.app_context(), autocommit() as driver:
-        quick.settle(driver, group)
+        pg_fastpath.settle(driver, group)
     made = [c.result() for c in group]
     assert [m is not None for m in made] == [True, False, True, False]
     assert [m["queue_position"] for m in made if m] == [1, 2]
@@ -659,10 +662,10 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
     project: dict,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`runs.quick.start` (the worker's mark_running on PostgreSQL) writes and sends what the
+    """`runs.pg_fastpath.start` (the worker's mark_running on PostgreSQL) writes and sends what the
     ORM path does, and leaves the case with a listening subscription to it."""
     from app.extensions import db, get_redis
-    from app.runs import live, quick
+    from app.runs import live, pg_fastpath
     from app.runs import service as runs
     from app.tasks.models import Task
 
@@ -710,7 +713,7 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
     with app.app_context():
         run_id = db.session.get(Task, ids[2]).latest_run_id
         run, task, _project = runs.take(run_id, "e1", 30)
-        assert quick.start(run, task, pid=1, agent_version=None, lease_s=30) is None
+        assert pg_fastpath.start(run, task, pid=1, agent_version=None, lease_s=30) is None
         assert runs.mark_running(run, pid=1, agent_version=None, lease_s=30, task=task)
         db.session.remove()
     assert deliveries(client, admin_headers, sub) == ["run.started"]
@@ -719,14 +722,15 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
 def test_a_take_in_one_round_trip_loads_what_the_orm_would(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
 ) -> None:
-    """`runs.quick.take` builds the run, its task and its project from one row: they must equal
-    what the ORM loads (UTC-aware times, JSON, every column), be persistent in the session (the
-    executor's output batches and facts are ORM writes on them), and a second take gets None."""
+    """`runs.pg_fastpath.take` builds the run, its task and its project from one row: they must
+    equal what the ORM loads (UTC-aware times, JSON, every column), be persistent in the session
+    (the executor's output batches and facts are ORM writes on them), and a second take gets
+    None."""
     from sqlalchemy.orm import object_session
 
     from app.extensions import db
     from app.projects.models import Project
-    from app.runs import quick
+    from app.runs import pg_fastpath
     from app.runs.models import Run
     from app.tasks.models import Task
 
@@ -748,7 +752,7 @@ def test_a_take_in_one_round_trip_loads_what_the_orm_would(
     with app.app_context():
         run_id = db.session.get(Task, ids[0]).latest_run_id
         db.session.remove()
-        taken = quick.take(run_id, "e1", 30)
+        taken = pg_fastpath.take(run_id, "e1", 30)
         assert taken is not None
         fast = [columns(i) for i in taken]
         assert all(object_session(i) is db.session() and not db.session.dirty for i in taken)
@@ -765,13 +769,13 @@ def test_a_take_in_one_round_trip_loads_what_the_orm_would(
         fast[0]["model"] = "m-1"
         assert [columns(i) for i in loaded] == fast
         assert fast[1]["config"] == {"env": {"A": "1"}} and fast[1]["loop"]["done_marker"]
-        assert quick.take(run_id, "e2", 30) is None  # taken already
+        assert pg_fastpath.take(run_id, "e2", 30) is None  # taken already
         db.session.remove()
 
         # a session that holds the run already gets that instance, brought up to date
         other = db.session.get(Task, ids[1]).latest_run_id
         held = db.session.get(Run, other)
-        taken = quick.take(other, "e1", 30)
+        taken = pg_fastpath.take(other, "e1", 30)
         assert taken is not None and taken[0] is held and held.status == "assigned"
         assert not db.session.dirty
         db.session.remove()
@@ -793,10 +797,10 @@ def started(app: Flask, task_id: int) -> int:
 def end_fast(
     app: Flask, run_id: int, code: int, log: tuple[int, bytes], meanwhile: str = "", **values: Any
 ) -> bool:
-    """`quick.finish` as the worker calls it, with the run and task it loaded; `meanwhile`:
+    """`pg_fastpath.finish` as the worker calls it, with the run and task it loaded; `meanwhile`:
     SQL that changes the run (:i) after they were loaded."""
     from app.extensions import db
-    from app.runs import quick
+    from app.runs import pg_fastpath
     from app.runs.models import Run
     from app.tasks.models import Task
 
@@ -809,7 +813,7 @@ def end_fast(
                 conn.execute(sa.text(meanwhile), {"i": run_id})
         status = "succeeded" if code == 0 else "failed"
         try:
-            return quick.finish(run, task, status, exit_code=code, log=log, values=values)
+            return pg_fastpath.finish(run, task, status, exit_code=code, log=log, values=values)
         finally:
             db.session.remove()
 
@@ -852,7 +856,7 @@ def ended_rows(app: Flask, task_id: int) -> dict[str, Any]:
 def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, code: int
 ) -> None:
-    """`runs.quick.finish` (the worker's end of a run whose agent exited by itself) writes and
+    """`runs.pg_fastpath.finish` (the worker's end of a run whose agent exited by itself) writes and
     sends what the ORM path does: the last output, the run's and the task's end, the activity."""
     from app.extensions import get_redis
     from app.runs import live
@@ -902,12 +906,12 @@ def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, code: int
 ) -> None:
     """An agent that exits within its first tick has its start written with its end
-    (`quick.finish(started=…)`, one round trip): the same rows as the start and then the end
+    (`pg_fastpath.finish(started=…)`, one round trip): the same rows as the start and then the end
     (the start's time, pid and version; both activity pairs, in order), the same messages."""
     from datetime import timedelta
 
     from app.extensions import db, get_redis
-    from app.runs import live, quick
+    from app.runs import live, pg_fastpath
     from app.runs import service as runs
     from app.tasks.models import Task
     from app.timeutil import naive_utc, utcnow
@@ -923,14 +927,14 @@ def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
         pubsub.subscribe(live.activity_channel(), *map(live.run_channel, (run.id, orm_run)))
         channels = [live.run_channel(r) for r in (run.id, orm_run)]
         status = "succeeded" if code == 0 else "failed"
-        assert quick.finish(
+        assert pg_fastpath.finish(
             run,
             task,
             status,
             exit_code=code,
             log=log,
             values={},
-            started=quick.Started(spawned, 4242, None),
+            started=pg_fastpath.Started(spawned, 4242, None),
         )
         db.session.remove()
     end_orm(app, orm_run, code, log)
@@ -1109,7 +1113,7 @@ def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
     statistics exist PostgreSQL answered such a check from the status index, reading every
     queued run to find one: a take cost more the longer the queue."""
     from app.extensions import db
-    from app.runs.quick import _take_sql
+    from app.runs.pg_fastpath import _take_sql
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
     task_id = post_task(client, member, body, False, intake).get_json()["id"]
@@ -1150,12 +1154,16 @@ def test_a_failed_end_writes_nothing_and_spoils_no_pooled_connection(
     import psycopg
 
     from app.extensions import db
-    from app.runs import quick
+    from app.runs import pg_fastpath
 
     body = {"project": "demo", "title": "t", "prompt": "p"}
     run_id = started(app, post_task(client, member, body, False, intake).get_json()["id"])
     with monkeypatch.context() as mp:
-        mp.setattr(quick, "_end_sql", lambda _starting: "SELECT 1 / (%(log_size)s - %(log_size)s)")
+        mp.setattr(
+            pg_fastpath,
+            "_end_sql",
+            lambda _starting: "SELECT 1 / (%(log_size)s - %(log_size)s)",
+        )
         with pytest.raises(psycopg.errors.DivisionByZero):
             end_fast(app, run_id, 0, (0, b"x"))
     with app.app_context(), db.engine.connect() as conn:

@@ -24,10 +24,13 @@ from typing import Any, TypeVar
 import redis
 from flask import current_app
 
-from app.extensions import database_unavailable, db, get_redis, on_postgresql
-from app.runs import live, logs, quick
+from app.agents.parsers import Event
+from app.agents.registry import Agent, known_agents
+from app.extensions import database_unavailable, db, get_redis
+from app.runs import live, logs
 from app.runs import service as runs
 from app.runs.models import Run
+from app.runs.outcomes import Started, normalise_exit_code
 from app.tasks.models import Task
 from app.timeutil import utcnow
 from workers import agents, jobs, workspace
@@ -55,13 +58,13 @@ class Batch:
     offset: int
     data: bytearray = field(default_factory=bytearray)
     since: float | None = None
-    events: list[agents.Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     partial_line: bytes = b""
 
 
 class RunDriver:
-    def __init__(self, run: Run, task: Task, agent: agents.Agent) -> None:
+    def __init__(self, run: Run, task: Task, agent: Agent) -> None:
         cfg = current_app.config
         self.run, self.task, self.agent = run, task, agent
         # kept apart from the row: after a failed write the session expires `run`, and reading
@@ -82,7 +85,7 @@ class RunDriver:
         # a stop requested before we listen is in the row we took, or the next lease renewal
         self.stop_requested = run.stop_requested_at is not None
         # the agent's start, until it is written (see `write_start`)
-        self.pending_start: quick.Started | None = None
+        self.pending_start: Started | None = None
         self.not_ours = False
         self.listening = False
         # the database is away (a restart, a failover): writes wait until then, the agent goes on
@@ -92,7 +95,7 @@ class RunDriver:
     def write_start(self) -> bool:
         """Write the agent's start (assigned → running) if it is still pending; False when the
         run is no longer ours. It waits for the agent's first tick: an agent that exits by
-        then has its start written with its end, in one round trip (`quick.finish`), and never
+        then has its start written with its end, in one round trip (`runs.finish_exited`), and never
         listens for stop requests.
 
         Listening begins just before the start is written, which reads the run's
@@ -329,8 +332,7 @@ def execute(run_id: int) -> str:
     if taken is None:
         return "skipped"  # another job took it, or it was cancelled before it started
     run, task, project = taken
-    registry = agents.registry(cfg.get("SWITCHBOARD_AGENTS"))
-    agent = registry.get(run.agent)
+    agent = known_agents().get(run.agent)
     if agent is None:
         runs.finish(run.id, "failed", summary=f"unknown agent {run.agent!r}")
         return "failed"
@@ -372,10 +374,9 @@ def execute(run_id: int) -> str:
         for n in range(1, iterations + 1):
             proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin)
             if n == 1:
-                driver.pending_start = quick.Started(utcnow(), proc.pid, version)
-                # a loop's iterations need the run running; on SQLite nothing writes the start
-                # with the end
-                if (loop or not on_postgresql()) and not driver.write_start():
+                driver.pending_start = Started(utcnow(), proc.pid, version)
+                # a loop's iterations need the run running
+                if loop and not driver.write_start():
                     proc.stop(0.5)
                     return "skipped"  # stopped between assignment and start
             if loop:
@@ -383,7 +384,7 @@ def execute(run_id: int) -> str:
             outcome = driver.drive(proc)
             if outcome == "not_ours":
                 return "skipped"  # stopped between assignment and start
-            code = runs.normalise_exit_code(proc.finish(driver.on_output))
+            code = normalise_exit_code(proc.finish(driver.on_output))
             if outcome or code != 0 or not loop:
                 break
             if _loop_done(ws, marker):
@@ -423,7 +424,7 @@ def _end(
 ) -> str:
     """Write the run's end with its last output; the job's outcome."""
     if outcome is None and _ended_plainly(driver, task, code, extra):
-        return _exited(code)
+        return runs.exited_status(code)
     if not driver.write_start():
         return "skipped"  # stopped between assignment and start
     batch = driver.batch
@@ -467,24 +468,22 @@ def _while_unavailable(write: Callable[[], T], seconds: float) -> T:
 
 
 def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, Any]) -> bool:
-    """The agent exited by itself: on PostgreSQL, the plain case of the run's end with its last
-    output in one round trip (`runs.quick.finish`). False when nothing was written."""
+    """The agent exited by itself: its end with its last output in one write, where the runs
+    service finds that it applies. False when nothing was written."""
     b = driver.batch
-    if b.events or not on_postgresql():  # events take their sequence numbers in the ORM path
-        return False
     with live.handed_over(jobs.end_messages()):  # sent with RQ's end of the job
-        started = quick.finish(
+        ended = runs.finish_exited(
             driver.run,
             task,
-            _exited(code),
             exit_code=code,
             log=(b.offset, bytes(b.data)),
             values={**b.facts, **extra},
+            events=bool(b.events),
             started=driver.pending_start,
         )
-    if started:
+    if ended:
         driver.pending_start = None
-    return started
+    return ended
 
 
 def _finish(driver: RunDriver, outcome: str | None, code: int, extra: dict[str, Any]) -> str:
@@ -515,10 +514,5 @@ def _finish(driver: RunDriver, outcome: str | None, code: int, extra: dict[str, 
     elif outcome == "lease_lost":
         return "lease_lost"  # the sweep already ended it
     else:
-        runs.finish(run_id, _exited(code), exit_code=code, executor=me, **extra)
-    return outcome or _exited(code)
-
-
-def _exited(code: int) -> str:
-    """The run's status when its agent exited by itself."""
-    return "succeeded" if code == 0 else "failed"
+        runs.finish(run_id, runs.exited_status(code), exit_code=code, executor=me, **extra)
+    return outcome or runs.exited_status(code)

@@ -1,5 +1,6 @@
 """The activity feed: services record what happened; the row commits with the change and is
-published on Redis after the commit for live streams."""
+published on Redis after the commit for live streams. Whoever else cares (outbound
+subscriptions) hears of it on the event bus (`events.activity_recorded`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from app import events
 from app.activity.models import Activity
 from app.extensions import after_commit, db
 from app.runs import live
-from app.subscriptions import service as subscriptions
 from app.timeutil import rfc3339, utcnow
 
 
@@ -35,7 +36,7 @@ def message(
 def record(project_id: int | None, kind: str, data: dict[str, Any]) -> Activity:
     entry = Activity(project_id=project_id, kind=kind, data=data, created_at=utcnow())
     db.session.add(entry)
-    subscriptions.fanout(project_id, kind, data)
+    events.activity_recorded.send(project_id=project_id, kind=kind, data=data)
     channel = live.activity_channel()
     after_commit(lambda: live.publish(channel, as_dict(entry)))  # the id exists by then
     return entry

@@ -258,22 +258,50 @@ def _authenticate_pat(raw: str) -> Principal:
         sa.select(PersonalAccessToken).where(PersonalAccessToken.token_hash == tokens.digest(raw))
     )
     now = utcnow()
-    if pat is None or pat.revoked_at is not None:
-        raise Unauthorized("The token is not valid or was revoked.", code="invalid_token")
-    if pat.expires_at is not None and as_utc(pat.expires_at) <= now:
-        raise Unauthorized("The token has expired.", code="token_expired")
+    if pat is None:
+        raise _invalid_pat()
+    refused = pat_refusal(pat.revoked_at is not None, pat.expires_at, now)
+    if refused is not None:
+        raise refused
     user = db.session.get(User, pat.user_id)
     if user is None or not user.is_active:
-        raise Unauthorized("The token is not valid or was revoked.", code="invalid_token")
-    if pat.last_used_at is None or now - as_utc(pat.last_used_at) > LAST_USED_RESOLUTION:
+        raise _invalid_pat()
+    if pat_touch_due(pat.last_used_at, now):
         pat.last_used_at = now
         db.session.commit()
     return Principal(
         user=user,
-        abilities=frozenset(pat.abilities) & abilities_for_role(user.role),
+        abilities=pat_abilities(user.role, pat.abilities),
         kind="pat",
         token_id=pat.id,
     )
+
+
+# The decision on a personal access token, on values: `_authenticate_pat` applies it to the
+# rows it loaded, the task fast path (`tasks.pg_fastpath`) to the row it read.
+
+
+def _invalid_pat() -> Unauthorized:
+    return Unauthorized("The token is not valid or was revoked.", code="invalid_token")
+
+
+def pat_refusal(revoked: bool, expires_at: datetime | None, now: datetime) -> Unauthorized | None:
+    """Why the token cannot be used now, if it cannot."""
+    if revoked:
+        return _invalid_pat()
+    if expires_at is not None and as_utc(expires_at) <= now:
+        return Unauthorized("The token has expired.", code="token_expired")
+    return None
+
+
+def pat_touch_due(last_used_at: datetime | None, now: datetime) -> bool:
+    """Whether this use is written as the token's `last_used_at` (at most once a resolution)."""
+    return last_used_at is None or now - as_utc(last_used_at) > LAST_USED_RESOLUTION
+
+
+def pat_abilities(user_role: str, token_abilities: list[str] | None) -> frozenset[str]:
+    """A token holds what it was created with, never more than its user's role holds now."""
+    return frozenset(token_abilities or ()) & abilities_for_role(user_role)
 
 
 def create_pat(

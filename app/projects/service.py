@@ -12,6 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from app import events
+from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -28,12 +30,36 @@ ROLE_RANK = {role: i for i, role in enumerate(PROJECT_ROLES)}
 
 
 def is_admin(principal: Principal) -> bool:
-    return principal.user.is_admin and principal.can("admin")
+    return admin_by(principal.user.role, principal.abilities)
+
+
+# The decision, on values: what `role_in` and `authorize` apply to a principal, and what the
+# task fast path (`tasks.pg_fastpath`) applies to the row it read.
+
+
+def admin_by(user_role: str, abilities: frozenset[str]) -> bool:
+    """An admin acting with the `admin` ability (a token without it acts as a member)."""
+    return user_role == "admin" and "admin" in abilities
+
+
+def role_from(admin: bool, member_role: str | None) -> str | None:
+    """The role in a project: an admin is a maintainer of every project."""
+    return "maintainer" if admin else member_role
+
+
+def grants(have: str | None, role: str) -> bool:
+    """Whether the role held (None: not a member) is at least `role`."""
+    return have is not None and ROLE_RANK[have] >= ROLE_RANK[role]
+
+
+def takes_tasks(archived_at: Any) -> bool:
+    """An archived project takes no new tasks."""
+    return archived_at is None
 
 
 def role_in(principal: Principal, project: Project) -> str | None:
     if is_admin(principal):
-        return "maintainer"
+        return role_from(True, None)
     # one lookup per principal and project within a session (a request, a job)
     cache = db.session.info.setdefault("sb_roles", {})
     key = (principal.user.id, project.id)
@@ -52,7 +78,7 @@ def authorize(principal: Principal, project: Project, role: str) -> str:
     have = role_in(principal, project)
     if have is None:
         raise NotFound(f"No project {project.key!r}.")
-    if ROLE_RANK[have] < ROLE_RANK[role]:
+    if not grants(have, role):
         raise Forbidden(f"This needs the {role} role in project {project.key!r}; you are {have}.")
     return have
 
@@ -119,8 +145,6 @@ def create_project(principal: Principal, data: dict[str, Any]) -> Project:
 def _check_agent(agent: str | None) -> None:
     if agent is None:
         return
-    from app.tasks.service import known_agents
-
     if agent not in known_agents():
         raise ValidationFailed(
             "Unknown agent.",
@@ -156,9 +180,7 @@ def update_project(project: Project, changes: dict[str, Any]) -> Project:
         payload={"fields": sorted(changes)},
     )
     if "max_concurrent_runs" in changes:
-        from app.tasks import lifecycle
-
-        lifecycle.dispatch(project.id)
+        events.project_capacity_changed.send(project_id=project.id)
     db.session.commit()
     return project
 

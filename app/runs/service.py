@@ -17,35 +17,12 @@ from app.errors import Conflict, NotFound
 from app.extensions import after_commit, db, on_postgresql
 from app.pagination import Page, paginate
 from app.projects.models import Project
-from app.runs import live, logs
-from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent
+from app.runs import live, logs, pg_fastpath
+from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent, status_in
+from app.runs.outcomes import Started, error_summary
+from app.tasks import lifecycle
 from app.tasks.models import Task
 from app.timeutil import utcnow
-
-SIGNALS = {
-    2: "interrupted (SIGINT)",
-    6: "aborted (SIGABRT)",
-    9: "killed (out of memory or external signal)",
-    11: "crashed (segmentation fault)",
-    15: "terminated (SIGTERM)",
-}
-
-
-def normalise_exit_code(returncode: int) -> int:
-    """Popen reports death by signal N as -N; shells say 128+N. We store the shell's form."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def error_summary(exit_code: int) -> str | None:
-    if exit_code == 0:
-        return None
-    if exit_code == 127:
-        return "command not found (exit 127)"
-    if exit_code == 126:
-        return "command not executable (exit 126)"
-    if exit_code > 128 and exit_code - 128 in SIGNALS:
-        return f"{SIGNALS[exit_code - 128]} (exit {exit_code})"
-    return f"exited with code {exit_code}"
 
 
 def get_run(run_id: int) -> Run:
@@ -76,13 +53,6 @@ def list_runs(
     return paginate(stmt, Run.id, cursor=cursor, limit=limit)
 
 
-def status_in(statuses: frozenset[str] | set[str] | tuple[str, ...]) -> sa.ColumnElement[bool]:
-    """`status IN (...)` for statements that find runs by id (or task): written so that
-    PostgreSQL cannot answer it from the status index. Before the table's statistics existed it
-    preferred that index, and found one run by reading every queued one."""
-    return Run.status.in_([sa.literal_column(f"'{s}'") for s in sorted(statuses)]).is_(sa.true())
-
-
 def _transition(
     run_id: int, from_statuses: frozenset[str] | set[str], held_by: str | None, **values: Any
 ) -> bool:
@@ -111,15 +81,6 @@ def _assigning(run_id: Any, executor: Any, lease: Any) -> sa.Update:
     )
 
 
-#: In a statement that is its own transaction, makes its commit asynchronous: PostgreSQL answers
-#: without waiting for the WAL to reach the disk (0.1 to 0.4 ms here, more on slower disks).
-#: Only for writes whose loss in a database crash the run state machine recovers from: an
-#: assignment or a start that vanished leaves a queued or assigned run that the sweep dispatches
-#: again, and the worker that lost it stops its agent when its next transition finds the run no
-#: longer its own.
-ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
-
-
 def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
     """An executor takes a queued run. None when someone else already has it (or it ended)."""
     run = db.session.execute(
@@ -132,7 +93,7 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
 
 def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
     """The worker pool's `assign`: the run with its task and project. On PostgreSQL one
-    statement (an UPDATE … RETURNING joined to both, `runs.quick.take`): the agent's start
+    statement (an UPDATE … RETURNING joined to both, `runs.pg_fastpath.take`): the agent's start
     waits on it."""
     if not on_postgresql():  # SQLite has no UPDATE in a WITH
         run = assign(run_id, executor, lease_s)
@@ -144,9 +105,7 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
             .where(Task.id == run.task_id)
         ).one()
         return run, task, project
-    from app.runs import quick
-
-    return quick.take(run_id, executor, lease_s)
+    return pg_fastpath.take(run_id, executor, lease_s)
 
 
 def mark_running(
@@ -161,12 +120,9 @@ def mark_running(
     """assigned -> running (False when the run is no longer ours); `at`: when the agent started,
     if not now. The run's `stop_requested_at` is brought up to date, so an executor that
     subscribed to stop requests before this misses none. With its `task` loaded, the plain case
-    is one statement on PostgreSQL (`runs.quick`)."""
-    from app.runs import quick
-    from app.tasks import lifecycle
-
+    is one statement on PostgreSQL (`runs.pg_fastpath`)."""
     if task is not None and on_postgresql():
-        started = quick.start(
+        started = pg_fastpath.start(
             run, task, pid=pid, agent_version=agent_version, lease_s=lease_s, at=at
         )
         if started is not None:
@@ -261,8 +217,6 @@ def finish(
 
     `requeue`: the run was interrupted through no fault of its own (its worker shut down), so a
     new attempt is queued whatever `max_attempts` says."""
-    from app.tasks import lifecycle
-
     assert status in RUN_TERMINAL, status
     if summary is None and exit_code is not None:
         summary = error_summary(exit_code)
@@ -288,6 +242,40 @@ def finish(
     after_commit(lambda: live.run_status(run_id, status, code))  # with the activity messages
     db.session.commit()
     return run
+
+
+def finish_exited(
+    run: Run,
+    task: Task,
+    *,
+    exit_code: int,
+    log: tuple[int, bytes],
+    values: dict[str, Any],
+    events: bool,
+    started: Started | None = None,
+) -> bool:
+    """End a run whose agent exited by itself, with its last output (`log`: offset, bytes) and
+    the run columns its output or workspace set, in one round trip where that applies: on
+    PostgreSQL, when no parsed `events` wait to be stored (they take their sequence numbers
+    here, in `add_events`) and the lifecycle finds the end quiet (`runs.pg_fastpath.finish`).
+    False when it does not apply: nothing was written, and the caller stores its output and
+    calls `finish`. `started`: the agent's start, if not written yet, goes with the end."""
+    if events or not on_postgresql():
+        return False
+    return pg_fastpath.finish(
+        run,
+        task,
+        exited_status(exit_code),
+        exit_code=exit_code,
+        log=log,
+        values=values,
+        started=started,
+    )
+
+
+def exited_status(exit_code: int) -> str:
+    """A run's status when its agent exited by itself."""
+    return "succeeded" if exit_code == 0 else "failed"
 
 
 def request_stop(run: Run) -> Run:

@@ -26,7 +26,7 @@ from app.extensions import db, get_redis
 from app.runs import service as runs
 from app.runs.models import Run
 from app.subscriptions import service as subscriptions
-from app.tasks import lifecycle, quick
+from app.tasks import lifecycle, pg_fastpath
 from app.tasks.models import Task
 from app.timeutil import utcnow
 from app.webhooks import service as webhooks
@@ -141,7 +141,7 @@ def sweep() -> dict[str, int]:
         "requeued": requeue_lost_jobs(),
         "dispatched": dispatch_all(),
         "events_kicked": webhooks.kick_stale(),
-        "queue_counts_folded": quick.fold_queue_counts(),
+        "queue_counts_folded": pg_fastpath.fold_queue_counts(),
         **subscriptions.sweep(),
     }
     db.session.commit()

@@ -4,7 +4,7 @@ Task creation is the busiest write: scripts and CI send tasks by the thousand. F
 (a JSON body that `TaskCreateSchema` accepts, an access token or a personal access token, no
 `Idempotency-Key`) this answers before Flask with exactly what the Flask view would answer: the
 same validation (the same schema), the same authentication and write limit (the same token check
-and limiter storage), the same rows (`quick.create`) and the same response body and headers.
+and limiter storage), the same rows (`pg_fastpath.create`) and the same response body and headers.
 Anything else, and every refusal, goes on to the Flask view unchanged (it gets the body that was
 read), which stays the one place that formats problems and documents the endpoint.
 """
@@ -21,11 +21,12 @@ import jwt
 import marshmallow as ma
 from flask import Flask
 
+from app.agents.registry import known_agents
 from app.auth import throttle, tokens
 from app.errors import PROBLEM_TYPE_BASE, DomainError
 from app.extensions import db, hit_write_limit
 from app.requests import rate_limit_headers, request_id
-from app.tasks import quick, service
+from app.tasks import pg_fastpath
 from app.tasks.schemas import TaskCreateSchema, TaskSchema
 from app.timeutil import Timestamp, rfc3339
 
@@ -65,7 +66,7 @@ class TaskIntake:
         with self.app.app_context():
             try:
                 answer = self._create(environ, token, body, rid)
-            except (DomainError, quick.NotWritten):
+            except (DomainError, pg_fastpath.NotWritten):
                 answer = None  # the view answers refusals, and tries what failed unwritten
             except Exception:
                 # perhaps written (a connection lost after the write was sent): not the view,
@@ -85,7 +86,7 @@ class TaskIntake:
         self, environ: dict[str, Any], token: str, body: bytes, rid: str
     ) -> tuple[str, list[tuple[str, str]], bytes] | None:
         if self._supported is None:
-            self._supported = quick.supported()
+            self._supported = pg_fastpath.supported()
         if not self._supported:
             return None
         config = self.app.config
@@ -113,8 +114,8 @@ class TaskIntake:
 
         if config.get("RATELIMIT_ENABLED"):
             throttle.check(ip)
-        caller = quick.Caller(user_id=user_id, token_hash=token_hash, request_id=rid, ip=ip)
-        task = quick.create(caller, data, frozenset(service.known_agents()), admit)
+        caller = pg_fastpath.Caller(user_id=user_id, token_hash=token_hash, request_id=rid, ip=ip)
+        task = pg_fastpath.create(caller, data, frozenset(known_agents()), admit)
         if task is None:
             return None
         payload = _json_bytes(self.app, _body(task))

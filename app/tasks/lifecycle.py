@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from app import events
 from app.activity import service as activity
 from app.extensions import after_commit, db
 from app.projects.models import Project
@@ -161,35 +162,83 @@ def cancel_dependents(task: Task, reason: str) -> None:
 
 
 def note_task(task: Task) -> None:
-    """The activity feed hears of every task status change (and a webhook's event of the end
-    of the tasks it made)."""
-    if task.source == "webhook" and task.status in TASK_TERMINAL:
-        from app.webhooks import service as webhooks
-
-        webhooks.task_finished(task)
+    """The activity feed hears of every task status change, the event bus of a task's end."""
+    if task.status in TASK_TERMINAL:
+        events.task_ended.send(task=task)
     activity.record(
-        task.project_id, "task.status", task_status_data(task, task.status, task.status_reason)
+        task.project_id,
+        "task.status",
+        task_status_data(task.id, task.title, task.status, task.status_reason),
     )
 
 
 def note_run(run: Run) -> None:
-    activity.record(run.project_id, "run.status", run_status_data(run, run.status, run.exit_code))
+    activity.record(
+        run.project_id,
+        "run.status",
+        run_status_data(run.id, run.task_id, run.attempt, run.status, run.exit_code),
+    )
 
 
-def task_status_data(task: Task, status: str, reason: str | None) -> dict[str, Any]:
-    """A `task.status` activity entry (also written by the hand-written paths in `runs.quick`)."""
-    return {"task_id": task.id, "title": task.title, "status": status, "reason": reason}
+# The activity entries of the lifecycle, as the ORM path records them and the PostgreSQL fast
+# paths (`tasks.pg_fastpath`, `runs.pg_fastpath`) write them: one definition each.
 
 
-def run_status_data(run: Run, status: str, exit_code: int | None) -> dict[str, Any]:
-    """A `run.status` activity entry (also written by the hand-written paths in `runs.quick`)."""
+def task_status_data(task_id: int, title: str, status: str, reason: str | None) -> dict[str, Any]:
+    """A `task.status` activity entry."""
+    return {"task_id": task_id, "title": title, "status": status, "reason": reason}
+
+
+def run_status_data(
+    run_id: int, task_id: int, attempt: int, status: str, exit_code: int | None
+) -> dict[str, Any]:
+    """A `run.status` activity entry."""
     return {
-        "run_id": run.id,
-        "task_id": run.task_id,
-        "attempt": run.attempt,
+        "run_id": run_id,
+        "task_id": task_id,
+        "attempt": attempt,
         "status": status,
         "exit_code": exit_code,
     }
+
+
+def task_created_data(
+    task_id: int, title: str, agent: str, status: str, priority: str
+) -> dict[str, Any]:
+    """A `task.created` activity entry."""
+    return {
+        "task_id": task_id,
+        "title": title,
+        "agent": agent,
+        "status": status,
+        "priority": priority,
+    }
+
+
+def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> str:
+    """`run_finished`'s decisions as an SQL condition on the task's and project's rows (aliases
+    `task`, `project`) for a run ending with `status`: true when the end changes nothing but
+    the run, its task and their activity entries — it is the task's latest run, no new attempt
+    follows, no dependent waits to be released or cancelled, and no capped project waits for
+    the slot — and nobody on the event bus listens to the task's end or its activity. The fast
+    path of a run's end (`runs.pg_fastpath`) writes only then."""
+    retryable = ", ".join(f"'{s}'" for s in sorted(RETRYABLE))
+    return f"""{task}.latest_run_id = {run_id}
+     AND ({status} NOT IN ({retryable}) OR {task}.attempts >= {task}.max_attempts)
+     AND {project}.max_concurrent_runs IS NULL
+     AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks b ON b.id = d.task_id
+                     WHERE d.depends_on_id = {task}.id AND b.status = 'blocked')
+     AND NOT ({events.task_ended.listened_sql(source=f"{task}.source", task_id=f"{task}.id")})
+     AND NOT ({events.activity_recorded.listened_sql(project_id=f"{task}.project_id")})"""
+
+
+def dispatch_at_creation(target: str, cap: int | None) -> bool | None:
+    """Whether a new task's first run goes to the worker pool's queue as it is created: True
+    (a pool task, no cap), False (another target: an executor claims it), None (a capped
+    project: `dispatch` counts the busy runs)."""
+    if target != POOL_TARGET:
+        return False
+    return True if cap is None else None
 
 
 def queue_position(task: Task) -> int | None:

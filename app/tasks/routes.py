@@ -60,7 +60,7 @@ class Tasks(MethodView):
             t.depends_on = dependencies[t.id]
         return page.response()
 
-    @requires("runs:start")
+    @requires(service.CREATE_ABILITY)
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, TaskSchema)
     @blp.doc(

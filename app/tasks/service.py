@@ -3,15 +3,16 @@ external executors' claim."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from flask import current_app
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.activity import service as activity
+from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.errors import Conflict, NotFound, ValidationFailed
@@ -20,20 +21,17 @@ from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
 from app.runs import service as runs
-from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run
+from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, status_in
 from app.tasks import lifecycle
 from app.tasks.models import PRIORITY_RANK, TASK_TERMINAL, Task, TaskDependency
 from app.timeutil import as_utc, utcnow
 
 TARGETS = ("pool", "external")
+#: who may create a task: a principal holding this ability, with this role in the project
+CREATE_ABILITY = "runs:start"
+CREATE_ROLE = "developer"
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 RETRY_FROM = frozenset({"failed", "cancelled", "timed_out", "lost"})
-
-
-def known_agents() -> dict[str, Any]:
-    from workers.agents import registry
-
-    return registry(current_app.config.get("SWITCHBOARD_AGENTS"))
 
 
 @dataclass
@@ -62,8 +60,8 @@ def _project_for_task(principal: Principal, key: str) -> Project:
     project = db.session.scalar(sa.select(Project).where(Project.key == key))
     if project is None or projects.role_in(principal, project) is None:
         raise ValidationFailed("Unknown project.", {"project": [f"no project {key!r}"]})
-    projects.authorize(principal, project, "developer")  # the role is cached per request
-    if project.archived_at is not None:
+    projects.authorize(principal, project, CREATE_ROLE)  # the role is cached per request
+    if not projects.takes_tasks(project.archived_at):
         raise Conflict(f"Project {key!r} is archived.")
     return project
 
@@ -128,14 +126,10 @@ def build_task(
     anything is added."""
     project = _project_for_task(principal, data["project"])
     agent = data.get("agent") or project.default_agent
-    if agent not in known_agents():
-        raise ValidationFailed(
-            "Unknown agent.",
-            {"agent": [f"unknown agent {agent!r}; known: {', '.join(sorted(known_agents()))}"]},
-        )
-    target = data.get("target") or "pool"
-    if target not in TARGETS:
-        raise ValidationFailed("Unknown target.", {"target": [f"one of {', '.join(TARGETS)}"]})
+    target = data.get("target") or lifecycle.POOL_TARGET
+    wrong = refusal(agent, target, known_agents())
+    if wrong is not None:
+        raise wrong
     deps = _dependencies(project, data.get("depends_on") or [])
     priority = data.get("priority") or "normal"
     task = Task(
@@ -170,28 +164,44 @@ def build_task(
     activity.record(
         project.id,
         "task.created",
-        {
-            "task_id": task.id,
-            "title": task.title,
-            "agent": agent,
-            "status": task.status,
-            "priority": priority,
-        },
+        lifecycle.task_created_data(task.id, task.title, agent, task.status, priority),
     )
     audit.record(
         "task.create",
         target_type="task",
         target_id=task.id,
-        payload={
-            "project": project.key,
-            "title": task.title,
-            "agent": agent,
-            "target": target,
-            "priority": priority,
-            "depends_on": [d.id for d in deps],
-        },
+        payload=creation_audit(
+            project.key, task.title, agent, target, priority, [d.id for d in deps]
+        ),
     )
     return task
+
+
+def creation_audit(
+    project_key: str, title: str, agent: str, target: str, priority: str, depends_on: list[int]
+) -> dict[str, Any]:
+    """The audit payload of a task's creation (both write paths)."""
+    return {
+        "project": project_key,
+        "title": title,
+        "agent": agent,
+        "target": target,
+        "priority": priority,
+        "depends_on": depends_on,
+    }
+
+
+def refusal(agent: str, target: str, agents: Collection[str]) -> ValidationFailed | None:
+    """What is wrong with a task's agent (among the `agents` known) or target, if anything
+    (both write paths ask)."""
+    if agent not in agents:
+        return ValidationFailed(
+            "Unknown agent.",
+            {"agent": [f"unknown agent {agent!r}; known: {', '.join(sorted(agents))}"]},
+        )
+    if target not in TARGETS:
+        return ValidationFailed("Unknown target.", {"target": [f"one of {', '.join(TARGETS)}"]})
+    return None
 
 
 def get_task(task_id: int) -> Task:
@@ -397,7 +407,7 @@ def retry_task(task: Task) -> Run:
 def delete_task(task: Task) -> None:
     active = db.session.scalar(
         sa.select(sa.func.count(Run.id)).where(
-            Run.task_id == task.id, runs.status_in(RUN_ACTIVE - {"queued"})
+            Run.task_id == task.id, status_in(RUN_ACTIVE - {"queued"})
         )
     )
     if active:

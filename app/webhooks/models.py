@@ -11,6 +11,8 @@ from app.timeutil import UTCDateTime, utcnow
 
 SOURCE_KINDS = ("github", "generic")
 EVENT_STATES = ("received", "matched", "skipped", "dispatched", "completed", "failed")
+#: the `source` of the tasks a rule makes: their end is followed by their event
+TASK_SOURCE = "webhook"
 
 
 class WebhookSource(db.Model):

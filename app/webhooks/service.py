@@ -27,6 +27,7 @@ from flask import current_app
 from jinja2 import TemplateError
 
 from app import context
+from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.abilities import abilities_for_role
 from app.auth.service import Principal
@@ -40,7 +41,7 @@ from app.tasks.models import TASK_TERMINAL, Task
 from app.timeutil import naive_utc, utcnow
 from app.users.models import User
 from app.webhooks import matching, signatures
-from app.webhooks.models import EventMatch, Rule, WebhookEvent, WebhookSource
+from app.webhooks.models import TASK_SOURCE, EventMatch, Rule, WebhookEvent, WebhookSource
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +555,7 @@ def _dispatch(event: WebhookEvent, rule: Rule, extra: dict[str, Any]) -> None:
     project = db.session.get(Project, rule.project_id)
     assert project is not None
     spec.update(
-        project=project.key, source="webhook", source_ref=f"event:{event.id}/rule:{rule.id}"
+        project=project.key, source=TASK_SOURCE, source_ref=f"event:{event.id}/rule:{rule.id}"
     )
     acting = replace(context.current(), user_id=principal.user.id, via=f"rule:{rule.id}")
     with context.acting_as(acting):
@@ -581,7 +582,10 @@ def _follow(event: WebhookEvent) -> None:
 
 
 def task_finished(task: Task) -> None:
-    """Called when a webhook's task ends: its event may now be complete."""
+    """A task ended (`events.task_ended`): if a webhook's event made it, the event may now be
+    complete."""
+    if task.source != TASK_SOURCE:
+        return
     event_id = db.session.scalar(
         sa.select(EventMatch.event_id).where(EventMatch.task_id == task.id)
     )
@@ -678,7 +682,7 @@ def _check_rule(data: dict[str, Any]) -> dict[str, Any]:
             if problem:
                 errors[f"task.{field}"] = [f"template error: {problem}"]
         agent = task.get("agent")
-        if agent and agent not in tasks.known_agents():
+        if agent and agent not in known_agents():
             errors["task.agent"] = [f"unknown agent {agent!r}"]
         target = task.get("target")
         if target and target not in tasks.TARGETS:

@@ -22,6 +22,7 @@ notifications and response.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -31,17 +32,18 @@ from typing import Any
 import sqlalchemy as sa
 from flask import current_app
 
+from app import events
 from app.activity import service as activity
 from app.audit.redact import redact
+from app.auth import service as auth
 from app.auth.abilities import abilities_for_role
-from app.auth.service import LAST_USED_RESOLUTION
 from app.combining import Combiner
 from app.extensions import autocommit, db, on_postgresql
-from app.projects.service import ROLE_RANK
+from app.projects import service as projects
 from app.runs import live
-from app.tasks import lifecycle
+from app.tasks import lifecycle, service
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
-from app.timeutil import as_utc, naive_utc, utcnow
+from app.timeutil import naive_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,7 @@ PLAIN_FIELDS = frozenset(
 
 _READ = """
 SELECT u.username, u.role, u.is_active, p.id, p.key, p.default_agent, p.max_concurrent_runs,
-       p.archived_at IS NOT NULL, m.role,
-       EXISTS (SELECT 1 FROM subscriptions s
-               WHERE s.active AND (s.project_id IS NULL OR s.project_id = p.id)),
+       p.archived_at, m.role, {listened},
        nextval(pg_get_serial_sequence('tasks', 'id')),
        nextval(pg_get_serial_sequence('runs', 'id')),
        u.id, t.id, t.abilities, t.revoked_at IS NOT NULL, t.expires_at, t.last_used_at
@@ -99,17 +99,29 @@ SELECT (SELECT json_object_agg(kind, id) FROM a),
           WHERE project_id = %(project_id)s AND priority_rank >= %(rank)s)
 """
 
-#: `_READ` for several creations, in order (a creation whose caller or project is not found has a
-#: row of NULLs after its number)
-_READ_MANY = (
-    "SELECT q.n, r.* FROM unnest(%(projects)s::text[], %(user_ids)s::integer[],"
-    " %(token_hashes)s::text[]) WITH ORDINALITY AS q(project, user_id, token_hash, n)"
-    " LEFT JOIN LATERAL ("
-    + _READ.replace("%(project)s", "q.project")
-    .replace("%(user_id)s::integer", "q.user_id")
-    .replace("%(token_hash)s", "q.token_hash")
-    + ") AS r ON true ORDER BY q.n"
-)
+
+@functools.cache
+def _read_sql(_bus: int) -> str:
+    """`_READ`, asking the event bus whether anything listens to the project's activity (the
+    argument: the bus's version, which a new listener changes)."""
+    return _READ.format(listened=events.activity_recorded.listened_sql(project_id="p.id"))
+
+
+@functools.cache
+def _read_many_sql(_bus: int) -> str:
+    """`_read_sql` for several creations, in order (a creation whose caller or project is not
+    found has a row of NULLs after its number)."""
+    return (
+        "SELECT q.n, r.* FROM unnest(%(projects)s::text[], %(user_ids)s::integer[],"
+        " %(token_hashes)s::text[]) WITH ORDINALITY AS q(project, user_id, token_hash, n)"
+        " LEFT JOIN LATERAL ("
+        + _read_sql(_bus)
+        .replace("%(project)s", "q.project")
+        .replace("%(user_id)s::integer", "q.user_id")
+        .replace("%(token_hash)s", "q.token_hash")
+        + ") AS r ON true ORDER BY q.n"
+    )
+
 
 #: `_WRITE` for several tasks, given as one JSON array of their `_write_params` (dumping 24
 #: arrays cost more than the rest of the write); the same rows written; per task, in order, its
@@ -321,7 +333,7 @@ def _read(driver: Any, group: list[Creation]) -> list[Any]:
     if len(group) == 1:
         c = group[0]
         cursor.execute(
-            _READ,
+            _read_sql(events.activity_recorded.version),
             {
                 "project": c.data["project"],
                 "user_id": c.caller.user_id,
@@ -331,7 +343,7 @@ def _read(driver: Any, group: list[Creation]) -> list[Any]:
         rows = [cursor.fetchone()]
     else:
         cursor.execute(
-            _READ_MANY,
+            _read_many_sql(events.activity_recorded.version),
             {
                 "projects": [c.data["project"] for c in group],
                 "user_ids": [c.caller.user_id for c in group],
@@ -379,38 +391,32 @@ def _plan(
     """The task to write, if the caller may create it here and nothing else must happen."""
     if row is None:
         return None
-    (_name, user_role, active, project_id, key, default_agent, cap, archived, member_role,
-     subscribed, task_id, run_id, user_id, pat_id, pat_abilities, revoked, expires_at,
+    (_name, user_role, active, project_id, key, default_agent, cap, archived_at, member_role,
+     listened, task_id, run_id, user_id, pat_id, pat_abilities, revoked, expires_at,
      last_used_at) = row  # fmt: skip
     abilities = abilities_for_role(user_role)
     via = "session"
-    if caller.token_hash is not None:  # as `auth.service._authenticate_pat` decides
+    if caller.token_hash is not None:
         now = utcnow()
         if (
             pat_id is None
-            or revoked
-            or (expires_at is not None and as_utc(expires_at) <= now)
-            # its `last_used_at` is due an update: the view writes it
-            or last_used_at is None
-            or now - as_utc(last_used_at) > LAST_USED_RESOLUTION
+            or auth.pat_refusal(revoked, expires_at, now) is not None
+            or auth.pat_touch_due(last_used_at, now)  # the view writes `last_used_at`
         ):
             return None
-        abilities = frozenset(pat_abilities or ()) & abilities
+        abilities = auth.pat_abilities(user_role, pat_abilities)
         via = f"pat:{pat_id}"
-    admin = user_role == "admin" and "admin" in abilities  # `projects.service.is_admin`
-    role = "maintainer" if admin else member_role
+    role = projects.role_from(projects.admin_by(user_role, abilities), member_role)
     agent = data.get("agent") or default_agent
-    target = data.get("target") or "pool"
+    target = data.get("target") or lifecycle.POOL_TARGET
     if (
         not active
-        or "runs:start" not in abilities
-        or role is None
-        or ROLE_RANK[role] < ROLE_RANK["developer"]
-        or archived
-        or subscribed  # deliveries are made by the ORM path
-        or agent not in agents
-        or target not in ("pool", "external")
-        or (target == lifecycle.POOL_TARGET and cap is not None)  # the cap decides dispatch
+        or service.CREATE_ABILITY not in abilities
+        or not projects.grants(role, service.CREATE_ROLE)
+        or not projects.takes_tasks(archived_at)
+        or listened  # a listener on the event bus acts in the ORM path
+        or service.refusal(agent, target, agents) is not None
+        or lifecycle.dispatch_at_creation(target, cap) is None  # the cap decides
     ):
         return None
     now = utcnow()
@@ -446,26 +452,13 @@ def _plan(
 def _activities(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What `lifecycle.new_attempt` and `service.build_task` record for a new queued task."""
     return {
-        "run.status": {
-            "run_id": task["latest_run_id"],
-            "task_id": task["id"],
-            "attempt": 1,
-            "status": "queued",
-            "exit_code": None,
-        },
-        "task.status": {
-            "task_id": task["id"],
-            "title": task["title"],
-            "status": "queued",
-            "reason": None,
-        },
-        "task.created": {
-            "task_id": task["id"],
-            "title": task["title"],
-            "agent": task["agent"],
-            "status": "queued",
-            "priority": task["priority"],
-        },
+        "run.status": lifecycle.run_status_data(
+            task["latest_run_id"], task["id"], 1, "queued", None
+        ),
+        "task.status": lifecycle.task_status_data(task["id"], task["title"], "queued", None),
+        "task.created": lifecycle.task_created_data(
+            task["id"], task["title"], task["agent"], "queued", task["priority"]
+        ),
     }
 
 
@@ -477,14 +470,9 @@ def _write_params(
     caller: Caller, task: dict[str, Any], activities: dict[str, dict[str, Any]], username: str
 ) -> dict[str, Any]:
     now = naive_utc(task["created_at"])
-    audit = {
-        "project": task["project"],
-        "title": task["title"],
-        "agent": task["agent"],
-        "target": task["target"],
-        "priority": task["priority"],
-        "depends_on": [],
-    }
+    audit = service.creation_audit(
+        task["project"], task["title"], task["agent"], task["target"], task["priority"], []
+    )
     return {
         "task_id": task["id"],
         "run_id": task["latest_run_id"],
@@ -506,7 +494,7 @@ def _write_params(
         "request_id": caller.request_id,
         "ip": caller.ip,
         "now": now,
-        "dispatched_at": now if task["target"] == lifecycle.POOL_TARGET else None,
+        "dispatched_at": now if lifecycle.dispatch_at_creation(task["target"], None) else None,
         "audit": redact(audit),
         "run_status": activities["run.status"],
         "task_status": activities["task.status"],
@@ -552,5 +540,5 @@ def _after_commit(
                     activity_ids[kind], task["project_id"], kind, data, task["created_at"]
                 ),
             )
-        if task["target"] == lifecycle.POOL_TARGET:
+        if lifecycle.dispatch_at_creation(task["target"], None):
             lifecycle.enqueue(task["latest_run_id"], task["priority"])

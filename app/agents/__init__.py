@@ -1,0 +1,1 @@
+"""Agents: their registry (`registry`) and the meaning of their output (`parsers`)."""

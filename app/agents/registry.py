@@ -1,0 +1,114 @@
+"""The agents Switchboard knows: the built-in CLIs and those declared in `SWITCHBOARD_AGENTS`.
+
+An agent is a command template (prompt on stdin where the CLI allows it) and the parser of its
+output. The API checks agent names against this registry and the workers build commands from it,
+so it lives where both import it; no Flask here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from app.agents.parsers import PARSERS, Parsed, parse_text
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    #: argv; "{prompt}", "{workdir}" and config keys ("{model}") are substituted
+    command: tuple[str, ...]
+    #: the prompt goes to stdin (else it must appear in the command)
+    prompt_on_stdin: bool = True
+    version_command: tuple[str, ...] | None = None
+    parser: str = "text"
+
+    def argv(self, prompt: str, workdir: str, config: dict[str, Any]) -> list[str]:
+        values = {**{k: str(v) for k, v in config.items()}, "prompt": prompt, "workdir": workdir}
+        argv: list[str] = []
+        for part in self.command:
+            try:
+                argv.append(part.format(**values))
+            except KeyError:
+                continue  # an optional "{model}" with no model configured: drop the argument
+        if self.name == "claude":
+            argv += _claude_options(config)
+        elif self.name == "codex":
+            argv[2:2] = ["--sandbox", str(config.get("sandbox", "workspace-write"))]
+        return argv
+
+    def parse(self, line: str) -> Parsed:
+        return PARSERS.get(self.parser, parse_text)(line)
+
+
+def _claude_options(config: dict[str, Any]) -> list[str]:
+    opts: list[str] = []
+    if config.get("model"):
+        opts += ["--model", str(config["model"])]
+    if config.get("permission_mode"):
+        opts += ["--permission-mode", str(config["permission_mode"])]
+    if config.get("max_turns"):
+        opts += ["--max-turns", str(config["max_turns"])]
+    return opts
+
+
+BUILTIN: dict[str, Agent] = {
+    "claude": Agent(
+        "claude",
+        ("claude", "-p", "--output-format", "stream-json", "--verbose"),
+        version_command=("claude", "--version"),
+        parser="claude",
+    ),
+    "codex": Agent(
+        "codex",
+        ("codex", "exec", "--json", "-"),
+        version_command=("codex", "--version"),
+        parser="codex",
+    ),
+    "gemini": Agent("gemini", ("gemini", "--yolo"), version_command=("gemini", "--version")),
+    "aider": Agent(
+        "aider",
+        ("aider", "--yes-always", "--no-pretty", "--no-stream", "--message", "{prompt}"),
+        prompt_on_stdin=False,
+        version_command=("aider", "--version"),
+    ),
+    "shell": Agent(
+        "shell",
+        ("bash", "-c", "{prompt}"),
+        prompt_on_stdin=False,
+        version_command=("bash", "--version"),
+    ),
+}
+
+
+def custom_agents(spec: str | dict[str, Any] | None) -> dict[str, Agent]:
+    """Agents from configuration: {"name": {"command": [...], "stdin": bool,
+    "version": [...], "parser": "claude|codex|text"}}."""
+    if not spec:
+        return {}
+    data = json.loads(spec) if isinstance(spec, str) else spec
+    agents = {}
+    for name, conf in data.items():
+        command = conf["command"]
+        if isinstance(command, str):
+            command = command.split()
+        agents[name] = Agent(
+            name=name,
+            command=tuple(command),
+            prompt_on_stdin=bool(conf.get("stdin", "{prompt}" not in " ".join(command))),
+            version_command=tuple(conf["version"]) if conf.get("version") else None,
+            parser=conf.get("parser", "text"),
+        )
+    return agents
+
+
+def registry(custom: str | dict[str, Any] | None = None) -> dict[str, Agent]:
+    return {**BUILTIN, **custom_agents(custom)}
+
+
+def known_agents() -> dict[str, Agent]:
+    """The agents of the current app's configuration."""
+    from flask import current_app
+
+    return registry(current_app.config.get("SWITCHBOARD_AGENTS"))
