@@ -31,13 +31,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from app import requests as request_hooks
+    from app import ratelimits, request_hooks
     from app.config import Settings
     from app.errors import register_error_handlers
     from app.extensions import api, init_extensions
+    from app.input_bounds import register_converters
     from app.logs import configure_logging
     from app.openapi import openapi_config, register_docs_assets
-    from app.storable import register_converters
 
     settings = Settings.from_env()
     for key, value in (config or {}).items():
@@ -62,6 +62,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Request hooks come before the extensions' so the rate limiter sees the principal.
     request_hooks.register(app)
     init_extensions(app)
+    ratelimits.init_app(app)
     api.init_app(app)
     register_error_handlers(app)
     register_docs_assets(app)

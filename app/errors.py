@@ -15,7 +15,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from app.storable import NoSuchId
+from app.input_bounds import NoSuchId
 
 PROBLEM_TYPE_BASE = "https://switchboard.dev/problems/"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -198,7 +198,7 @@ def domain_error(error: DomainError) -> Response:
 
 
 def unexpected_error(error: Exception) -> Response:
-    from app.extensions import database_unavailable, write_sent
+    from app.database import database_unavailable, write_sent
 
     if isinstance(error, HTTPException):
         return http_error(error)

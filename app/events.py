@@ -86,6 +86,13 @@ task_ended = Event(
     """A task reached a terminal status (kwargs: task): a webhook's event may be complete.""",
 )
 
+lease_expired = Event(
+    "lease-expired",
+    """A run's executor stopped renewing its lease and the run was marked lost (kwargs: run_id,
+    executor): the executor's agent may still be running where it was left. The worker pool
+    listens, to end the agents a dead worker left on its host.""",
+)
+
 project_capacity_changed = Event(
     "project-capacity-changed",
     """A project's concurrency cap changed (kwargs: project_id): queued runs may fit now.""",

@@ -19,7 +19,8 @@ import marshmallow as ma
 import sqlalchemy as sa
 from flask import request
 
-from app.extensions import QuerySchema, db
+from app.database import db
+from app.extensions import QuerySchema
 
 T = TypeVar("T")
 DEFAULT_LIMIT = 50

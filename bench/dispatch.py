@@ -34,7 +34,7 @@ from harness import (
     socket_load,
 )
 
-from app.runs.live import unpack
+from app.live.pubsub import unpack
 
 
 class RunWatcher:

@@ -113,13 +113,14 @@ def app(tmp_instance: Path, database_url: str, redis_url: str) -> Iterator[Flask
     app.add_url_rule("/api/v1/_test/boom", "test_boom", explode)  # for the 500 test
     yield app
     with app.app_context():
-        from app.extensions import db
+        from app.database import db
 
         db.engine.dispose()
 
 
 def _clean(app: Flask) -> None:
-    from app.extensions import db, get_redis
+    from app.database import db
+    from app.queues import get_redis
 
     with app.app_context():
         db.session.remove()
@@ -278,7 +279,7 @@ class WorkerPool(Background):
 def worker(app: Flask, client: FlaskClient) -> Iterator[WorkerPool]:
     from rq import Worker
 
-    from app.extensions import get_redis
+    from app.queues import get_redis
 
     pool = WorkerPool(app)
     try:

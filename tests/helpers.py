@@ -24,7 +24,7 @@ def assert_problem(resp: Any, status: int, code: str | None = None) -> dict:
 
 
 def count(app: Any, model: Any) -> int:
-    from app.extensions import db
+    from app.database import db
 
     with app.app_context():
         return db.session.scalar(sa.select(sa.func.count()).select_from(model))

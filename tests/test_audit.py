@@ -10,7 +10,7 @@ from helpers import assert_problem
 
 from app.audit.models import AuditLog
 from app.audit.redact import REDACTED, redact
-from app.extensions import db
+from app.database import db
 from app.timeutil import rfc3339, utcnow
 
 

@@ -9,7 +9,7 @@ from helpers import assert_problem
 from app.audit.models import AuditLog
 from app.auth import tokens
 from app.auth.models import RefreshToken
-from app.extensions import db
+from app.database import db
 from app.timeutil import utcnow
 
 

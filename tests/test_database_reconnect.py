@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 def kill_connections(app: Flask) -> int:
     """What a database restart does to every connection of this test's database: how many."""
-    from app.extensions import db
+    from app.database import db
 
     with app.app_context():
         url = db.engine.url
@@ -39,8 +39,8 @@ def kill_connections(app: Flask) -> int:
 
 
 def test_a_connection_killed_while_idle_is_replaced(app, client, admin, monkeypatch):
-    from app import extensions
-    from app.extensions import db
+    from app import database
+    from app.database import db
 
     assert client.get("/api/v1/me", headers=admin.headers).status_code == 200
     with app.app_context():
@@ -48,7 +48,7 @@ def test_a_connection_killed_while_idle_is_replaced(app, client, admin, monkeypa
         db.session.remove()
     killed = kill_connections(app)
     assert killed >= len(pids) >= 1
-    monkeypatch.setattr(extensions, "PING_IDLE_SECONDS", 0.0)  # every pooled one counts as idle
+    monkeypatch.setattr(database, "PING_IDLE_SECONDS", 0.0)  # every pooled one counts as idle
     for _ in range(3):
         assert client.get("/api/v1/me", headers=admin.headers).status_code == 200
 
@@ -59,15 +59,15 @@ def test_a_kept_connection_is_reused_and_replaced_when_it_died_idle(app):
     discards it; and one whose server side died while it sat idle is replaced, not used."""
     import psycopg
 
-    from app import extensions
-    from app.extensions import db
+    from app import database
+    from app.database import db
 
-    def backend(kept: extensions.KeptConnection) -> int:
+    def backend(kept: database.KeptConnection) -> int:
         with kept.use() as driver:
             return driver.execute("SELECT pg_backend_pid()").fetchone()[0]
 
     with app.app_context():
-        kept = extensions.KeptConnection()
+        kept = database.KeptConnection()
         first = backend(kept)
         checked_out = db.engine.pool.checkedout()
         assert backend(kept) == first and db.engine.pool.checkedout() == checked_out
@@ -84,7 +84,7 @@ def test_a_kept_connection_is_reused_and_replaced_when_it_died_idle(app):
         with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
             conn.execute("SELECT pg_terminate_backend(%s)", (second,))
         # it sat idle: back to the pool, which tests it before handing it out again
-        kept.used_at -= extensions.PING_IDLE_SECONDS + 1
+        kept.used_at -= database.PING_IDLE_SECONDS + 1
         third = backend(kept)
         assert third not in (first, second)
         kept.release()
@@ -96,7 +96,7 @@ def test_a_creation_on_a_connection_that_died_is_answered_and_made_once(app, cli
     """A database restart kills the pooled connections while they are in use, too quick for
     the idle ping: the fast path's read fails with nothing written, the pool lets its other dead
     connections go, and the request is answered anyway (by the view, on a new connection)."""
-    from app.extensions import db
+    from app.database import db
 
     h = admin.headers
     assert client.post("/api/v1/projects", headers=h, json={"key": "p", "name": "P"}).status_code
@@ -122,7 +122,7 @@ def test_a_creation_whose_connection_died_during_its_write_is_not_made_twice(app
     import threading
     import time
 
-    from app.extensions import db
+    from app.database import db
 
     h = admin.headers
     assert client.post("/api/v1/projects", headers=h, json={"key": "p", "name": "P"}).status_code
@@ -176,7 +176,7 @@ def test_a_creation_whose_connection_died_during_its_write_is_not_made_twice(app
 def database_away(app: Flask) -> Iterator[None]:
     """What a database restart looks like from here: every connection dropped, and new ones
     refused until the block ends."""
-    from app.extensions import db
+    from app.database import db
 
     with app.app_context():
         url = db.engine.url

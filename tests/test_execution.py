@@ -61,12 +61,13 @@ def test_an_agent_gone_at_once_still_has_its_start_recorded(app, client, member,
     `running` with its pid while it runs."""
     import sqlalchemy as sa
 
-    from app.extensions import db, get_redis
-    from app.runs import live
+    from app.database import db
+    from app.live import pubsub
+    from app.queues import get_redis
 
     with app.app_context():
         pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(live.activity_channel())
+        pubsub.subscribe(pubsub.activity_channel())
     quick, slow = create(client, member, prompt="exit 0"), create(client, member, prompt="sleep 3")
     done = wait_status(client, member, quick["id"], ("completed", "failed"))
     run = done["runs"][0]
@@ -75,7 +76,7 @@ def test_an_agent_gone_at_once_still_has_its_start_recorded(app, client, member,
     deadline = time.monotonic() + 10
     while ("run.status", "succeeded") not in heard and time.monotonic() < deadline:
         msg = pubsub.get_message(timeout=0.5)
-        for m in live.unpack(msg["data"]) if msg else []:
+        for m in pubsub.unpack(msg["data"]) if msg else []:
             if m["data"].get("run_id") == run["id"]:
                 heard.append((m["kind"], m["data"]["status"]))
     pubsub.close()
@@ -124,7 +125,7 @@ def test_a_stop_asked_for_before_an_agents_start_is_written_is_seen_by_that_writ
     on the one-statement path and on the ORM path alike."""
     import sqlalchemy as sa
 
-    from app.extensions import db
+    from app.database import db
     from app.runs import service as runs
     from app.runs.models import Run
     from app.timeutil import utcnow
@@ -319,7 +320,7 @@ def test_rq_records_a_runs_job_as_started_once_the_agent_runs(client, member, pr
     from rq.job import Job
     from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
-    from app.extensions import get_redis
+    from app.queues import get_redis
     from app.tasks.lifecycle import job_id
 
     t = create(client, member, prompt="sleep 2")
@@ -348,12 +349,12 @@ def test_a_failure_to_record_a_jobs_start_leaves_the_run_alone(app):
     import redis
     from flask import g
 
-    from workers import jobs
+    from workers import job_hooks
 
     def unreachable() -> None:
         raise redis.ConnectionError("Redis went away")
 
     with app.app_context():
         g.job_started = unreachable
-        jobs.job_started()
+        job_hooks.job_started()
         assert "job_started" not in g  # asked once; the job's end does not try again

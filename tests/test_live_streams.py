@@ -128,7 +128,7 @@ def test_clients_leave_no_threads_or_subscriptions(app, client, member, project)
     try:
         t = create(client, member, prompt="x", target="external")
         with app.app_context():
-            from app.runs.live import run_channel
+            from app.live.pubsub import run_channel
 
             channel = run_channel(t["latest_run_id"])
         path = f"/api/v1/runs/{t['latest_run_id']}/stream"

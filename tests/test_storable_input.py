@@ -4,8 +4,8 @@ client's error, said where it is, on both backends; nested validation errors com
 from helpers import assert_problem, count
 from test_execution import create, log_text
 
+from app.input_bounds import MAX_ID
 from app.projects.models import ProjectMember
-from app.storable import MAX_ID
 from app.tasks.models import Task
 
 TOO_BIG = MAX_ID + 1

@@ -172,7 +172,7 @@ def test_per_user_stream_cap(client, member, project, app, monkeypatch):
 
 
 def test_subscriptions_are_released(client, member, project, app):
-    from app.streaming import hub
+    from app.live.sse import hub
 
     with app.app_context():
         h = hub()
@@ -214,12 +214,12 @@ def test_while_redis_is_away_only_the_first_request_waits_for_it(
 
     import redis
 
-    from app.runs import live
+    from app.live import pubsub
 
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     monkeypatch.setitem(app.extensions, "switchboard_redis", dead)
     monkeypatch.setitem(app.extensions, "switchboard_queues", {})
-    monkeypatch.setattr(live, "REDIS_BACKOFF_SECONDS", 30.0)
+    monkeypatch.setattr(pubsub, "REDIS_BACKOFF_SECONDS", 30.0)
     timings = []
     for _ in range(4):
         started = time.monotonic()

@@ -66,21 +66,21 @@ def deliveries(client: FlaskClient, headers: dict, sub: dict) -> list[str]:
 
 def hear(pubsub: Any, count: int) -> list[tuple[str, dict]]:
     """The next `count` messages (channel, message), waiting at most 5 s; closes `pubsub`."""
-    from app.runs import live
+    from app.live import pubsub
 
     heard: list[tuple[str, dict]] = []
     deadline = time.monotonic() + 5
     while len(heard) < count and time.monotonic() < deadline:
         msg = pubsub.get_message(timeout=0.5)
         if msg:
-            heard += [(msg["channel"].decode(), m) for m in live.unpack(msg["data"])]
+            heard += [(msg["channel"].decode(), m) for m in pubsub.unpack(msg["data"])]
     pubsub.close()
     return heard
 
 
 def rows(app: Flask, task_id: int) -> dict[str, Any]:
     """Everything a creation wrote, without ids and clock readings."""
-    from app.extensions import db
+    from app.database import db
 
     with app.app_context(), db.engine.connect() as conn:
         task = conn.execute(sa.text("SELECT * FROM tasks WHERE id = :i"), {"i": task_id}).one()
@@ -150,8 +150,8 @@ def test_plain_creation_matches_the_flask_view(
 ) -> None:
     from rq import Queue
 
-    from app.extensions import get_redis
-    from app.runs import live
+    from app.live import pubsub
+    from app.queues import get_redis
 
     body = {
         "project": "demo",
@@ -166,7 +166,7 @@ def test_plain_creation_matches_the_flask_view(
     }
     with app.app_context():
         pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(live.activity_channel())
+        pubsub.subscribe(pubsub.activity_channel())
         queue = Queue("runs-high", connection=get_redis())
 
     fast = post_task(client, member, body, False, intake)
@@ -215,8 +215,9 @@ def test_creations_written_together_match_those_written_alone(
 ) -> None:
     from rq import Queue
 
-    from app.extensions import autocommit, get_redis
-    from app.runs import live
+    from app.database import autocommit
+    from app.live import pubsub
+    from app.queues import get_redis
     from app.tasks import lifecycle, pg_fastpath
 
     body = {
@@ -231,7 +232,7 @@ def test_creations_written_together_match_those_written_alone(
     assert alone.status_code == 201
     with app.app_context():
         pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(live.activity_channel())
+        pubsub.subscribe(pubsub.activity_channel())
         queue = Queue(lifecycle.queue_name("normal"), connection=get_redis())
         queue.empty()
         priorities = ["normal", "high", "normal", "normal"]
@@ -283,7 +284,7 @@ def test_creations_written_together_match_those_written_alone(
 def test_a_group_that_fails_writes_nothing_and_leaves_each_creation_to_its_thread(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
 ) -> None:
-    from app.extensions import autocommit
+    from app.database import autocommit
     from app.tasks import pg_fastpath
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
@@ -439,7 +440,7 @@ def test_the_write_limit_counts_both_paths_once(
 
 def queue_counts(app: Flask) -> tuple[dict, dict]:
     """(what the trigger kept, what counting says) per project and priority."""
-    from app.extensions import db
+    from app.database import db
 
     with app.app_context(), db.engine.connect() as conn:
         kept = conn.execute(
@@ -505,7 +506,7 @@ def test_queue_counts_follow_every_change(
 
     # what ended sessions wrote is folded into shard 0 and still adds up
     with app.app_context():
-        from app.extensions import db
+        from app.database import db
 
         db.engine.dispose()  # every pooled session ends
         assert sweep()["queue_counts_folded"] >= 1
@@ -562,7 +563,7 @@ def test_a_group_reads_each_callers_own_rights(
     not and one that does not exist; each is decided as it would be alone."""
     from app.agents.registry import known_agents
     from app.auth import tokens
-    from app.extensions import autocommit
+    from app.database import autocommit
     from app.tasks import pg_fastpath
     from app.tasks.schemas import TaskCreateSchema
 
@@ -603,7 +604,7 @@ def test_who_may_create_is_decided_as_the_view_decides(
     """The fast path decides in SQL who may create; every caller the view would refuse must
     reach the view (which refuses), and an admin creates anywhere. Tokens are used once first
     (GET) so that their last use is recent and the fast path may take them."""
-    from app.extensions import db
+    from app.database import db
 
     root = account(app, client, "root", "admin")
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
@@ -664,8 +665,10 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
 ) -> None:
     """`runs.pg_fastpath.start` (the worker's mark_running on PostgreSQL) writes and sends what the
     ORM path does, and leaves the case with a listening subscription to it."""
-    from app.extensions import db, get_redis
-    from app.runs import live, pg_fastpath
+    from app.database import db
+    from app.live import pubsub
+    from app.queues import get_redis
+    from app.runs import pg_fastpath
     from app.runs import service as runs
     from app.tasks.models import Task
 
@@ -685,7 +688,7 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
 
     with app.app_context():
         pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(live.activity_channel())
+        pubsub.subscribe(pubsub.activity_channel())
     assert [start(ids[0], True), start(ids[1], False)] == [True, True]
     a, b = (rows(app, i) for i in ids[:2])
     for r in (a, b):
@@ -728,7 +731,7 @@ def test_a_take_in_one_round_trip_loads_what_the_orm_would(
     None."""
     from sqlalchemy.orm import object_session
 
-    from app.extensions import db
+    from app.database import db
     from app.projects.models import Project
     from app.runs import pg_fastpath
     from app.runs.models import Run
@@ -783,7 +786,7 @@ def test_a_take_in_one_round_trip_loads_what_the_orm_would(
 
 def started(app: Flask, task_id: int) -> int:
     """Take and start the task's run as executor e1; its id."""
-    from app.extensions import db
+    from app.database import db
     from app.runs import service as runs
     from app.tasks.models import Task
 
@@ -799,7 +802,7 @@ def end_fast(
 ) -> bool:
     """`pg_fastpath.finish` as the worker calls it, with the run and task it loaded; `meanwhile`:
     SQL that changes the run (:i) after they were loaded."""
-    from app.extensions import db
+    from app.database import db
     from app.runs import pg_fastpath
     from app.runs.models import Run
     from app.tasks.models import Task
@@ -820,7 +823,7 @@ def end_fast(
 
 def end_orm(app: Flask, run_id: int, code: int, log: tuple[int, bytes], **values: Any) -> None:
     """What the executor does when the end is not the plain case."""
-    from app.extensions import db
+    from app.database import db
     from app.runs import service as runs
 
     with app.app_context():
@@ -835,7 +838,7 @@ def end_orm(app: Flask, run_id: int, code: int, log: tuple[int, bytes], **values
 
 
 def ended_rows(app: Flask, task_id: int) -> dict[str, Any]:
-    from app.extensions import db
+    from app.database import db
 
     found = rows(app, task_id)
     for key in ("started_at", "finished_at", "lease_expires_at"):
@@ -858,8 +861,8 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
 ) -> None:
     """`runs.pg_fastpath.finish` (the worker's end of a run whose agent exited by itself) writes and
     sends what the ORM path does: the last output, the run's and the task's end, the activity."""
-    from app.extensions import get_redis
-    from app.runs import live
+    from app.live import pubsub
+    from app.queues import get_redis
 
     body = {"project": "demo", "title": "t", "prompt": "p", "max_attempts": 1}
     ids = [post_task(client, member, body, False, intake).get_json()["id"] for _ in range(2)]
@@ -868,7 +871,7 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
     log = (0, "done: héllo\n".encode())
     with app.app_context():
         pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(live.activity_channel(), *map(live.run_channel, run_ids))
+        pubsub.subscribe(pubsub.activity_channel(), *map(pubsub.run_channel, run_ids))
     assert end_fast(app, run_ids[0], code, log, **values) is True
     end_orm(app, run_ids[1], code, log, **values)
 
@@ -889,7 +892,7 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
         for ch, m in heard
     ]
     with app.app_context():
-        channels = [live.run_channel(r) for r in run_ids]
+        channels = [pubsub.run_channel(r) for r in run_ids]
     task_status = "completed" if code == 0 else "failed"
     assert shapes == [
         ("run.status", status, ids[0]),
@@ -910,8 +913,10 @@ def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
     (the start's time, pid and version; both activity pairs, in order), the same messages."""
     from datetime import timedelta
 
-    from app.extensions import db, get_redis
-    from app.runs import live, pg_fastpath
+    from app.database import db
+    from app.live import pubsub
+    from app.queues import get_redis
+    from app.runs import pg_fastpath
     from app.runs import service as runs
     from app.tasks.models import Task
     from app.timeutil import naive_utc, utcnow
@@ -924,8 +929,8 @@ def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
     with app.app_context():
         run, task, _project = runs.take(db.session.get(Task, ids[0]).latest_run_id, "e1", 30)
         pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(live.activity_channel(), *map(live.run_channel, (run.id, orm_run)))
-        channels = [live.run_channel(r) for r in (run.id, orm_run)]
+        pubsub.subscribe(pubsub.activity_channel(), *map(pubsub.run_channel, (run.id, orm_run)))
+        channels = [pubsub.run_channel(r) for r in (run.id, orm_run)]
         status = "succeeded" if code == 0 else "failed"
         assert pg_fastpath.finish(
             run,
@@ -994,7 +999,7 @@ def test_a_runs_end_outside_the_plain_case_writes_nothing(
     """Retries left, a task waiting on this one, a log that moved, a run that is no longer the
     executor's, a listening subscription: the one round trip declines and changes nothing, and
     the ORM path then ends the run."""
-    from app.extensions import db
+    from app.database import db
 
     def post(**extra: Any) -> int:
         body = {"project": "demo", "title": "t", "prompt": "p", **extra}
@@ -1061,7 +1066,7 @@ def test_a_runs_end_sees_a_dependent_committed_while_it_waited(
     releases it); reading with a snapshot from before the wait would leave it blocked."""
     import threading
 
-    from app.extensions import db
+    from app.database import db
 
     ending = post_task(
         client, member, {"project": "demo", "title": "a", "prompt": "p"}, False, intake
@@ -1112,7 +1117,7 @@ def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
     """The worker's statements find a run by id and check its status. Before the table's
     statistics exist PostgreSQL answered such a check from the status index, reading every
     queued run to find one: a take cost more the longer the queue."""
-    from app.extensions import db
+    from app.database import db
     from app.runs.pg_fastpath import _take_sql
 
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
@@ -1153,7 +1158,7 @@ def test_a_failed_end_writes_nothing_and_spoils_no_pooled_connection(
     ends the run through its failure path), nothing is written, and the next end works."""
     import psycopg
 
-    from app.extensions import db
+    from app.database import db
     from app.runs import pg_fastpath
 
     body = {"project": "demo", "title": "t", "prompt": "p"}

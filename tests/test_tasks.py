@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from helpers import assert_problem, at_once, count
 from test_execution import create, log_text, task, wait_status
 
-from app.extensions import db
+from app.database import db
 from app.runs.models import Run
 from app.tasks.models import Task
 
@@ -466,7 +466,7 @@ def test_a_dispatched_run_whose_job_is_gone_is_queued_again(client, member, proj
 
     from rq import Queue
 
-    from app.extensions import get_redis
+    from app.queues import get_redis
     from app.runs.sweep import sweep
     from app.tasks.lifecycle import job_id
     from app.timeutil import utcnow

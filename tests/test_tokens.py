@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from helpers import assert_problem
 
 from app.auth.models import PersonalAccessToken
-from app.extensions import db
+from app.database import db
 from app.timeutil import rfc3339, utcnow
 
 

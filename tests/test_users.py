@@ -5,7 +5,7 @@ from conftest import login
 from helpers import assert_problem, at_once
 
 from app.auth.models import RefreshToken
-from app.extensions import db
+from app.database import db
 from app.users.models import User
 
 

@@ -308,7 +308,7 @@ def test_event_follows_its_tasks_to_completed(client, admin, member, project, gh
 def test_generic_source_and_stale_events_are_picked_up(app, client, admin, member, project):
     """A generic sender; the delivery is stored while no worker runs, and a worker started later
     matches it (the sweep kicks events left `received`)."""
-    from app.extensions import get_redis
+    from app.queues import get_redis
     from app.webhooks.service import DRAIN_FLAG
 
     secret = client.post(
@@ -488,7 +488,7 @@ def test_retention_forgets_old_finished_events_and_deliveries(app, client, gh):
 
     import sqlalchemy as sa
 
-    from app.extensions import db
+    from app.database import db
     from app.runs.sweep import retention
     from app.subscriptions.models import Delivery, DeliveryAttempt, Subscription
     from app.timeutil import utcnow

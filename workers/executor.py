@@ -26,14 +26,16 @@ from flask import current_app
 
 from app.agents.parsers import Event
 from app.agents.registry import Agent, known_agents
-from app.extensions import database_unavailable, db, get_redis
-from app.runs import live, logs
+from app.database import database_unavailable, db
+from app.live import pubsub
+from app.queues import get_redis
+from app.runs import logs
 from app.runs import service as runs
 from app.runs.models import Run
 from app.runs.outcomes import Started, normalise_exit_code
 from app.tasks.models import Task
 from app.timeutil import utcnow
-from workers import agents, jobs, workspace
+from workers import agents, job_hooks, workspace
 from workers.process import AgentProcess
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ class RunDriver:
             self.pending_start = pending  # still to be written
             raise
         if ours:
-            jobs.job_started()  # RQ's bookkeeping (else it goes with the job's end)
+            job_hooks.job_started()  # RQ's bookkeeping (else it goes with the job's end)
             self.stop_requested = self.stop_requested or self.run.stop_requested_at is not None
         else:
             self.not_ours = True
@@ -132,7 +134,7 @@ class RunDriver:
         drops its connection, and the next Redis command of the run's end then paid for a new
         one. Subscribing only sends; a stop is also seen by the next lease renewal."""
         self.listening = True
-        self.channel = live.control_channel(self.run_id).encode()
+        self.channel = pubsub.control_channel(self.run_id).encode()
         try:
             self.pubsub = _control_listener()
             self.pubsub.subscribe(self.channel)
@@ -161,7 +163,7 @@ class RunDriver:
         pending = self.live_hold + chunk
         cut = len(pending) if final else logs.utf8_boundary(pending)
         if cut:
-            live.run_log(self.run_id, self.live_offset, pending[:cut])
+            pubsub.run_log(self.run_id, self.live_offset, pending[:cut])
             self.live_offset += cut
         self.live_hold = pending[cut:]
 
@@ -198,7 +200,7 @@ class RunDriver:
         if commit:
             db.session.commit()
         if stored:
-            live.run_events(self.run_id, stored)
+            pubsub.run_events(self.run_id, stored)
         self.batch = Batch(offset=run.log_size, partial_line=b.partial_line)
 
     def due(self) -> bool:
@@ -471,7 +473,7 @@ def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, An
     """The agent exited by itself: its end with its last output in one write, where the runs
     service finds that it applies. False when nothing was written."""
     b = driver.batch
-    with live.handed_over(jobs.end_messages()):  # sent with RQ's end of the job
+    with pubsub.handed_over(job_hooks.end_messages()):  # sent with RQ's end of the job
         ended = runs.finish_exited(
             driver.run,
             task,

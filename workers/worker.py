@@ -29,15 +29,10 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from sqlalchemy.orm import configure_mappers
 
-from app.extensions import (
-    ALL_QUEUES,
-    RUN_QUEUES,
-    database_unavailable,
-    db,
-    get_redis,
-    keep_autocommit_connection,
-)
-from app.runs import live
+from app.database import database_unavailable, db, keep_autocommit_connection
+from app.live import pubsub
+from app.queues import ALL_QUEUES, RUN_QUEUES, get_redis
+from workers import orphans
 from workers.process import die_with_parent
 
 log = logging.getLogger("workers.pool")
@@ -133,12 +128,12 @@ class AppWorker(SimpleWorker):
             return super().perform_job(job, queue, execution)
         finally:
             self.send_preparation()
-            live.send(g.pop("job_end_messages", None) or [])
+            pubsub.send(g.pop("job_end_messages", None) or [])
 
     # After a job, RQ spends five round trips that the job's end does not need: the job's
     # heartbeat on its own, a WATCH and a read of the job's RQ dependents (to release them), and
     # the worker's IDLE state, written twice. Here the end is one transaction that also says
-    # IDLE and carries the job's last messages (a run's end, `jobs.end_messages`); a job that
+    # IDLE and carries the job's last messages (a run's end, `job_hooks.end_messages`); a job that
     # ended before its work was said to have begun skips the start bookkeeping, which the end
     # would undo (its job hash gets the start's fields with the end's); a state already written
     # is not written again.
@@ -214,6 +209,7 @@ def run_worker(app: Flask, queue_names: list[str] | None = None, *, burst: bool 
     """One worker process (what the supervisor starts, and `--burst` runs directly)."""
     import workers.executor  # noqa: F401 - imported now, not by the first job (a slower start)
 
+    orphans.connect()  # a sweep job here ends the agents a dead worker of this host left
     configure_mappers()
     connection = get_redis()
     queues = [Queue(name, connection=connection) for name in (queue_names or ALL_QUEUES)]
@@ -343,6 +339,7 @@ class Supervisor:
     def run(self) -> None:
         import workers.executor  # noqa: F401 - imported once here, forked into every child
 
+        orphans.connect()  # its sweep ends the agents a dead worker of this host left
         configure_mappers()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)

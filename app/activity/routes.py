@@ -5,8 +5,8 @@ from app.activity import stream
 from app.auth.guard import current_principal, requires
 from app.errors import ValidationFailed
 from app.extensions import Blueprint, QuerySchema
+from app.live.sse import last_event_id, sse, stream_view
 from app.projects import service as projects
-from app.streaming import last_event_id, sse, stream_view
 
 blp = Blueprint("activity", __name__, url_prefix="/api/v1", description="Activity feed")
 

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 from app import events
 from app.activity.models import Activity
-from app.extensions import after_commit, db
-from app.runs import live
+from app.database import after_commit, db
+from app.live import pubsub
 from app.timeutil import rfc3339, utcnow
 
 
@@ -37,8 +37,8 @@ def record(project_id: int | None, kind: str, data: dict[str, Any]) -> Activity:
     entry = Activity(project_id=project_id, kind=kind, data=data, created_at=utcnow())
     db.session.add(entry)
     events.activity_recorded.send(project_id=project_id, kind=kind, data=data)
-    channel = live.activity_channel()
-    after_commit(lambda: live.publish(channel, as_dict(entry)))  # the id exists by then
+    channel = pubsub.activity_channel()
+    after_commit(lambda: pubsub.publish(channel, as_dict(entry)))  # the id exists by then
     return entry
 
 

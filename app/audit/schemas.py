@@ -1,7 +1,7 @@
 import marshmallow as ma
 
+from app.input_bounds import Id
 from app.pagination import PageQuerySchema, page_schema
-from app.storable import Id
 from app.timeutil import Timestamp
 
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from app import context
 from app.audit.models import AuditLog
 from app.audit.redact import redact
-from app.extensions import db
+from app.database import db
 from app.pagination import Page, paginate
 
 #: actions recorded during the current request, so the catch-all request audit can stay quiet

@@ -124,10 +124,3 @@ def current_principal() -> Principal:
     if principal is None:
         raise Unauthorized("This endpoint needs a credential.", code="unauthenticated")
     return principal
-
-
-def rate_limit_key() -> str:
-    principal = g.get("principal")
-    if principal is not None:
-        return f"user:{principal.user.id}"
-    return f"ip:{request.remote_addr}"

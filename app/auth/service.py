@@ -18,8 +18,8 @@ from app.auth.abilities import ABILITIES, abilities_for_role
 from app.auth.models import PersonalAccessToken, RefreshToken
 from app.auth.passwords import hash_password, needs_rehash, verify_password
 from app.auth.totp import accepted_step
+from app.database import db
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
-from app.extensions import db
 from app.timeutil import as_utc, utcnow
 from app.users.models import User
 

@@ -12,7 +12,7 @@ from flask import current_app
 from limits import parse
 
 from app.errors import TooManyRequests
-from app.extensions import limiter
+from app.ratelimits import limiter
 
 
 def _item(setting: str):  # type: ignore[no-untyped-def]

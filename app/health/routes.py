@@ -4,8 +4,10 @@ from flask.views import MethodView
 
 from app import __version__
 from app.auth.guard import public
+from app.database import db
 from app.errors import ServiceUnavailable
-from app.extensions import Blueprint, db, get_redis
+from app.extensions import Blueprint
+from app.queues import get_redis
 
 blp = Blueprint("health", __name__, url_prefix="/api/v1", description="Health and version")
 

@@ -1,9 +1,9 @@
 import marshmallow as ma
 
 from app.extensions import Schema
+from app.input_bounds import Id
 from app.pagination import PageQuerySchema, page_schema
 from app.projects.models import PROJECT_ROLES
-from app.storable import Id
 from app.timeutil import Timestamp
 
 _cap = ma.validate.Range(1, 10_000)

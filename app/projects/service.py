@@ -16,8 +16,8 @@ from app import events
 from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
+from app.database import db, lock_rows
 from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from app.extensions import db, lock_rows
 from app.pagination import Page, paginate
 from app.projects.models import PROJECT_ROLES, Project, ProjectMember
 from app.runs.models import RUN_ACTIVE, Run

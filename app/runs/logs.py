@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from app.database import db
 from app.errors import Conflict
-from app.extensions import db
 from app.runs.models import Run, RunLogChunk
 
 #: largest page `read()` returns

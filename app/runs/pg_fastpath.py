@@ -35,9 +35,9 @@ from sqlalchemy.orm.util import identity_key
 
 from app import events
 from app.activity import service as activity
-from app.extensions import autocommit, db
+from app.database import autocommit, db
+from app.live import pubsub
 from app.projects.models import Project
-from app.runs import live
 from app.runs.models import RUN_ACTIVE, Run, status_in_sql
 from app.runs.outcomes import Started, error_summary
 from app.tasks import lifecycle
@@ -252,12 +252,12 @@ def _announce(
 ) -> None:
     """As the ORM path sends them after its commit: the activity entries (`ids` in the same
     order), then the run's status changes, in one round trip."""
-    channel = live.activity_channel()
-    with live.batched():
+    channel = pubsub.activity_channel()
+    with pubsub.batched():
         for (kind, data, at), entry_id in zip(entries, ids, strict=True):
-            live.publish(channel, activity.message(entry_id, run.project_id, kind, data, at))
+            pubsub.publish(channel, activity.message(entry_id, run.project_id, kind, data, at))
         for status, exit_code in statuses:
-            live.run_status(run.id, status, exit_code)
+            pubsub.run_status(run.id, status, exit_code)
 
 
 #: run columns an agent's output or the workspace may set at the end

@@ -2,10 +2,13 @@ from flask import current_app
 from flask.views import MethodView
 
 from app.auth.guard import current_principal, requires
+from app.database import db
 from app.errors import Conflict, NotFound
-from app.extensions import Blueprint, db
+from app.extensions import Blueprint
+from app.live import pubsub
+from app.live.sse import last_event_id, parking, sse, stream_view
 from app.projects import service as projects
-from app.runs import live, logs
+from app.runs import logs
 from app.runs import service as runs
 from app.runs.models import RUN_TERMINAL
 from app.runs.schemas import (
@@ -22,7 +25,6 @@ from app.runs.schemas import (
     RunQuerySchema,
     RunSchema,
 )
-from app.streaming import last_event_id, parking, sse, stream_view
 
 blp = Blueprint(
     "runs",
@@ -104,7 +106,7 @@ class RunLog(MethodView):
         raw = data["text"].encode()
         appended = runs.append_log(run, data["offset"], raw)
         if appended is not None:
-            live.run_log(run.id, appended.offset, appended.data)
+            pubsub.run_log(run.id, appended.offset, appended.data)
         return {"size": run.log_size, "stored": len(appended.data) if appended else 0}
 
 

@@ -1,9 +1,9 @@
 import marshmallow as ma
 
 from app.extensions import QuerySchema, Schema
+from app.input_bounds import MAX_BIGINT, MAX_ID, MIN_INT, Id
 from app.pagination import PageQuerySchema, page_schema
 from app.runs.models import RUN_STATUSES
-from app.storable import MAX_BIGINT, MAX_ID, MIN_INT, Id
 from app.timeutil import Timestamp
 
 

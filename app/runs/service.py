@@ -13,11 +13,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
+from app.database import after_commit, db, on_postgresql
 from app.errors import Conflict, NotFound
-from app.extensions import after_commit, db, on_postgresql
+from app.live import pubsub
 from app.pagination import Page, paginate
 from app.projects.models import Project
-from app.runs import live, logs, pg_fastpath
+from app.runs import logs, pg_fastpath
 from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent, status_in
 from app.runs.outcomes import Started, error_summary
 from app.tasks import lifecycle
@@ -143,7 +144,7 @@ def mark_running(
     stop = db.session.scalar(sa.select(Run.stop_requested_at).where(Run.id == run.id))
     set_committed_value(run, "stop_requested_at", stop)
     lifecycle.run_changed(run)
-    after_commit(lambda: live.run_status(run.id, "running"))  # with the activity messages
+    after_commit(lambda: pubsub.run_status(run.id, "running"))  # with the activity messages
     db.session.commit()
     return True
 
@@ -239,7 +240,7 @@ def finish(
     run = get_run(run_id)
     lifecycle.run_finished(run, requeue=requeue)
     status, code = run.status, run.exit_code
-    after_commit(lambda: live.run_status(run_id, status, code))  # with the activity messages
+    after_commit(lambda: pubsub.run_status(run_id, status, code))  # with the activity messages
     db.session.commit()
     return run
 
@@ -288,7 +289,7 @@ def request_stop(run: Run) -> Run:
     if run.stop_requested_at is None:
         run.stop_requested_at = utcnow()
         db.session.commit()
-    live.request_stop(run.id)
+    pubsub.request_stop(run.id)
     return run
 
 

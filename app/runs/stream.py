@@ -14,10 +14,11 @@ from collections.abc import Iterator
 
 import sqlalchemy as sa
 
-from app.extensions import db
-from app.runs import live, logs
+from app.database import db
+from app.live import pubsub
+from app.live.sse import Event, Parking, hub, ping_interval
+from app.runs import logs
 from app.runs.models import RUN_TERMINAL, Run, RunEvent
-from app.streaming import Event, Parking, hub, ping_interval
 from app.timeutil import rfc3339
 
 LOG_PAGE = 64 * 1024
@@ -113,7 +114,7 @@ class RunFollower:
         return iter(out)
 
     def __iter__(self) -> Iterator[Event | bytes | None]:
-        sub = hub().subscribe([live.run_channel(self.run_id)])
+        sub = hub().subscribe([pubsub.run_channel(self.run_id)])
         #: live messages kept across a trip to the database (the one that showed a gap, and
         #: those behind it): once the database has caught up they are trimmed or sent
         self.pending: list[dict] = []

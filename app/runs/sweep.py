@@ -14,7 +14,6 @@ Every step is a conditional update, so two sweeps at once do no harm.
 from __future__ import annotations
 
 import logging
-import socket
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -22,7 +21,9 @@ from flask import current_app
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from app.extensions import db, get_redis
+from app import events
+from app.database import db
+from app.queues import get_redis
 from app.runs import service as runs
 from app.runs.models import Run
 from app.subscriptions import service as subscriptions
@@ -48,18 +49,8 @@ def expire_leases() -> int:
     for run_id in expired:
         log.warning("run %s: lease expired, marking lost", run_id)
         run = runs.finish(run_id, "lost", summary="lease expired: its executor stopped renewing it")
-        _kill_orphans(run)
+        events.lease_expired.send(run_id=run.id, executor=run.executor)
     return len(expired)
-
-
-def _kill_orphans(run: Run) -> None:
-    """A pool worker on this host died: its agent may still be running. End it."""
-    if run.executor and run.executor.startswith(f"pool:{socket.gethostname()}:"):
-        from workers.process import kill_tagged
-
-        killed = kill_tagged(f"SWITCHBOARD_RUN_ID={run.id}", f"SWITCHBOARD_EXECUTOR={run.executor}")
-        if killed:
-            log.warning("run %s: killed %d orphaned agent processes", run.id, len(killed))
 
 
 def time_out_external() -> int:

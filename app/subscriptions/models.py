@@ -6,7 +6,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.database import db
 from app.timeutil import UTCDateTime, utcnow
 
 #: the events a subscription may ask for ("*" is all of them)

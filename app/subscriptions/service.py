@@ -23,11 +23,12 @@ from app import __version__
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.config import allowed_networks, retry_schedule
+from app.database import after_commit, db, delete_in_batches
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.extensions import after_commit, db, delete_in_batches, get_queue
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
+from app.queues import get_queue
 from app.runs.models import RUN_TERMINAL
 from app.subscriptions import outbound
 from app.subscriptions.models import EVENTS, Delivery, DeliveryAttempt, Subscription

@@ -23,9 +23,10 @@ from flask import Flask
 
 from app.agents.registry import known_agents
 from app.auth import throttle, tokens
+from app.database import db
 from app.errors import PROBLEM_TYPE_BASE, DomainError
-from app.extensions import db, hit_write_limit
-from app.requests import rate_limit_headers, request_id
+from app.ratelimits import hit_write_limit, principal_key
+from app.request_hooks import rate_limit_headers, request_id
 from app.tasks import pg_fastpath
 from app.tasks.schemas import TaskCreateSchema, TaskSchema
 from app.timeutil import Timestamp, rfc3339
@@ -60,7 +61,7 @@ class TaskIntake:
             return self.wsgi_app(environ, start_response)
         body = environ["wsgi.input"].read(length)
         environ["wsgi.input"] = io.BytesIO(body)  # the Flask view reads it again if need be
-        if b"\\u0000" in body:  # a NUL, which the view's parser refuses (app/storable.py)
+        if b"\\u0000" in body:  # a NUL, which the view's parser refuses (app/input_bounds.py)
             return self.wsgi_app(environ, start_response)
         rid = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
         with self.app.app_context():
@@ -107,7 +108,7 @@ class TaskIntake:
             """The write limit counts only a creation this path is about to make."""
             if not config.get("RATELIMIT_ENABLED"):
                 return True
-            window = hit_write_limit(f"user:{user_id}")
+            window = hit_write_limit(principal_key(user_id))
             if window is not None:
                 limits.update(rate_limit_headers(*window))
             return window is not None

@@ -6,7 +6,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.extensions import db
+from app.database import db
 from app.projects.models import Project
 from app.timeutil import UTCDateTime, utcnow
 

@@ -38,9 +38,9 @@ from app.audit.redact import redact
 from app.auth import service as auth
 from app.auth.abilities import abilities_for_role
 from app.combining import Combiner
-from app.extensions import autocommit, db, on_postgresql
+from app.database import autocommit, db, on_postgresql
+from app.live import pubsub
 from app.projects import service as projects
-from app.runs import live
 from app.tasks import lifecycle, service
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
 from app.timeutil import naive_utc, utcnow
@@ -306,7 +306,7 @@ def settle(driver: Any, group: list[Creation]) -> None:
         c.written = created, int(ahead)
     for c in group:
         c.settled = True
-    with live.batched():
+    with pubsub.batched():
         for c in planned:
             assert c.task is not None and c.written is not None
             _after_commit(c.task, c.activities, c.written[0])
@@ -531,10 +531,10 @@ def _after_commit(
     task: dict[str, Any], activities: dict[str, dict[str, Any]], activity_ids: dict[str, int]
 ) -> None:
     """The notifications and the job, in one round trip, as the ORM path sends them."""
-    channel = live.activity_channel()
-    with live.batched():
+    channel = pubsub.activity_channel()
+    with pubsub.batched():
         for kind, data in activities.items():
-            live.publish(
+            pubsub.publish(
                 channel,
                 activity.message(
                     activity_ids[kind], task["project_id"], kind, data, task["created_at"]

@@ -3,9 +3,9 @@ from flask.views import MethodView
 
 from app.auth.guard import current_principal, requires
 from app.extensions import Blueprint
+from app.live.sse import last_event_id, sse, stream_view
 from app.runs.schemas import RunSchema
 from app.runs.stream import follow_task
-from app.streaming import last_event_id, sse, stream_view
 from app.tasks import lifecycle, service
 from app.tasks.schemas import (
     ClaimSchema,

@@ -1,26 +1,29 @@
 import marshmallow as ma
 
 from app.extensions import Schema
+from app.input_bounds import Id
 from app.pagination import PageQuerySchema, page_schema
 from app.runs.schemas import RunSchema
-from app.storable import Id
+from app.tasks import limits
 from app.tasks.models import PRIORITIES, TASK_STATUSES
 from app.timeutil import Timestamp
 
 
 class LoopSchema(Schema):
-    max_iterations = ma.fields.Int(required=True, validate=ma.validate.Range(1, 1000))
+    max_iterations = ma.fields.Int(
+        required=True, validate=ma.validate.Range(1, limits.LOOP_ITERATIONS_MAX)
+    )
     done_marker = ma.fields.Str(
         required=True,
-        validate=ma.validate.Length(1, 500),
+        validate=ma.validate.Length(1, limits.DONE_MARKER_MAX),
         metadata={"description": "file (relative to the workspace) whose appearance ends the loop"},
     )
 
 
 class TaskCreateSchema(Schema):
     project = ma.fields.Str(required=True, metadata={"description": "project key"})
-    title = ma.fields.Str(required=True, validate=ma.validate.Length(1, 300))
-    prompt = ma.fields.Str(required=True, validate=ma.validate.Length(1, 512 * 1024))
+    title = ma.fields.Str(required=True, validate=ma.validate.Length(1, limits.TITLE_MAX))
+    prompt = ma.fields.Str(required=True, validate=ma.validate.Length(1, limits.PROMPT_MAX))
     agent = ma.fields.Str(
         load_default=None,
         allow_none=True,
@@ -31,11 +34,13 @@ class TaskCreateSchema(Schema):
         metadata={"description": "`pool` (the server's workers) or `external` (claimed over REST)"},
     )
     priority = ma.fields.Str(load_default="normal", validate=ma.validate.OneOf(PRIORITIES))
-    depends_on = ma.fields.List(Id(), load_default=list, validate=ma.validate.Length(max=100))
-    timeout_s = ma.fields.Int(
-        load_default=None, allow_none=True, validate=ma.validate.Range(1, 7 * 24 * 3600)
+    depends_on = ma.fields.List(
+        Id(), load_default=list, validate=ma.validate.Length(max=limits.DEPENDENCIES_MAX)
     )
-    max_attempts = ma.fields.Int(load_default=1, validate=ma.validate.Range(1, 20))
+    timeout_s = ma.fields.Int(
+        load_default=None, allow_none=True, validate=ma.validate.Range(1, limits.TIMEOUT_MAX_S)
+    )
+    max_attempts = ma.fields.Int(load_default=1, validate=ma.validate.Range(1, limits.ATTEMPTS_MAX))
     loop = ma.fields.Nested(LoopSchema, load_default=None, allow_none=True)
     config = ma.fields.Dict(
         load_default=None,
@@ -45,9 +50,9 @@ class TaskCreateSchema(Schema):
 
 
 class TaskUpdateSchema(Schema):
-    title = ma.fields.Str(validate=ma.validate.Length(1, 300))
+    title = ma.fields.Str(validate=ma.validate.Length(1, limits.TITLE_MAX))
     priority = ma.fields.Str(validate=ma.validate.OneOf(PRIORITIES))
-    depends_on = ma.fields.List(Id(), validate=ma.validate.Length(max=100))
+    depends_on = ma.fields.List(Id(), validate=ma.validate.Length(max=limits.DEPENDENCIES_MAX))
 
 
 class TaskSchema(ma.Schema):

@@ -15,18 +15,17 @@ from app.activity import service as activity
 from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
+from app.database import db, on_postgresql
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.extensions import db, on_postgresql
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
 from app.runs import service as runs
 from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, status_in
-from app.tasks import lifecycle
+from app.tasks import lifecycle, limits
 from app.tasks.models import PRIORITY_RANK, TASK_TERMINAL, Task, TaskDependency
 from app.timeutil import as_utc, utcnow
 
-TARGETS = ("pool", "external")
 #: who may create a task: a principal holding this ability, with this role in the project
 CREATE_ABILITY = "runs:start"
 CREATE_ROLE = "developer"
@@ -199,8 +198,10 @@ def refusal(agent: str, target: str, agents: Collection[str]) -> ValidationFaile
             "Unknown agent.",
             {"agent": [f"unknown agent {agent!r}; known: {', '.join(sorted(agents))}"]},
         )
-    if target not in TARGETS:
-        return ValidationFailed("Unknown target.", {"target": [f"one of {', '.join(TARGETS)}"]})
+    if target not in limits.TARGETS:
+        return ValidationFailed(
+            "Unknown target.", {"target": [f"one of {', '.join(limits.TARGETS)}"]}
+        )
     return None
 
 

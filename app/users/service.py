@@ -14,8 +14,8 @@ from app.audit import service as audit
 from app.auth import service as auth
 from app.auth import totp
 from app.auth.passwords import MAX_LENGTH, MIN_LENGTH, hash_password, verify_password
+from app.database import db, lock_rows
 from app.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed
-from app.extensions import db, lock_rows
 from app.pagination import Page, paginate
 from app.users.models import ROLES, User
 

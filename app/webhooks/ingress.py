@@ -21,9 +21,9 @@ from typing import Any
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 
+from app.database import database_unavailable, db
 from app.errors import DomainError
-from app.extensions import database_unavailable, db
-from app.requests import request_id
+from app.request_hooks import request_id
 from app.webhooks import service
 
 PREFIX = "/api/v1/webhooks/"

@@ -20,10 +20,8 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
-from app.storable import NUL
-
-TITLE_MAX = 300
-PROMPT_MAX = 200_000
+from app.input_bounds import NUL
+from app.tasks import limits
 
 #: the largest string or number `*` and `**` may make in a template (the sandbox guards
 #: attribute access, not arithmetic: `{{ "x" * 10**9 }}` would take a gigabyte)
@@ -174,8 +172,8 @@ def render_task(
     prompt = _env.from_string(template["prompt"]).render(context).replace(NUL, "\ufffd")
     if not title:
         raise TemplateError("the title template rendered an empty title")
-    if len(prompt) > PROMPT_MAX:
-        raise TemplateError(f"the prompt is longer than {PROMPT_MAX} characters")
+    if len(prompt) > limits.PROMPT_MAX:
+        raise TemplateError(f"the prompt is longer than {limits.PROMPT_MAX} characters")
     rendered = {k: v for k, v in template.items() if k not in ("title", "prompt")}
-    rendered.update(title=" ".join(title.split())[:TITLE_MAX], prompt=prompt)
+    rendered.update(title=" ".join(title.split())[: limits.TITLE_MAX], prompt=prompt)
     return rendered

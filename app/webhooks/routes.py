@@ -7,7 +7,7 @@ from app.errors import Unauthorized
 from app.extensions import Blueprint
 from app.pagination import PageQuerySchema
 from app.projects import service as projects
-from app.requests import webhook_receiver
+from app.view_marks import webhook_receiver
 from app.webhooks import service
 from app.webhooks.schemas import (
     EventPageSchema,

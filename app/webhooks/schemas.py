@@ -2,6 +2,7 @@ import marshmallow as ma
 
 from app.extensions import Schema
 from app.pagination import PageQuerySchema, page_schema
+from app.tasks import limits
 from app.tasks.models import PRIORITIES
 from app.timeutil import Timestamp
 from app.webhooks.models import EVENT_STATES, SOURCE_KINDS
@@ -113,17 +114,17 @@ class TaskTemplateSchema(Schema):
         validate=ma.validate.Length(1, 2000),
         metadata={"description": "Jinja2 template, e.g. `Fix: {{ issue.title }}`"},
     )
-    prompt = ma.fields.Str(required=True, validate=ma.validate.Length(1, 100_000))
+    prompt = ma.fields.Str(required=True, validate=ma.validate.Length(1, limits.PROMPT_MAX))
     agent = ma.fields.Str(load_default=None, allow_none=True)
     target = ma.fields.Str(load_default=None, allow_none=True)
     priority = ma.fields.Str(
         load_default=None, allow_none=True, validate=ma.validate.OneOf(PRIORITIES)
     )
     timeout_s = ma.fields.Int(
-        load_default=None, allow_none=True, validate=ma.validate.Range(1, 7 * 24 * 3600)
+        load_default=None, allow_none=True, validate=ma.validate.Range(1, limits.TIMEOUT_MAX_S)
     )
     max_attempts = ma.fields.Int(
-        load_default=None, allow_none=True, validate=ma.validate.Range(1, 20)
+        load_default=None, allow_none=True, validate=ma.validate.Range(1, limits.ATTEMPTS_MAX)
     )
 
 

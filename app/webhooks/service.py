@@ -31,11 +31,13 @@ from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.abilities import abilities_for_role
 from app.auth.service import Principal
+from app.database import db, delete_in_batches
 from app.errors import BadRequest, Conflict, DomainError, NotFound, Unauthorized, ValidationFailed
-from app.extensions import db, delete_in_batches, get_queue, get_redis
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
+from app.queues import get_queue, get_redis
+from app.tasks import limits
 from app.tasks import service as tasks
 from app.tasks.models import TASK_TERMINAL, Task
 from app.timeutil import naive_utc, utcnow
@@ -685,8 +687,8 @@ def _check_rule(data: dict[str, Any]) -> dict[str, Any]:
         if agent and agent not in known_agents():
             errors["task.agent"] = [f"unknown agent {agent!r}"]
         target = task.get("target")
-        if target and target not in tasks.TARGETS:
-            errors["task.target"] = [f"one of {', '.join(tasks.TARGETS)}"]
+        if target and target not in limits.TARGETS:
+            errors["task.target"] = [f"one of {', '.join(limits.TARGETS)}"]
         values["task"] = {k: v for k, v in task.items() if v is not None}
     if errors:
         raise ValidationFailed("The rule is not valid.", errors)

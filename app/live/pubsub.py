@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from app.extensions import get_redis
+from app.queues import get_redis
 
 log = logging.getLogger(__name__)
 

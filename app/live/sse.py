@@ -28,7 +28,7 @@ import redis
 from flask import Response, current_app, request
 
 from app.errors import TooManyRequests
-from app.runs.live import unpack
+from app.live.pubsub import unpack
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class StreamSlot:
     expires unless refreshed, so a crashed process cannot leak slots."""
 
     def __init__(self, user_id: int, cap: int, ttl: int) -> None:
-        from app.extensions import get_redis
+        from app.queues import get_redis
 
         self.redis = get_redis()
         self.key = f"sb:streams:{user_id}"
@@ -387,7 +387,7 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
         ttl=max(30, cfg["SWITCHBOARD_STREAM_PING_SECONDS"] * 3),
     )
     _no_delay()
-    from app.extensions import db
+    from app.database import db
 
     db.session.remove()  # streams hold no database connection between replays
 

@@ -9,11 +9,12 @@ import uuid
 
 from flask import Flask, Response, current_app, g, request
 
-from app import context
+from app import context, view_marks
 from app.audit import service as audit
 from app.auth.guard import authenticate_request
+from app.database import database_unavailable, db
 from app.errors import DomainError
-from app.extensions import database_unavailable, db, limiter
+from app.ratelimits import limiter
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -30,26 +31,6 @@ class PayloadTooLarge(DomainError):
     status, code = 413, "payload_too_large"
 
 
-def webhook_receiver(func):  # type: ignore[no-untyped-def]
-    """Mark a view that takes deliveries from other systems: it reads its raw body itself (JSON
-    or form-encoded), accepts `SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES`, is not rate limited per
-    principal (a sender has no principal; bad signatures count as auth failures instead), and its
-    stored event is its audit trail."""
-    func._webhook_receiver = True
-    return func
-
-
-def _view_flag(name: str) -> bool:
-    view = current_app.view_functions.get(request.endpoint or "")
-    cls = getattr(view, "view_class", None)
-    method = getattr(cls, request.method.lower(), None) if cls else view
-    return bool(getattr(method, name, False))
-
-
-def is_webhook_receiver() -> bool:
-    return request.endpoint is not None and _view_flag("_webhook_receiver")
-
-
 def _begin() -> None:
     g.request_id = request_id(request.headers.get("X-Request-ID", ""))
     context.set_current(context.ActionContext(request_id=g.request_id, ip=request.remote_addr))
@@ -59,7 +40,7 @@ def _begin() -> None:
 def _check_body() -> None:
     if request.method not in MUTATING:
         return
-    receiver = is_webhook_receiver()
+    receiver = view_marks.is_webhook_receiver()
     if receiver:
         request.max_content_length = current_app.config["SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES"]
     length = request.content_length
@@ -81,7 +62,7 @@ def _audit_mutation(response: Response) -> Response:
         request.method not in MUTATING
         or not request.path.startswith("/api/v1/")
         or audit.recorded_in_scope()
-        or is_webhook_receiver()
+        or view_marks.is_webhook_receiver()
         or response.status_code in (401, 404, 405, 413, 415, 429)
     ):
         return response
