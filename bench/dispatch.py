@@ -28,7 +28,7 @@ from harness import (
     Server,
     backend_parser,
     cpu_check,
-    fresh_database,
+    fresh_postgres_database,
     pct,
     read_response_body,
     socket_load,
@@ -96,7 +96,7 @@ def main() -> None:
     import redis
 
     redis.Redis.from_url(args.redis_url).flushdb()
-    db_url = fresh_database(args.database_url, "sb_bench_dispatch")
+    db_url = fresh_postgres_database(args.database_url, "sb_bench_dispatch")
     settings = {
         "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
         "SWITCHBOARD_WORKER_PROCESSES": str(args.workers),
@@ -223,7 +223,7 @@ def main() -> None:
             conn_db.execute(sa.text("ANALYZE tasks"))
             stored = conn_db.execute(sa.text("SELECT count(*) FROM tasks")).scalar()
         engine.dispose()
-        twin_db = fresh_database(args.database_url, "sb_bench_dispatch_twin")
+        twin_db = fresh_postgres_database(args.database_url, "sb_bench_dispatch_twin")
         with Server(database_url=twin_db, redis_url=args.redis_url, **settings) as twin:
             t = twin.client()
             t.call("POST", "/api/v1/projects", lat)

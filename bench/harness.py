@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from workers.process import child_pids as children  # noqa: F401 - for the benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the suite's helpers serve the benchmarks too
+from helpers import free_port, fresh_postgres_database  # noqa: E402, F401 - bench/ uses them
+
 BIN = Path(sys.executable).parent
 ADMIN = {"username": "bench", "password": "bench-password"}
 
@@ -52,12 +53,6 @@ def cpu_check() -> float:
     for i in range(1_000_000):
         total += i
     return (time.perf_counter() - started) * 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -206,17 +201,6 @@ def socket_load(
     for t in threads:
         t.join()
     return latencies, statuses, time.monotonic() - began
-
-
-def fresh_database(url: str, name: str) -> str:
-    """Create (or recreate) database `name` on the PostgreSQL server of `url`."""
-    base = sa.make_url(url.replace("postgresql://", "postgresql+psycopg://", 1))
-    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return base.set(database=name).render_as_string(hide_password=False)
 
 
 class Server:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 import sqlalchemy as sa
-from harness import Client, Server, backend_parser, children, fresh_database
+from harness import Client, Server, backend_parser, children, fresh_postgres_database
 
 
 def rss_mb(pid: int) -> int:
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
     redis.Redis.from_url(args.redis_url).flushdb()
-    db_url = fresh_database(args.database_url, "sb_bench_soak")
+    db_url = fresh_postgres_database(args.database_url, "sb_bench_soak")
     settings = {"SWITCHBOARD_RATE_LIMIT_ENABLED": "false"}
     with Server(database_url=db_url, redis_url=args.redis_url, worker=True, **settings) as server:
         c = server.client()

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from harness import Server, backend_parser, children, fresh_database, pct
+from harness import Server, backend_parser, children, fresh_postgres_database, pct
 
 
 class Stream:
@@ -135,7 +135,7 @@ def main() -> None:
     import redis
 
     redis.Redis.from_url(args.redis_url).flushdb()
-    db_url = fresh_database(args.database_url, "sb_bench_streams")
+    db_url = fresh_postgres_database(args.database_url, "sb_bench_streams")
     settings = {
         "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
         "SWITCHBOARD_STREAM_CAP": "5000",

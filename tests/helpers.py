@@ -1,12 +1,16 @@
-"""Small assertions shared by the tests."""
+"""What the tests share besides fixtures: assertions, waiting with a deadline, requests at once,
+accounts, and PostgreSQL databases of their own (bench/ uses these too)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+
+from app.config import normalise_database_url
 
 
 def assert_problem(resp: Any, status: int, code: str | None = None) -> dict:
@@ -60,3 +64,91 @@ def at_once(app: Any, count: int, request: Callable[[Any, int], Any]) -> list[An
     for t in threads:
         t.join(60)
     return answers
+
+
+def fresh_postgres_database(base_url: str, name: str) -> str:
+    """Create (or recreate) database `name` on the server of `base_url`; return its URL."""
+    url = sa.make_url(normalise_database_url(base_url))
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(base_url: str, name: str) -> None:
+    url = sa.make_url(normalise_database_url(base_url))
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@dataclass
+class Account:
+    id: int
+    username: str
+    password: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+
+def make_user(
+    app: Any,
+    username: str,
+    password: str = "correct horse battery",
+    role: str = "member",
+    email: str | None = None,
+) -> int:
+    from app.users import service
+
+    with app.app_context():
+        return service.create_user(username, password, role=role, email=email).id
+
+
+def login(client: Any, username: str, password: str, **extra: str) -> dict:
+    resp = client.post(
+        "/api/v1/auth/login", json={"username": username, "password": password, **extra}
+    )
+    assert resp.status_code == 200, resp.get_json()
+    return resp.get_json()
+
+
+def account(app: Any, client: Any, username: str, role: str = "member") -> Account:
+    password = f"{username}-password-123"
+    user_id = make_user(app, username, password, role=role, email=f"{username}@example.com")
+    tokens = login(client, username, password)
+    return Account(user_id, username, password, tokens["access_token"], tokens["refresh_token"])
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unreachable_redis() -> tuple[Any, list[int]]:
+    """A Redis client for a port nobody listens on, and the list its connection pool appends to
+    each time a command or a pipeline asks it for a connection (to tell that Redis was not
+    asked at all, rather than that asking was quick)."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    asked: list[int] = []
+    pool = client.connection_pool
+    get_connection = pool.get_connection
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        asked.append(1)
+        return get_connection(*args, **kwargs)
+
+    pool.get_connection = counting  # type: ignore[method-assign]
+    return client, asked

@@ -3,8 +3,7 @@
 from datetime import timedelta
 
 import sqlalchemy as sa
-from conftest import login, make_user
-from helpers import assert_problem
+from helpers import assert_problem, login, make_user
 
 from app.audit.models import AuditLog
 from app.auth import tokens

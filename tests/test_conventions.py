@@ -149,7 +149,7 @@ def test_bad_cursor_422(client, admin):
 
 
 def test_cursor_pagination_walks_everything_once(client, admin, app):
-    from conftest import make_user
+    from helpers import make_user
 
     for i in range(7):
         make_user(app, f"user{i}")

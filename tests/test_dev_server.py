@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,18 +17,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import wait_for
+from helpers import free_port, wait_for
 from rq import Worker
 
 from workers.process import find_tagged
 
 ROOT = Path(__file__).parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> int:
@@ -63,7 +56,7 @@ def _exercise(base: str, instance: Path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_dev_server_starts_serves_and_stops_cleanly():
     instance = Path(tempfile.mkdtemp(prefix="sbdev-"))
-    port = _free_port()
+    port = free_port()
     env = {
         k: v
         for k, v in os.environ.items()

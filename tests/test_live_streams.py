@@ -4,13 +4,11 @@ installed) a real browser's EventSource."""
 import http.client
 import shutil
 import threading
-import time
-from datetime import datetime
 
 import pytest
 import redis
-from conftest import LiveServer
 from helpers import wait_for
+from servers import LiveServer
 from sse import parse
 from test_execution import create, task, wait_status
 
@@ -53,10 +51,8 @@ def test_lines_arrive_while_the_agent_runs(client, member, project, worker, live
         if frame.event == "log":
             text += frame.data["text"]
             if text == "first\n":
-                # it must arrive while the agent still sleeps before "second"
-                started = task(client, member, t["id"])["runs"][0]["started_at"]
-                start = datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp()
-                assert time.time() - start < 1.5, time.time() - start
+                # it arrives while the agent still sleeps before "second": its run goes on
+                assert task(client, member, t["id"])["runs"][0]["finished_at"] is None
         if frame.event == "done":
             break
     conn.close()

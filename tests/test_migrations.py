@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import drop_postgres_database, fresh_postgres_database
+from helpers import drop_postgres_database, fresh_postgres_database
 
 SWITCHBOARD = [str(Path(sys.executable).parent / "switchboard")]
 

@@ -1,7 +1,6 @@
 """Projects, members and the roles enforced on every project-scoped route."""
 
-from conftest import account
-from helpers import assert_problem, at_once
+from helpers import account, assert_problem, at_once
 
 
 def test_create_get_update_archive(client, member, project):

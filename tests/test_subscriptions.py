@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import WorkerPool
 from helpers import assert_problem, wait_for
+from servers import WorkerPool
 
 from app.subscriptions import outbound
 from app.webhooks.signatures import sign

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Account, account
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import Account, account
 
 
 @pytest.fixture
@@ -64,17 +64,17 @@ def deliveries(client: FlaskClient, headers: dict, sub: dict) -> list[str]:
     return [d["event"] for d in sent.get_json()["data"]]
 
 
-def hear(pubsub: Any, count: int) -> list[tuple[str, dict]]:
-    """The next `count` messages (channel, message), waiting at most 5 s; closes `pubsub`."""
+def hear(listener: Any, count: int) -> list[tuple[str, dict]]:
+    """The next `count` messages (channel, message), waiting at most 5 s; closes `listener`."""
     from app.live import pubsub
 
     heard: list[tuple[str, dict]] = []
     deadline = time.monotonic() + 5
     while len(heard) < count and time.monotonic() < deadline:
-        msg = pubsub.get_message(timeout=0.5)
+        msg = listener.get_message(timeout=0.5)
         if msg:
             heard += [(msg["channel"].decode(), m) for m in pubsub.unpack(msg["data"])]
-    pubsub.close()
+    listener.close()
     return heard
 
 
@@ -165,8 +165,8 @@ def test_plain_creation_matches_the_flask_view(
         "loop": {"max_iterations": 2, "done_marker": "DONE"},
     }
     with app.app_context():
-        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(pubsub.activity_channel())
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(pubsub.activity_channel())
         queue = Queue("runs-high", connection=get_redis())
 
     fast = post_task(client, member, body, False, intake)
@@ -183,7 +183,7 @@ def test_plain_creation_matches_the_flask_view(
     assert rows(app, f["id"]) == rows(app, s["id"])
 
     # the same notifications, in the same order, and the same job
-    heard = [m for _channel, m in hear(pubsub, 6)]
+    heard = [m for _channel, m in hear(listener, 6)]
     assert [m["kind"] for m in heard] == ["run.status", "task.status", "task.created"] * 2
     assert [m["data"]["task_id"] for m in heard] == [f["id"]] * 3 + [s["id"]] * 3
     jobs = queue.get_job_ids()
@@ -231,8 +231,8 @@ def test_creations_written_together_match_those_written_alone(
     alone = post_task(client, member, body, False, intake)
     assert alone.status_code == 201
     with app.app_context():
-        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(pubsub.activity_channel())
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(pubsub.activity_channel())
         queue = Queue(lifecycle.queue_name("normal"), connection=get_redis())
         queue.empty()
         priorities = ["normal", "high", "normal", "normal"]
@@ -270,7 +270,7 @@ def test_creations_written_together_match_those_written_alone(
             ).fetchall()
             assert dict(found) == creation.written[0]
     # the notifications of all of them, in order, and their jobs
-    heard = [m for _channel, m in hear(pubsub, 12)]
+    heard = [m for _channel, m in hear(listener, 12)]
     assert [m["kind"] for m in heard] == ["run.status", "task.status", "task.created"] * 4
     assert [m["data"]["task_id"] for m in heard] == [i for i in ids for _ in range(3)]
     with app.app_context():
@@ -687,8 +687,8 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
                 db.session.remove()
 
     with app.app_context():
-        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(pubsub.activity_channel())
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(pubsub.activity_channel())
     assert [start(ids[0], True), start(ids[1], False)] == [True, True]
     a, b = (rows(app, i) for i in ids[:2])
     for r in (a, b):
@@ -702,7 +702,7 @@ def test_a_runs_start_in_one_statement_matches_the_orm_path(
     assert a == b
     kept, counted = queue_counts(app)
     assert kept == counted  # the third task is still queued; the trigger followed both starts
-    heard = [m for _channel, m in hear(pubsub, 4)]
+    heard = [m for _channel, m in hear(listener, 4)]
     assert [(m["kind"], m["data"]["status"], m["data"]["task_id"]) for m in heard] == [
         ("run.status", "running", ids[0]),
         ("task.status", "running", ids[0]),
@@ -870,8 +870,8 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
     values = {"cost_usd": 0.25, "input_tokens": 7, "branch": "switchboard/t-1"}
     log = (0, "done: héllo\n".encode())
     with app.app_context():
-        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(pubsub.activity_channel(), *map(pubsub.run_channel, run_ids))
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(pubsub.activity_channel(), *map(pubsub.run_channel, run_ids))
     assert end_fast(app, run_ids[0], code, log, **values) is True
     end_orm(app, run_ids[1], code, log, **values)
 
@@ -886,7 +886,7 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
     assert fast["task"]["status"] == ("completed" if code == 0 else "failed")
     assert fast["run"]["cost_usd"] == 0.25 and fast["run"]["branch"] == "switchboard/t-1"
     assert fast["log"] == [(0, len(log[1]), log[1])]
-    heard = hear(pubsub, 6)
+    heard = hear(listener, 6)
     shapes = [
         (m["kind"], m["data"]["status"], m["data"]["task_id"]) if "kind" in m else (m, ch)
         for ch, m in heard
@@ -928,8 +928,8 @@ def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
     log = (0, b"bye\n")
     with app.app_context():
         run, task, _project = runs.take(db.session.get(Task, ids[0]).latest_run_id, "e1", 30)
-        pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(pubsub.activity_channel(), *map(pubsub.run_channel, (run.id, orm_run)))
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(pubsub.activity_channel(), *map(pubsub.run_channel, (run.id, orm_run)))
         channels = [pubsub.run_channel(r) for r in (run.id, orm_run)]
         status = "succeeded" if code == 0 else "failed"
         assert pg_fastpath.finish(
@@ -966,7 +966,7 @@ def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
     assert started_at == naive_utc(spawned) == running
     assert end > running  # the end's own time
 
-    heard = hear(pubsub, 9)
+    heard = hear(listener, 9)
     shapes = [
         (m["kind"], m["data"]["status"], m["data"]["task_id"]) if "kind" in m else (m, ch)
         for ch, m in heard

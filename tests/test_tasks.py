@@ -48,7 +48,7 @@ def test_idempotency_key_creates_one_task(client, member, project, app):
 
 
 def test_viewer_cannot_create(client, app, member, project):
-    from conftest import account
+    from helpers import account
 
     viewer = account(app, client, "vic")
     client.post(

@@ -107,7 +107,7 @@ def test_expiry_in_the_past_422(client, member):
 
 
 def test_demoted_admin_token_loses_admin(client, admin, app):
-    from conftest import account
+    from helpers import account
 
     raw = _create(client, admin, ["admin"]).get_json()["token"]
     other = account(app, client, "boss", role="admin")

@@ -1,8 +1,7 @@
 """Profile, password, administration of users, deactivation, and the users CLI."""
 
 import sqlalchemy as sa
-from conftest import login
-from helpers import assert_problem, at_once
+from helpers import assert_problem, at_once, login
 
 from app.auth.models import RefreshToken
 from app.database import db

@@ -55,7 +55,8 @@ def wait_for_redis(url: str, timeout: float = 30.0) -> None:
 @with_appcontext
 def worker(processes: int | None, queues: str | None, burst: bool, child: bool) -> None:
     """Run the worker pool: worker processes plus the maintenance sweep."""
-    from workers.worker import Supervisor, run_worker  # RQ and the app's models: when asked
+    from workers.rq_worker import run_worker
+    from workers.supervisor import Supervisor  # RQ and the app's models: when asked
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     wait_for_redis(app.config["SWITCHBOARD_REDIS_URL"])

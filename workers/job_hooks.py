@@ -1,4 +1,4 @@
-"""What a running job tells the worker that runs it (`workers.worker.AppWorker` sets these up in
+"""What a running job tells the worker that runs it (`workers.rq_worker.AppWorker` sets these up in
 `flask.g`): that its work has begun, and where its last messages wait to go out with the end of
 the job. Outside a worker both do nothing."""
 
@@ -9,7 +9,7 @@ import logging
 
 def job_started() -> None:
     """The job's work has begun: the worker may now record the job's start in RQ (see
-    `workers.worker.AppWorker`). A no-op outside a worker. A Redis failure here must not end
+    `workers.rq_worker.AppWorker`). A no-op outside a worker. A Redis failure here must not end
     the agent that just started: the run's lease, not RQ's record, keeps track of it."""
     from flask import g
 

@@ -17,12 +17,12 @@ def sweep() -> dict[str, int]:
 
 
 def drain_events() -> int:
-    from app.webhooks.service import drain
+    from app.webhooks.processing import drain
 
     return drain()
 
 
 def deliver(delivery_id: int) -> str:
-    from app.subscriptions.service import deliver as send
+    from app.subscriptions.deliveries import deliver as send
 
     return send(delivery_id)

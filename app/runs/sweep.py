@@ -26,11 +26,11 @@ from app.database import db
 from app.queues import get_redis
 from app.runs import service as runs
 from app.runs.models import Run
-from app.subscriptions import service as subscriptions
+from app.subscriptions import deliveries
 from app.tasks import lifecycle, pg_fastpath
 from app.tasks.models import Task
 from app.timeutil import utcnow
-from app.webhooks import service as webhooks
+from app.webhooks import receiving as webhooks
 
 log = logging.getLogger(__name__)
 #: a dispatched run may sit this long in a busy queue before we check that its job exists
@@ -121,7 +121,7 @@ def retention() -> dict[str, int]:
     before = utcnow() - timedelta(days=days)
     return {
         "events_pruned": webhooks.prune(before),
-        "deliveries_pruned": subscriptions.prune(before),
+        "deliveries_pruned": deliveries.prune(before),
     }
 
 
@@ -133,7 +133,7 @@ def sweep() -> dict[str, int]:
         "dispatched": dispatch_all(),
         "events_kicked": webhooks.kick_stale(),
         "queue_counts_folded": pg_fastpath.fold_queue_counts(),
-        **subscriptions.sweep(),
+        **deliveries.sweep(),
     }
     db.session.commit()
     result.update(retention())

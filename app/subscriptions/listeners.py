@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from app import events
-from app.subscriptions import service
+from app.subscriptions import deliveries
 
 
 def _activity(*, project_id: int | None, kind: str, data: dict[str, Any], **_: Any) -> None:
-    service.fanout(project_id, kind, data)
+    deliveries.fanout(project_id, kind, data)
 
 
 def _a_subscription_listens(*, project_id: str, **_columns: str) -> str:

@@ -4,7 +4,7 @@ from app.auth.guard import current_principal, requires
 from app.extensions import Blueprint
 from app.pagination import PageQuerySchema
 from app.projects import service as projects
-from app.subscriptions import service
+from app.subscriptions import deliveries, service
 from app.subscriptions.schemas import (
     DeliveryPageSchema,
     DeliverySchema,
@@ -41,7 +41,7 @@ def subscription_view(subscription, secret=None):  # type: ignore[no-untyped-def
 
 
 def with_history(deliveries):  # type: ignore[no-untyped-def]
-    history = service.attempts_of([d.id for d in deliveries])
+    history = deliveries.attempts_of([d.id for d in deliveries])
     for delivery in deliveries:
         delivery.history = history[delivery.id]
     return deliveries
@@ -102,7 +102,7 @@ class SubscriptionDeliveries(MethodView):
     def get(self, args, subscription_id):
         """Deliveries of a subscription, newest first, each with its attempts (admin)."""
         subscription = service.get(subscription_id)
-        page = service.list_deliveries(subscription, args.get("cursor"), args["limit"])
+        page = deliveries.list_deliveries(subscription, args.get("cursor"), args["limit"])
         page.items = with_history(page.items)
         return page.response()
 
@@ -113,7 +113,7 @@ class DeliveryById(MethodView):
     @blp.response(200, DeliverySchema)
     def get(self, delivery_id):
         """One delivery with its attempts (admin)."""
-        return with_history([service.get_delivery(delivery_id)])[0]
+        return with_history([deliveries.get_delivery(delivery_id)])[0]
 
 
 @blp.route("/deliveries/<int:delivery_id>/redeliver")
@@ -123,4 +123,4 @@ class DeliveryRedeliver(MethodView):
     def post(self, delivery_id):
         """Send a dead (or delivered) delivery again, with a fresh retry schedule (admin; 409
         while it is still being tried)."""
-        return with_history([service.redeliver(service.get_delivery(delivery_id))])[0]
+        return with_history([deliveries.redeliver(deliveries.get_delivery(delivery_id))])[0]

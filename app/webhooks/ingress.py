@@ -24,7 +24,7 @@ from werkzeug.datastructures import EnvironHeaders
 from app.database import database_unavailable, db
 from app.errors import DomainError
 from app.request_hooks import request_id
-from app.webhooks import service
+from app.webhooks import receiving
 
 PREFIX = "/api/v1/webhooks/"
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -53,7 +53,9 @@ class WebhookIngress:
         headers = EnvironHeaders(environ)
         with self.app.app_context():
             try:
-                receipt = service.receive(name, body, headers, mimetype, environ.get("REMOTE_ADDR"))
+                receipt = receiving.receive(
+                    name, body, headers, mimetype, environ.get("REMOTE_ADDR")
+                )
             except DomainError:
                 return self.wsgi_app(environ, start_response)  # the view answers errors
             except Exception as exc:

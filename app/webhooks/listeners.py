@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app import events
-from app.webhooks import service
+from app.webhooks import processing
 from app.webhooks.models import TASK_SOURCE
 
 
@@ -12,4 +12,4 @@ def _made_by_a_rule(*, source: str, **_columns: str) -> str:
 
 
 def connect() -> None:
-    events.task_ended.connect(service.task_finished, interest=_made_by_a_rule)
+    events.task_ended.connect(processing.task_finished, interest=_made_by_a_rule)

@@ -8,7 +8,7 @@ from app.extensions import Blueprint
 from app.pagination import PageQuerySchema
 from app.projects import service as projects
 from app.view_marks import webhook_receiver
-from app.webhooks import service
+from app.webhooks import receiving, rules, service, sources
 from app.webhooks.schemas import (
     EventPageSchema,
     ReceiptSchema,
@@ -50,14 +50,14 @@ class Sources(MethodView):
     @blp.response(200, SourceListSchema)
     def get(self):
         """Webhook sources (admin); secrets are never shown again."""
-        return {"data": [_source(s) for s in service.list_sources()]}
+        return {"data": [_source(s) for s in sources.list_sources()]}
 
     @requires("admin")
     @blp.arguments(SourceCreateSchema)
     @blp.response(201, SourceCreatedSchema)
     def post(self, data):
         """Add a source (admin): its URL, and its secret this once."""
-        source, secret = service.create_source(current_principal(), data)
+        source, secret = sources.create_source(current_principal(), data)
         return (
             _source(source, secret),
             201,
@@ -71,7 +71,7 @@ class SourceByName(MethodView):
     @blp.response(204)
     def delete(self, name):
         """Remove a source (admin; 409 while rules use it). Its events are kept."""
-        service.delete_source(name)
+        sources.delete_source(name)
 
 
 _RECEIVER_HEADERS = [
@@ -116,7 +116,7 @@ class Receiver(MethodView):
         runs on the `events` queue). No credential: the signature is the authentication."""
         ip = request.remote_addr
         try:
-            receipt = service.receive(
+            receipt = receiving.receive(
                 name, request.get_data(), request.headers, request.mimetype, ip
             )
         except Unauthorized:
@@ -195,7 +195,7 @@ def rule_view(rule):  # type: ignore[no-untyped-def]
         "id": rule.id,
         "project": projects.project_keys({rule.project_id})[rule.project_id],
         "name": rule.name,
-        "source": service.source_names().get(rule.source_id),
+        "source": sources.source_names().get(rule.source_id),
         "event": rule.event,
         "actions": rule.actions,
         "conditions": rule.conditions,
@@ -215,7 +215,7 @@ class ProjectRules(MethodView):
     def get(self, args, key):
         """The project's webhook rules (viewer), oldest first."""
         project = projects.project_for(current_principal(), key)
-        page = service.list_rules(project, cursor=args.get("cursor"), limit=args["limit"])
+        page = rules.list_rules(project, cursor=args.get("cursor"), limit=args["limit"])
         page.items = [rule_view(r) for r in page.items]
         return page.response()
 
@@ -225,7 +225,7 @@ class ProjectRules(MethodView):
     def post(self, data, key):
         """Add a rule (maintainer): tasks it makes are created on my behalf."""
         project = projects.project_for(current_principal(), key, "maintainer")
-        rule = service.create_rule(current_principal(), project, data)
+        rule = rules.create_rule(current_principal(), project, data)
         return rule_view(rule), 201, {"Location": f"/api/v1/rules/{rule.id}"}
 
 
@@ -235,18 +235,18 @@ class RuleById(MethodView):
     @blp.response(200, RuleSchema)
     def get(self, rule_id):
         """One rule (viewer)."""
-        return rule_view(service.rule_for(current_principal(), rule_id))
+        return rule_view(rules.rule_for(current_principal(), rule_id))
 
     @requires("projects:write")
     @blp.arguments(RuleUpdateSchema)
     @blp.response(200, RuleSchema)
     def patch(self, data, rule_id):
         """Change a rule (maintainer); I become the author of the tasks it makes."""
-        rule = service.rule_for(current_principal(), rule_id, "maintainer")
-        return rule_view(service.update_rule(current_principal(), rule, data))
+        rule = rules.rule_for(current_principal(), rule_id, "maintainer")
+        return rule_view(rules.update_rule(current_principal(), rule, data))
 
     @requires("projects:write")
     @blp.response(204)
     def delete(self, rule_id):
         """Delete a rule (maintainer); events it matched keep their record."""
-        service.delete_rule(service.rule_for(current_principal(), rule_id, "maintainer"))
+        rules.delete_rule(rules.rule_for(current_principal(), rule_id, "maintainer"))
