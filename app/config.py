@@ -13,6 +13,8 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from app.agents.registry import custom_agents
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INSTANCE = PROJECT_ROOT / "instance"
 
@@ -236,8 +238,6 @@ class Settings:
         except ValueError as exc:
             raise ConfigError(f"SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS is not valid: {exc}") from exc
         if self.AGENTS:
-            from app.agents.registry import custom_agents
-
             try:
                 custom_agents(self.AGENTS)
             except (ValueError, KeyError, TypeError) as exc:

@@ -19,6 +19,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase
 
+from app.live import pubsub
+
 log = logging.getLogger(__name__)
 
 NAMING_CONVENTION = {
@@ -122,8 +124,6 @@ def _run_after_commit(session: sa.orm.Session) -> None:
     callbacks = session.info.pop("sb_after_commit", [])
     if not callbacks:
         return
-    from app.live import pubsub  # it sends through Redis, which needs this module's `db`
-
     with pubsub.batched():  # the transaction's notifications leave in one round trip
         for callback in callbacks:
             try:

@@ -4,7 +4,6 @@ timeout) are replaced before use, without a ping on every request."""
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 
@@ -13,10 +12,7 @@ import sqlalchemy as sa
 from flask import Flask
 from helpers import assert_problem, count, wait_for
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("DATABASE_URL", "").startswith("postgres"),
-    reason="needs DATABASE_URL pointing at PostgreSQL (CI's second pass)",
-)
+pytestmark = pytest.mark.postgres
 
 
 def kill_connections(app: Flask) -> int:

@@ -50,10 +50,7 @@ def test_empty_sqlite(tmp_path):
     _upgrade_check_roundtrip(f"sqlite:///{tmp_path / 'fresh.db'}", tmp_path)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("DATABASE_URL", "").startswith("postgres"),
-    reason="needs DATABASE_URL pointing at PostgreSQL (CI's second pass)",
-)
+@pytest.mark.postgres
 def test_empty_postgresql(tmp_path):
     name = f"sb_migr_{uuid.uuid4().hex[:10]}"
     url = fresh_postgres_database(os.environ["DATABASE_URL"], name)

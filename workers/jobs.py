@@ -3,26 +3,23 @@ services; running one twice is harmless."""
 
 from __future__ import annotations
 
+from app.runs.sweep import sweep as run_sweep
+from app.subscriptions.deliveries import deliver as send
+from app.webhooks.processing import drain
+from workers.executor import execute
+
 
 def execute_run(run_id: int) -> str:
-    from workers.executor import execute
-
     return execute(run_id)
 
 
 def sweep() -> dict[str, int]:
-    from app.runs.sweep import sweep as run_sweep
-
     return run_sweep()
 
 
 def drain_events() -> int:
-    from app.webhooks.processing import drain
-
     return drain()
 
 
 def deliver(delivery_id: int) -> str:
-    from app.subscriptions.deliveries import deliver as send
-
     return send(delivery_id)

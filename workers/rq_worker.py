@@ -22,6 +22,7 @@ from app.database import db, keep_autocommit_connection
 from app.live import pubsub
 from app.queues import ALL_QUEUES, get_redis
 from workers import orphans
+from workers.run_driver import shutdown_requested
 
 log = logging.getLogger("workers.pool")
 
@@ -186,8 +187,6 @@ class AppWorker(SimpleWorker):
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """Warm shutdown: tell the running job to stop its agent (its run is queued again)."""
-        from workers.run_driver import shutdown_requested
-
         shutdown_requested.set()
         super().request_stop(signum, frame)
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import configure_mappers
 
 from app.database import database_unavailable, db
 from app.queues import RUN_QUEUES, get_redis
+from app.runs.sweep import sweep
 from workers import orphans
 from workers.process import die_with_parent
 from workers.rq_worker import run_worker
@@ -34,8 +35,6 @@ SWEEP_LOCK = "sb:sweep-lock"
 
 def sweep_once(app: Flask, interval: int) -> dict[str, int] | None:
     """Run the sweep unless another supervisor (on any host) ran it within `interval`."""
-    from app.runs.sweep import sweep
-
     with app.app_context():
         try:
             if not get_redis().set(SWEEP_LOCK, "1", nx=True, ex=max(1, interval)):

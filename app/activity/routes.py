@@ -2,6 +2,7 @@ import marshmallow as ma
 from flask.views import MethodView
 
 from app.activity import stream
+from app.activity.service import latest_id
 from app.auth.guard import current_principal, requires
 from app.errors import ValidationFailed
 from app.extensions import Blueprint, QuerySchema
@@ -31,7 +32,5 @@ class ActivityStream(MethodView):
         raw = last_event_id()
         if raw is not None and not raw.isdigit():
             raise ValidationFailed("Bad Last-Event-ID.", {"last_event_id": ["not an id"]})
-        from app.activity.service import latest_id
-
         after = int(raw) if raw is not None else latest_id()
         return sse(stream.follow(after, ids), principal.user.id)

@@ -6,18 +6,16 @@ from collections import deque
 from collections.abc import Iterator
 
 from app.activity import service
+from app.database import db
+from app.live.pubsub import activity_channel
 from app.live.sse import Event, hub, ping_interval
 
 
 def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | None]:
     """Activity the caller may see (`project_ids`; None: all), from `after_id` on."""
-    from app.database import db
-
     allowed = None if project_ids is None else set(project_ids)
     sent: deque[int] = deque(maxlen=5000)
     last = after_id
-    from app.live.pubsub import activity_channel
-
     sub = hub().subscribe([activity_channel()])
     try:
         while True:

@@ -18,6 +18,7 @@ from app.audit.models import AuditLog
 from app.audit.redact import redact
 from app.database import db
 from app.pagination import Page, paginate
+from app.users.models import User
 
 #: actions recorded during the current request, so the catch-all request audit can stay quiet
 _written_in_scope: ContextVar[list[str] | None] = ContextVar("audit_scope", default=None)
@@ -43,8 +44,6 @@ def record(
     ctx = context.current()
     actor_id = actor_id if actor_id is not None else ctx.user_id
     if actor_id is not None and actor_name is None:
-        from app.users.models import User
-
         user = db.session.get(User, actor_id)
         actor_name = user.username if user else None
     entry = AuditLog(

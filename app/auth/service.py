@@ -20,6 +20,7 @@ from app.auth.passwords import hash_password, needs_rehash, verify_password
 from app.auth.totp import accepted_step
 from app.database import db
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from app.pagination import paginate
 from app.timeutil import as_utc, utcnow
 from app.users.models import User
 
@@ -345,8 +346,6 @@ def create_pat(
 
 
 def list_pats(user_id: int, *, cursor: int | None, limit: int):  # type: ignore[no-untyped-def]
-    from app.pagination import paginate
-
     stmt = sa.select(PersonalAccessToken).where(PersonalAccessToken.user_id == user_id)
     return paginate(stmt, PersonalAccessToken.id, cursor=cursor, limit=limit)
 

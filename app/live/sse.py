@@ -27,8 +27,10 @@ from typing import Any
 import redis
 from flask import Response, current_app, request
 
+from app.database import db
 from app.errors import TooManyRequests
 from app.live.pubsub import unpack
+from app.queues import get_redis
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +327,6 @@ class StreamSlot:
     expires unless refreshed, so a crashed process cannot leak slots."""
 
     def __init__(self, user_id: int, cap: int, ttl: int) -> None:
-        from app.queues import get_redis
-
         self.redis = get_redis()
         self.key = f"sb:streams:{user_id}"
         self.member = uuid.uuid4().hex
@@ -387,8 +387,6 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
         ttl=max(30, cfg["SWITCHBOARD_STREAM_PING_SECONDS"] * 3),
     )
     _no_delay()
-    from app.database import db
-
     db.session.remove()  # streams hold no database connection between replays
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from app.projects.schemas import (
     ProjectStatsSchema,
     ProjectUpdateSchema,
 )
+from app.users.service import get_user
 
 blp = Blueprint(
     "projects", __name__, url_prefix="/api/v1/projects", description="Projects and their members"
@@ -100,8 +101,6 @@ class Members(MethodView):
         """Add a member or change their role (maintainer)."""
         project = service.project_for(current_principal(), key, "maintainer")
         member = service.set_member(project, data["user_id"], data["role"])
-        from app.users.service import get_user
-
         return (
             _member(member, get_user(member.user_id)),
             201,

@@ -25,6 +25,7 @@ from app.runs.schemas import (
     RunQuerySchema,
     RunSchema,
 )
+from app.runs.stream import RunFollower
 
 blp = Blueprint(
     "runs",
@@ -118,8 +119,6 @@ class RunStream(MethodView):
         """Follow a run live: `log` (offset, text), `event` (telemetry), `status`, and `done`
         when it has ended. Ids are `<log bytes>-<event seq>`."""
         run_for(run_id)
-        from app.runs.stream import RunFollower
-
         follower = RunFollower(run_id, last_event_id())
         follower.parking = parking()
         return sse(iter(follower), current_principal().user.id)

@@ -296,8 +296,6 @@ def request_stop(run: Run) -> Run:
 def delete_run(run: Run) -> None:
     if run.status not in RUN_TERMINAL:
         raise Conflict(f"Run {run.id} is {run.status}; stop it first.")
-    from app.tasks.models import Task
-
     task = db.session.get(Task, run.task_id)
     if task is not None and task.latest_run_id == run.id:
         task.latest_run_id = db.session.scalar(

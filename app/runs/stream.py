@@ -19,6 +19,7 @@ from app.live import pubsub
 from app.live.sse import Event, Parking, hub, ping_interval
 from app.runs import logs
 from app.runs.models import RUN_TERMINAL, Run, RunEvent
+from app.tasks.models import TASK_TERMINAL, Task
 from app.timeutil import rfc3339
 
 LOG_PAGE = 64 * 1024
@@ -247,8 +248,6 @@ TASK_POSITION = re.compile(r"^(\d+):(\d+-\d+)$")
 def follow_task(task_id: int, position: str | None) -> Iterator[Event | None]:
     """Every run of a task in order (retries included), each event tagged with its run id;
     ids are `<run id>:<log bytes>-<seq>`. Ends with `done` when the task has ended."""
-    from app.tasks.models import TASK_TERMINAL, Task
-
     match = TASK_POSITION.match(position or "")
     after_run, run_pos = (int(match.group(1)), match.group(2)) if match else (0, None)
     ping = ping_interval()

@@ -40,11 +40,11 @@ def subscription_view(subscription, secret=None):  # type: ignore[no-untyped-def
     return body
 
 
-def with_history(deliveries):  # type: ignore[no-untyped-def]
-    history = deliveries.attempts_of([d.id for d in deliveries])
-    for delivery in deliveries:
+def with_history(sent):  # type: ignore[no-untyped-def]
+    history = deliveries.attempts_of([d.id for d in sent])
+    for delivery in sent:
         delivery.history = history[delivery.id]
-    return deliveries
+    return sent
 
 
 @blp.route("/subscriptions")

@@ -15,7 +15,9 @@ import sqlalchemy as sa
 from app import events
 from app.activity import service as activity
 from app.database import after_commit, db
+from app.live import pubsub
 from app.projects.models import Project
+from app.queues import get_queue
 from app.runs.models import Run
 from app.tasks.models import PRIORITY_RANK, TASK_TERMINAL, Task, TaskDependency
 from app.timeutil import utcnow
@@ -330,15 +332,11 @@ def dispatch(project_id: int) -> list[int]:
 def enqueue(run_id: int, priority: str) -> None:
     """Put the run's job on its priority queue (with the transaction's notifications when they
     are being batched). Idempotent: the job only acts on a queued run."""
-    from app.live import pubsub
-
     if not pubsub.defer(lambda pipe: _enqueue(run_id, priority, pipe)):
         _enqueue(run_id, priority, None)
 
 
 def _enqueue(run_id: int, priority: str, pipeline: Any) -> None:
-    from app.queues import get_queue
-
     get_queue(queue_name(priority)).enqueue_call(
         "workers.jobs.execute_run",
         args=(run_id,),
