@@ -25,6 +25,7 @@ import time
 
 import sqlalchemy as sa
 from harness import (
+    CpuMeter,
     Server,
     backend_parser,
     cpu_check,
@@ -130,7 +131,9 @@ def main() -> None:
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         prepared = [[request] * 20000 for _ in range(args.clients)]
+        meter = CpuMeter(server)
         lat, statuses, elapsed = socket_load(port, prepared, args.seconds)
+        creation_cpu = meter.per(len(lat))
         failed = sum(1 for s in statuses if s != 201)
         assert failed == 0, f"{failed} creations failed"
         rate = len(lat) / elapsed
@@ -138,6 +141,7 @@ def main() -> None:
             f"task creations: {rate:.0f}/s ({args.clients} clients)  p50 {pct(lat, 0.5):.1f} ms  "
             f"p99 {pct(lat, 0.99):.1f} ms"
         )
+        print(f"  CPU per creation: {creation_cpu}")
 
         # 2. POST -> agent started / run completed, one at a time, after a few unmeasured runs
         # (each worker process's first job meets cold caches)
@@ -190,6 +194,7 @@ def main() -> None:
                 ids.append(json.loads(answer)["latest_run_id"])
             sock.close()
 
+        meter = CpuMeter(server)
         threads = [threading.Thread(target=creator, args=(s, args.burst // 4)) for s in sockets]
         for t in threads:
             t.start()
@@ -201,6 +206,7 @@ def main() -> None:
             f"trivial runs completed: {len(ids) / elapsed:.0f}/s "
             f"({len(ids)} runs in {elapsed:.1f} s, created by 4 clients meanwhile)"
         )
+        print(f"  CPU per run, its creation included: {meter.per(len(ids))}")
 
         # 4. POST latency with 100,000 stored tasks, against a twin server whose database holds a
         # few hundred: requests alternate between the two, so that this machine's changes of

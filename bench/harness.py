@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.process import child_pids as children  # noqa: F401 - for the benchmarks
+from workers.process import child_pids as children
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the suite's helpers serve the benchmarks too
@@ -53,6 +53,56 @@ def cpu_check() -> float:
     for i in range(1_000_000):
         total += i
     return (time.perf_counter() - started) * 1000
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _named(name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU seconds used by each part of the system between two readings: the web processes,
+    the worker pool, PostgreSQL and Redis (all of this machine's, which serve only the bench).
+    A cost per operation that the machine's changes of speed move far less than a rate."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.before = self.read()
+
+    def read(self) -> dict[str, float]:
+        web = [self.server.web.pid, *children(self.server.web.pid)]
+        pool = self.server.pool
+        workers = [pool.pid, *children(pool.pid)] if pool is not None else []
+        return {
+            "web": sum(map(_cpu_of, web)),
+            "worker": sum(map(_cpu_of, workers)),
+            "postgres": sum(map(_cpu_of, _named("postgres"))),
+            "redis": sum(map(_cpu_of, _named("redis-server"))),
+        }
+
+    def per(self, count: int) -> str:
+        """Milliseconds per operation since the last reading, by part; starts a new reading."""
+        now = self.read()
+        costs = {k: (now[k] - self.before[k]) * 1000 / max(count, 1) for k in now}
+        self.before = now
+        parts = "  ".join(f"{k} {v:.2f}" for k, v in costs.items() if v >= 0.005)
+        return f"{sum(costs.values()):.2f} ms ({parts})"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -262,8 +312,9 @@ class Server:
             "--log-level",
             "warning",
         )
+        self.pool = None
         if self.worker:
-            self._start(str(BIN / "switchboard"), "worker", quiet=True)
+            self.pool = self._start(str(BIN / "switchboard"), "worker", quiet=True)
         deadline = time.monotonic() + 60
         while True:
             try:
