@@ -160,7 +160,13 @@ def started(app: Flask, task_id: int) -> int:
 
 
 def end_fast(
-    app: Flask, run_id: int, code: int, log: tuple[int, bytes], meanwhile: str = "", **values: Any
+    app: Flask,
+    run_id: int,
+    code: int,
+    log: tuple[int, bytes],
+    meanwhile: str = "",
+    events: list | None = None,
+    **values: Any,
 ) -> bool:
     """`pg_fastpath.finish` as the worker calls it, with the run and task it loaded; `meanwhile`:
     SQL that changes the run (:i) after they were loaded."""
@@ -178,12 +184,21 @@ def end_fast(
                 conn.execute(sa.text(meanwhile), {"i": run_id})
         status = "succeeded" if code == 0 else "failed"
         try:
-            return pg_fastpath.finish(run, task, status, exit_code=code, log=log, values=values)
+            return pg_fastpath.finish(
+                run, task, status, exit_code=code, log=log, values=values, events=events
+            )
         finally:
             db.session.remove()
 
 
-def end_orm(app: Flask, run_id: int, code: int, log: tuple[int, bytes], **values: Any) -> None:
+def end_orm(
+    app: Flask,
+    run_id: int,
+    code: int,
+    log: tuple[int, bytes],
+    events: list | None = None,
+    **values: Any,
+) -> None:
     """What the executor does when the end is not the plain case."""
     from app.database import db
     from app.runs import service as runs
@@ -191,6 +206,7 @@ def end_orm(app: Flask, run_id: int, code: int, log: tuple[int, bytes], **values
     with app.app_context():
         run = runs.get_run(run_id)
         runs.append_log(run, log[0], log[1], commit=False)
+        runs.add_events(run, events or [])
         extra = {k: values.pop(k) for k in ("branch", "commit_sha", "diff_stat") if k in values}
         for key, value in values.items():
             setattr(run, key, value)
@@ -214,7 +230,59 @@ def ended_rows(app: Flask, task_id: int) -> dict[str, Any]:
             ),
             {"i": task_id},
         ).all()
+        found["events"] = conn.execute(
+            sa.text(
+                "SELECT e.seq, e.type, e.data::text FROM run_events e JOIN runs r"
+                " ON r.id = e.run_id WHERE r.task_id = :i ORDER BY e.seq"
+            ),
+            {"i": task_id},
+        ).all()
     return found
+
+
+def claude_output() -> tuple[bytes, list, dict[str, Any]]:
+    """What the suite's fake Claude Code prints, and the events and run facts parsed from it."""
+    import subprocess
+    from pathlib import Path
+
+    from app.agents.registry import BUILTIN
+
+    fake = Path(__file__).parent / "fake_agents" / "claude"
+    out = subprocess.run([str(fake)], input=b"fix it", capture_output=True, check=True).stdout
+    events: list = []
+    facts: dict[str, Any] = {}
+    for line in out.decode().splitlines():
+        parsed = BUILTIN["claude"].parse(line)
+        events += parsed.events
+        facts.update(parsed.facts)
+    return out, events, facts
+
+
+@pytest.mark.postgres
+def test_a_claude_runs_end_with_its_events_in_one_round_trip_matches_the_orm_path(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    """A real agent's end (parsed events, session, model, cost, tokens) takes the one round
+    trip too, and stores exactly what the ORM path stores: events numbered from 1, in order."""
+    out, events, facts = claude_output()
+    assert len(events) >= 5 and facts["cost_usd"] == 0.0123 and facts["session_id"]
+    body = {"project": "demo", "title": "t", "prompt": "p", "agent": "claude"}
+    ids = [post_task(client, member, body, False, intake).get_json()["id"] for _ in range(2)]
+    run_ids = [started(app, i) for i in ids]
+    assert end_fast(app, run_ids[0], 0, (0, out), events=events, **facts) is True
+    end_orm(app, run_ids[1], 0, (0, out), events=events, **facts)
+
+    fast, orm = ended_rows(app, ids[0]), ended_rows(app, ids[1])
+    assert fast == orm
+    assert [row[:2] for row in fast["events"]] == [
+        (n, kind) for n, (kind, _data) in enumerate(events, 1)
+    ]
+    assert fast["run"]["event_count"] == len(events)
+    assert (fast["run"]["cost_usd"], fast["run"]["input_tokens"], fast["run"]["model"]) == (
+        facts["cost_usd"],
+        facts["input_tokens"],
+        facts["model"],
+    )
 
 
 @pytest.mark.postgres

@@ -198,7 +198,7 @@ def _ended_plainly(driver: RunDriver, task: Task, code: int, extra: dict[str, An
             exit_code=code,
             log=(b.offset, bytes(b.data)),
             values={**b.facts, **extra},
-            events=bool(b.events),
+            events=b.events,
             started=driver.pending_start,
         )
     if ended:

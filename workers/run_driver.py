@@ -68,6 +68,8 @@ class RunDriver:
         self.timeout = task.timeout_s if task.timeout_s is not None else default_timeout
         self.batch = Batch(offset=run.log_size)
         self.live_offset = run.log_size
+        # events are numbered here and published at once; they are stored with the output
+        self.next_seq = run.event_count + 1
         self.live_hold = b""
         self.pubsub: Any = None
         self.channel = b""
@@ -156,11 +158,28 @@ class RunDriver:
 
     def _parse(self, line: bytes) -> None:
         parsed = self.agent.parse(line.decode("utf-8", "replace"))
-        self.batch.events += parsed.events
+        self._add_events(parsed.events)
         self.batch.facts.update(parsed.facts)
 
     def note(self, kind: str, data: dict[str, Any]) -> None:
-        self.batch.events.append((kind, data))
+        self._add_events([(kind, data)])
+
+    def _add_events(self, events: list[Event]) -> None:
+        """Live subscribers get events at once, numbered as they will be stored (this executor
+        is the run's only writer of events while it holds the lease); the database gets them
+        with the next batch of output, or with the run's end."""
+        if not events:
+            return
+        b = self.batch
+        if b.since is None:
+            b.since = time.monotonic()
+        numbered = [
+            {"seq": self.next_seq + i, "type": kind, "data": data}
+            for i, (kind, data) in enumerate(events)
+        ]
+        self.next_seq += len(events)
+        b.events += events
+        pubsub.run_events(self.run_id, numbered)
 
     def settle(self) -> None:
         """The agent is done: publish what was held back and parse an unfinished last line."""
@@ -181,20 +200,22 @@ class RunDriver:
         run = self.run
         if b.data:
             runs.append_log(run, b.offset, bytes(b.data), commit=False)
+        first = run.event_count + 1
         stored = runs.add_events(run, b.events)
         for key, value in b.facts.items():
             setattr(run, key, value)
         if commit:
             db.session.commit()
-        if stored:
+        if stored and stored[0]["seq"] != first:  # numbered otherwise than published
             pubsub.run_events(self.run_id, stored)
+        self.next_seq = run.event_count + 1
         self.batch = Batch(offset=run.log_size, partial_line=b.partial_line)
 
     def due(self) -> bool:
+        """Output, events and facts go to the database together, `flush_s` after the first of
+        them (a short agent's go with its end, in one write)."""
         b = self.batch
-        return bool(b.events or b.facts) or (
-            b.since is not None and time.monotonic() - b.since >= self.flush_s
-        )
+        return b.since is not None and time.monotonic() - b.since >= self.flush_s
 
     # -- the database away ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -187,6 +188,10 @@ class Hub:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        #: the listener's own channel: a message there wakes it to take new subscriptions now,
+        #: instead of at its next poll (50 ms)
+        self.wake_channel = f"sb:hub-wake:{socket.gethostname()}:{os.getpid()}:{id(self)}"
+        self.wake_client: redis.Redis | None = None
         self.lock = threading.Lock()
         self.subscribers: dict[str, set[Subscription]] = {}
         #: wakes the listener to (un)subscribe; a Subscription is told when it is listening
@@ -202,10 +207,19 @@ class Hub:
             for ch in channels:
                 self._attach(sub, ch)
         self.changes.put(sub)
+        self._wake()
         if not sub.ready.wait(timeout):
             self.unsubscribe(sub)
             raise RuntimeError("Redis subscription timed out")
         return sub
+
+    def _wake(self) -> None:
+        try:
+            if self.wake_client is None:
+                self.wake_client = redis.Redis.from_url(self.url, socket_timeout=2)
+            self.wake_client.publish(self.wake_channel, b"")
+        except redis.RedisError:
+            pass  # the listener takes the subscription at its next poll
 
     def _attach(self, sub: Subscription, channel: str) -> None:
         self.subscribers.setdefault(channel, set()).add(sub)
@@ -255,16 +269,17 @@ class Hub:
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.url, health_check_interval=30)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.wake_channel)
         active: set[str] = set()
         try:
             while True:
                 self._sync(pubsub, active)
-                msg = pubsub.get_message(timeout=0.05) if active else None
-                if not active:
-                    time.sleep(0.05)
+                msg = pubsub.get_message(timeout=0.05)
                 if msg is None:
                     continue
                 channel = msg["channel"].decode()
+                if channel == self.wake_channel:
+                    continue  # new subscriptions: taken at the top of the loop
                 try:
                     messages = unpack(msg["data"])
                 except ValueError:

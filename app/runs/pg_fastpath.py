@@ -312,14 +312,20 @@ WITH plain AS (
 ), r AS (
   UPDATE runs SET status = %(status)s, exit_code = %(exit_code)s, error_summary = %(summary)s,
     finished_at = %(now)s, lease_expires_at = NULL, log_size = log_size + %(log_size)s,
+    event_count = event_count + %(event_n)s,
     {_STARTED if starting else ""}{_SETS}
   -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
   WHERE id = %(run_id)s AND {runs_were}
-    AND executor = %(executor)s AND log_size = %(log_offset)s AND (SELECT yes FROM plain)
+    AND executor = %(executor)s AND log_size = %(log_offset)s
+    AND event_count = %(event_offset)s AND (SELECT yes FROM plain)
   RETURNING id
 ), c AS (
   INSERT INTO run_log_chunks (run_id, "offset", size, data, created_at)
   SELECT id, %(log_offset)s, %(log_size)s, %(log)s, %(now)s FROM r WHERE %(log_size)s > 0
+), e AS (
+  INSERT INTO run_events (run_id, seq, type, data, created_at)
+  SELECT r.id, %(event_offset)s + x.n, x.e ->> 0, x.e -> 1, %(now)s
+  FROM r, json_array_elements(%(events)s::json) WITH ORDINALITY AS x(e, n)
 ), t AS (
   UPDATE tasks SET status = %(task_status)s, status_reason = %(summary)s, finished_at = %(now)s,
     updated_at = %(now)s
@@ -344,11 +350,14 @@ def finish(
     exit_code: int,
     log: tuple[int, bytes],
     values: dict[str, Any],
+    events: list[tuple[str, dict[str, Any]]] | None = None,
     started: Started | None = None,
 ) -> bool:
     """End the run as `service.finish` does after an agent exited by itself (`status` is
-    succeeded or failed), with its last output (`log`: offset, bytes) and the run columns its
-    output or workspace set. False when this is not the plain case: nothing was written.
+    succeeded or failed), with its last output (`log`: offset, bytes), the events parsed from
+    it (numbered after the run's `event_count`, as `service.add_events` numbers them) and the
+    run columns its output or workspace set. False when this is not the plain case: nothing
+    was written.
 
     `started`: the run is still `assigned`: its agent exited before the executor wrote its
     start (`service.mark_running`), which is then written with the end, as `start` writes it."""
@@ -387,6 +396,9 @@ def finish(
         "log_offset": offset,
         "log_size": len(data),
         "log": data,
+        "event_offset": run.event_count,
+        "event_n": len(events or ()),
+        "events": json.dumps([[kind, value] for kind, value in events or ()]),
         "run_data": json.dumps(run_data),
         "task_data": json.dumps(task_data),
         **start_params,

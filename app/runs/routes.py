@@ -7,6 +7,7 @@ from app.errors import Conflict, NotFound
 from app.extensions import Blueprint
 from app.live import pubsub
 from app.live.sse import last_event_id, parking, sse, stream_view
+from app.live.waiting import WaitQuerySchema, conditional, wait_for_change
 from app.projects import service as projects
 from app.runs import logs
 from app.runs import service as runs
@@ -68,10 +69,21 @@ class Runs(MethodView):
 @blp.route("/<int:run_id>")
 class RunById(MethodView):
     @requires("projects:read")
+    @conditional
+    @blp.arguments(WaitQuerySchema, location="query")
     @blp.response(200, RunSchema)
-    def get(self, run_id):
-        """A run: status, times, exit code, agent version, cost, tokens, branch and commit."""
-        return run_for(run_id)
+    @blp.alt_response(304, description="Not Modified: the run is as the `If-None-Match` ETag")
+    def get(self, args, run_id):
+        """A run: status, times, exit code, agent version, cost, tokens, branch and commit. With
+        `?wait=`, answers when the run's status changes (long-poll); an `ETag` comes with it,
+        and `If-None-Match` gets `304 Not Modified` while it is current."""
+        return wait_for_change(
+            lambda: run_for(run_id),
+            RunSchema().dump,
+            lambda run: pubsub.run_channel(run.id),
+            lambda message: message.get("type") == "status",
+            args,
+        )
 
     @requires("runs:control")
     @blp.response(204)

@@ -88,6 +88,8 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
         _assigning(run_id, executor, utcnow() + timedelta(seconds=lease_s)).returning(Run),
         execution_options={"populate_existing": True},
     ).scalar_one_or_none()
+    if run is not None:  # heard by the run's streams and by clients waiting on it
+        after_commit(lambda: pubsub.run_status(run_id, "assigned"))
     db.session.commit()
     return run
 
@@ -252,16 +254,16 @@ def finish_exited(
     exit_code: int,
     log: tuple[int, bytes],
     values: dict[str, Any],
-    events: bool,
+    events: list[tuple[str, dict[str, Any]]],
     started: Started | None = None,
 ) -> bool:
-    """End a run whose agent exited by itself, with its last output (`log`: offset, bytes) and
-    the run columns its output or workspace set, in one round trip where that applies: on
-    PostgreSQL, when no parsed `events` wait to be stored (they take their sequence numbers
-    here, in `add_events`) and the lifecycle finds the end quiet (`runs.pg_fastpath.finish`).
-    False when it does not apply: nothing was written, and the caller stores its output and
-    calls `finish`. `started`: the agent's start, if not written yet, goes with the end."""
-    if events or not on_postgresql():
+    """End a run whose agent exited by itself, with its last output (`log`: offset, bytes), the
+    events parsed from it and the run columns its output or workspace set (a claude run's
+    session, model, cost and tokens), in one round trip where that applies: on PostgreSQL, when
+    the lifecycle finds the end quiet (`runs.pg_fastpath.finish`). False when it does not
+    apply: nothing was written, and the caller stores its output and calls `finish`.
+    `started`: the agent's start, if not written yet, goes with the end."""
+    if not on_postgresql():
         return False
     return pg_fastpath.finish(
         run,
@@ -270,6 +272,7 @@ def finish_exited(
         exit_code=exit_code,
         log=log,
         values=values,
+        events=events,
         started=started,
     )
 

@@ -3,7 +3,9 @@ from flask.views import MethodView
 
 from app.auth.guard import current_principal, requires
 from app.extensions import Blueprint
+from app.live import pubsub
 from app.live.sse import last_event_id, sse, stream_view
+from app.live.waiting import WaitQuerySchema, conditional, wait_for_change
 from app.runs.schemas import RunSchema
 from app.runs.stream import follow_task
 from app.tasks import lifecycle, service
@@ -88,10 +90,30 @@ class Tasks(MethodView):
 @blp.route("/<int:task_id>")
 class TaskById(MethodView):
     @requires("projects:read")
+    @conditional
+    @blp.arguments(WaitQuerySchema, location="query")
     @blp.response(200, TaskDetailSchema)
-    def get(self, task_id):
-        """A task with its runs."""
-        return view(service.task_for(current_principal(), task_id), with_runs=True)
+    @blp.alt_response(304, description="Not Modified: the task is as the `If-None-Match` ETag")
+    def get(self, args, task_id):
+        """A task with its runs. With `?wait=`, answers when the task changes (long-poll); an
+        `ETag` comes with it, and `If-None-Match` gets `304 Not Modified` while it is current."""
+
+        def load():  # type: ignore[no-untyped-def]
+            return view(service.task_for(current_principal(), task_id), with_runs=True)
+
+        def channel(task):  # type: ignore[no-untyped-def]
+            """A task follows its latest run: the run's status messages (a retry's new run
+            starts when the old one ends); a task with no run yet hears the activity feed."""
+            if task.latest_run_id is not None:
+                return pubsub.run_channel(task.latest_run_id)
+            return pubsub.activity_channel()
+
+        def concerns(message):  # type: ignore[no-untyped-def]
+            if message.get("type") == "status":
+                return True
+            return (message.get("data") or {}).get("task_id") == task_id
+
+        return wait_for_change(load, TaskDetailSchema().dump, channel, concerns, args)
 
     @requires("runs:start")
     @blp.arguments(TaskUpdateSchema)
