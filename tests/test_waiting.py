@@ -60,7 +60,8 @@ def test_a_run_read_has_an_etag_and_is_not_modified_while_current(client, member
     assert changed.get_json()["status"] == "assigned"
     detail = client.get(f"/api/v1/tasks/{task['id']}", headers=member.headers)
     again = client.get(
-        f"/api/v1/tasks/{task['id']}", headers={**member.headers, "If-None-Match": detail.headers["ETag"]}
+        f"/api/v1/tasks/{task['id']}",
+        headers={**member.headers, "If-None-Match": detail.headers["ETag"]},
     )
     assert again.status_code == 304
 
