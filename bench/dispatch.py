@@ -4,9 +4,13 @@ Starts a real server (gunicorn + `switchboard worker`) on a fresh PostgreSQL dat
 db, then prints:
   - task creations per second (POST /api/v1/tasks, target external: API + database only);
   - POST -> agent process started and POST -> run completed, p50/p99, one run at a time, with a
-    trivial agent (`echo $EPOCHREALTIME`: the agent prints the moment it started);
-  - trivial runs completed per second (a burst of tasks through the worker pool, created on four
-    keep-alive sockets with requests built beforehand, as the creations are);
+    trivial agent (`echo $EPOCHREALTIME`: the agent prints the moment it started) and with the
+    suite's fake Claude Code (stream-json parsed into events, cost, tokens, session, model);
+  - runs completed per second for both (a burst of tasks through the worker pool, created on
+    four keep-alive sockets with requests built beforehand, as the creations are), with the CPU
+    each part of the system spent per run;
+  - POST -> the client sees the run completed, for a client polling every 5 ms and for one
+    long-polling (`GET /api/v1/runs/{id}?wait=30&status=…`);
   - POST latency with a few hundred and with 100,000 tasks stored (a twin server holds the
     few hundred; requests alternate between the two).
 Bounded in time; loopback only.
@@ -25,6 +29,8 @@ import time
 
 import sqlalchemy as sa
 from harness import (
+    ROOT,
+    Client,
     CpuMeter,
     Server,
     backend_parser,
@@ -82,6 +88,115 @@ def parse_time(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
+def sequential_runs(
+    c: Client, watcher: RunWatcher, project: str, prompt: str, count: int, warm: int, name: str
+) -> None:
+    """POST -> agent started / run completed, one run at a time, after `warm` unmeasured runs
+    (each worker process's first job meets cold caches). The shell agent prints the moment it
+    started; for others the run's `started_at` (when the worker spawned it) is that moment."""
+    started, completed = [], []
+    for n in range(-warm, count):
+        t0 = time.time()
+        _, task = c.call(
+            "POST", "/api/v1/tasks", {"project": project, "title": "s", "prompt": prompt}
+        )
+        watcher.wait(task["latest_run_id"])
+        _, done = c.call("GET", f"/api/v1/tasks/{task['id']}")
+        run = done["runs"][0]
+        assert run["status"] == "succeeded", run
+        if n < 0:
+            continue
+        if project == "pool":
+            _, log = c.call("GET", f"/api/v1/runs/{run['id']}/log")
+            started.append(float(log["text"].strip()) - t0)
+        else:
+            started.append(parse_time(run["started_at"]) - t0)
+        completed.append(parse_time(run["finished_at"]) - t0)
+    print(
+        f"[{name}] POST -> agent started: p50 {pct(started, 0.5):.1f} ms  "
+        f"p99 {pct(started, 0.99):.1f} ms  ({count} runs)"
+    )
+    print(
+        f"[{name}] POST -> run completed: p50 {pct(completed, 0.5):.1f} ms  "
+        f"p99 {pct(completed, 0.99):.1f} ms"
+    )
+
+
+def runs_per_second(
+    server: Server, port: int, token: str, watcher: RunWatcher, project: str, burst: int, name: str
+) -> None:
+    """Runs completed per second: a burst of tasks through the worker pool, created on four
+    keep-alive sockets with requests built beforehand, as the creations are (the creators share
+    the cores); the ends are heard on the activity channel (asking the server would add its
+    own load to what is measured)."""
+    ids: list[int] = []
+    prompt = "true" if project == "pool" else "Fix the bug in parser.py"
+    body = json.dumps({"project": project, "title": "r", "prompt": prompt}).encode()
+    request = (
+        f"POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    for sock in sockets:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t0 = time.monotonic()
+
+    def creator(sock: socket.socket, n: int) -> None:
+        buffer = bytearray()
+        for _ in range(n):
+            sock.sendall(request)
+            status, answer = read_response_body(sock, buffer)
+            assert status == 201, answer
+            ids.append(json.loads(answer)["latest_run_id"])
+        sock.close()
+
+    meter = CpuMeter(server)
+    threads = [threading.Thread(target=creator, args=(s, burst // 4)) for s in sockets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    watcher.wait_all(set(ids), timeout=120)
+    elapsed = time.monotonic() - t0
+    print(
+        f"[{name}] runs completed: {len(ids) / elapsed:.0f}/s "
+        f"({len(ids)} runs in {elapsed:.1f} s, created by 4 clients meanwhile)"
+    )
+    print(f"[{name}]   CPU per run, its creation included: {meter.per(len(ids))}")
+
+
+TERMINAL = ("succeeded", "failed", "cancelled", "timed_out", "lost")
+
+
+def client_sees_the_end(c: Client, project: str, count: int, how: str) -> None:
+    """POST -> the client knows the run ended, as a script waits: asking every 5 ms, or asking
+    the server to answer when the run's status changes (`?wait=`)."""
+    seen, after_end = [], []
+    for n in range(-3, count):
+        t0 = time.time()
+        _, task = c.call(
+            "POST", "/api/v1/tasks", {"project": project, "title": "w", "prompt": "Fix it"}
+        )
+        path, status = f"/api/v1/runs/{task['latest_run_id']}", "queued"
+        while status not in TERMINAL:
+            if how == "long-polling":
+                _, run = c.call("GET", f"{path}?wait=30&status={status}")
+            else:
+                time.sleep(0.005)
+                _, run = c.call("GET", path)
+            status = run["status"]
+        if n >= 0:
+            now = time.time()
+            seen.append(now - t0)
+            after_end.append(now - parse_time(run["finished_at"]))
+    print(
+        f"[{project}, client {how}] POST -> client sees the run completed: "
+        f"p50 {pct(seen, 0.5):.1f} ms  p99 {pct(seen, 0.99):.1f} ms  ({count} runs); "
+        f"after the run's end: p50 {pct(after_end, 0.5):.1f} ms  p99 {pct(after_end, 0.99):.1f} ms"
+    )
+
+
 def main() -> None:
     parser = backend_parser(redis_db=14)
     parser.add_argument("--runs", type=int, default=200, help="sequential runs for latency")
@@ -89,6 +204,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--clients", type=int, default=16, help="connections creating tasks")
     parser.add_argument("--latency-requests", type=int, default=500, help="POSTs per store size")
+    parser.add_argument(
+        "--client-runs", type=int, default=100, help="runs per waiting client (polling, long-poll)"
+    )
     parser.add_argument(
         "--workers", type=int, default=int(os.environ.get("SWITCHBOARD_WORKER_PROCESSES", 4))
     )
@@ -101,14 +219,16 @@ def main() -> None:
     settings = {
         "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
         "SWITCHBOARD_WORKER_PROCESSES": str(args.workers),
+        # the suite's fake Claude Code, found as `claude`
+        "PATH": f"{ROOT / 'tests' / 'fake_agents'}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     with Server(database_url=db_url, redis_url=args.redis_url, worker=True, **settings) as server:
         port = server.port
         c = server.client()
         token = c.token
-        for key in ("ext", "pool"):
+        for key, agent in (("ext", "shell"), ("pool", "shell"), ("claude", "claude")):
             status, body = c.call(
-                "POST", "/api/v1/projects", {"key": key, "name": key, "default_agent": "shell"}
+                "POST", "/api/v1/projects", {"key": key, "name": key, "default_agent": agent}
             )
             assert status == 201, body
         conn = redis.Redis.from_url(args.redis_url)
@@ -143,70 +263,19 @@ def main() -> None:
         )
         print(f"  CPU per creation: {creation_cpu}")
 
-        # 2. POST -> agent started / run completed, one at a time, after a few unmeasured runs
-        # (each worker process's first job meets cold caches)
-        started, completed = [], []
+        # 2.-3. what a user's runs cost and take: the trivial shell agent, then the suite's fake
+        # Claude Code (stream-json parsed into events, cost, tokens, session, model)
         watcher = RunWatcher(conn)
-        for n in range(-2 * args.workers, args.runs):
-            t0 = time.time()
-            _, task = c.call(
-                "POST",
-                "/api/v1/tasks",
-                {"project": "pool", "title": "s", "prompt": "echo $EPOCHREALTIME"},
-            )
-            watcher.wait(task["latest_run_id"])
-            _, done = c.call("GET", f"/api/v1/tasks/{task['id']}")
-            run = done["runs"][0]
-            _, log = c.call("GET", f"/api/v1/runs/{run['id']}/log")
-            if n >= 0:
-                started.append(float(log["text"].strip()) - t0)
-                completed.append(parse_time(run["finished_at"]) - t0)
-        print(
-            f"POST -> agent started: p50 {pct(started, 0.5):.1f} ms  "
-            f"p99 {pct(started, 0.99):.1f} ms  ({args.runs} runs)"
-        )
-        print(
-            f"POST -> run completed: p50 {pct(completed, 0.5):.1f} ms  "
-            f"p99 {pct(completed, 0.99):.1f} ms"
-        )
+        for name, project, prompt in (
+            ("shell", "pool", "echo $EPOCHREALTIME"),
+            ("claude", "claude", "Fix the bug in parser.py"),
+        ):
+            sequential_runs(c, watcher, project, prompt, args.runs, 2 * args.workers, name)
+            runs_per_second(server, port, token, watcher, project, args.burst, name)
 
-        # 3. runs completed per second (the ends are heard on the activity channel: asking the
-        # server would add its own load to what is measured; the tasks are created as in 1, with
-        # requests built beforehand on keep-alive sockets, since the creators share the cores)
-        ids: list[int] = []
-        body = json.dumps({"project": "pool", "title": "r", "prompt": "true"}).encode()
-        request = (
-            f"POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-        for sock in sockets:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t0 = time.monotonic()
-
-        def creator(sock: socket.socket, n: int) -> None:
-            buffer = bytearray()
-            for _ in range(n):
-                sock.sendall(request)
-                status, answer = read_response_body(sock, buffer)
-                assert status == 201, answer
-                ids.append(json.loads(answer)["latest_run_id"])
-            sock.close()
-
-        meter = CpuMeter(server)
-        threads = [threading.Thread(target=creator, args=(s, args.burst // 4)) for s in sockets]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        watcher.wait_all(set(ids), timeout=120)
-        elapsed = time.monotonic() - t0
-        print(
-            f"trivial runs completed: {len(ids) / elapsed:.0f}/s "
-            f"({len(ids)} runs in {elapsed:.1f} s, created by 4 clients meanwhile)"
-        )
-        print(f"  CPU per run, its creation included: {meter.per(len(ids))}")
+        # 5. as a script sees a run end: polling every 5 ms, and long-polling (?wait=)
+        for how in ("polling every 5 ms", "long-polling"):
+            client_sees_the_end(c, "claude", args.client_runs, how)
 
         # 4. POST latency with 100,000 stored tasks, against a twin server whose database holds a
         # few hundred: requests alternate between the two, so that this machine's changes of

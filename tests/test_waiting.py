@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from helpers import account, assert_problem, wait_for
@@ -148,3 +149,28 @@ def test_a_long_poll_of_anothers_run_is_a_404(app, client, member, project):
     assert_problem(resp, 404)
     bad = client.get(f"/api/v1/runs/{task['latest_run_id']}?wait=600", headers=member.headers)
     assert_problem(bad, 422)
+
+
+def test_a_change_made_while_subscribing_is_not_missed(app, client, member, project, monkeypatch):
+    """The run changes after the first read and before the subscription listens (its message is
+    lost to this client): the read after subscribing sees it, fresh from the database."""
+    from app.live import waiting
+
+    task = external_task(client, member)
+    real_hub = waiting.hub
+
+    class ChangingHub:
+        def subscribe(self, channels: list[str]) -> Any:
+            # committed and announced before we listen, by another request (its own thread)
+            other = threading.Thread(target=claim, args=(app.test_client(), member, task))
+            other.start()
+            other.join()
+            return real_hub().subscribe(channels)
+
+    monkeypatch.setattr(waiting, "hub", ChangingHub)
+    asked = time.monotonic()
+    resp = client.get(
+        f"/api/v1/runs/{task['latest_run_id']}?wait=20&status=queued", headers=member.headers
+    )
+    assert resp.status_code == 200 and resp.get_json()["status"] == "assigned"
+    assert time.monotonic() - asked < 10  # seen at once, not when the 20 s wait ran out

@@ -95,6 +95,7 @@ def wait_for_change(
         return current
     subscription = hub().subscribe([channel(current)])
     try:
+        db.session.remove()  # a fresh read, not the session's copy of the row
         current = load()  # what changed while the subscription was being made
         deadline = time.monotonic() + seconds
         while not differs(dump(current)):
