@@ -1,12 +1,20 @@
-"""The app's commands: Flask's CLI for this app (`db upgrade`, …) plus users, bootstrap and the
-API docs. The `switchboard` command adds to them the commands that start processes
-(`workers.cli`)."""
+"""The app's commands: Flask's CLI for this app (`db upgrade`, …) plus users, bootstrap, the
+API docs, and `tasks create` (a client of a running server). The `switchboard` command adds to
+them the commands that start processes (`workers.cli`)."""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
 
 import click
 from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
+
+from app.tasks.models import PRIORITIES, TASK_TERMINAL
 
 
 def _create_app() -> Flask:
@@ -121,3 +129,57 @@ def api_docs() -> None:
     from app.openapi import render_markdown
 
     click.echo(render_markdown(api.spec.to_dict()), nl=False)
+
+
+# -- a client of a running server --------------------------------------------------------------
+
+
+@main.group("tasks")
+def tasks_group() -> None:
+    """Tasks on a running Switchboard, over its API: SWITCHBOARD_URL (default
+    http://127.0.0.1:8000) and SWITCHBOARD_TOKEN (an access token or a personal access token)."""
+
+
+@tasks_group.command("create")
+@click.option("--project", required=True, help="Project key.")
+@click.option("--prompt", required=True, help="What the agent is asked to do.")
+@click.option("--title", default=None, help="Default: the prompt's first line.")
+@click.option("--agent", default=None, help="Default: the project's default agent.")
+@click.option("--priority", default=None, type=click.Choice(PRIORITIES))
+@click.option("--wait", is_flag=True, help="Wait until the task has ended (long-poll).")
+def tasks_create(
+    project: str,
+    prompt: str,
+    title: str | None,
+    agent: str | None,
+    priority: str | None,
+    wait: bool,
+) -> None:
+    """Create a task and print it (with --wait: once it has ended; exit 1 unless completed)."""
+    body = {"project": project, "prompt": prompt, "title": title or prompt.splitlines()[0][:300]}
+    body.update({k: v for k, v in (("agent", agent), ("priority", priority)) if v})
+    task = _api("POST", "/api/v1/tasks", body)
+    while wait and task["status"] not in TASK_TERMINAL:
+        task = _api("GET", f"/api/v1/tasks/{task['id']}?wait=30&status={task['status']}")
+    click.echo(json.dumps(task, indent=2))
+    if wait and task["status"] != "completed":
+        sys.exit(1)
+
+
+def _api(method: str, path: str, body: dict | None = None) -> dict:
+    """One API call; a problem (or no server) ends the command with its detail."""
+    base = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8000").rstrip("/")
+    token = os.environ.get("SWITCHBOARD_TOKEN")
+    if not token:
+        raise click.UsageError("set SWITCHBOARD_TOKEN (an access token or a personal access token)")
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        problem = json.loads(exc.read() or b"{}")
+        raise click.ClickException(f"{exc.code}: {problem.get('detail') or exc.reason}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {base}: {exc}") from None

@@ -277,6 +277,20 @@ def main() -> None:
         for how in ("polling every 5 ms", "long-polling"):
             client_sees_the_end(c, "claude", args.client_runs, how)
 
+        # 6. what one read of a run costs the web process (what every poll costs)
+        _, task = c.call("POST", "/api/v1/tasks", {"project": "ext", "title": "r", "prompt": "x"})
+        read = (
+            f"GET /api/v1/runs/{task['latest_run_id']} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+        meter = CpuMeter(server)
+        lat, statuses, elapsed = socket_load(port, [[read] * 20000 for _ in range(4)], 3)
+        assert set(statuses) == {200}, set(statuses)
+        print(
+            f"GET /api/v1/runs/{{id}}: {len(lat) / elapsed:.0f}/s (4 clients)  "
+            f"p50 {pct(lat, 0.5):.1f} ms; CPU per read: {meter.per(len(lat))}"
+        )
+
         # 4. POST latency with 100,000 stored tasks, against a twin server whose database holds a
         # few hundred: requests alternate between the two, so that this machine's changes of
         # speed (1.6x within seconds) fall on both measures alike

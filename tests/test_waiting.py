@@ -174,3 +174,37 @@ def test_a_change_made_while_subscribing_is_not_missed(app, client, member, proj
     )
     assert resp.status_code == 200 and resp.get_json()["status"] == "assigned"
     assert time.monotonic() - asked < 10  # seen at once, not when the 20 s wait ran out
+
+
+def test_the_cli_creates_a_task_and_waits_for_its_end(app, client, member, project, worker, live):
+    """`switchboard tasks create --wait` against a live server: it returns once the task has
+    ended, with the ended task, and its exit code says how it ended."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    switchboard = Path(sys.executable).parent / "switchboard"
+    env = {**os.environ, "SWITCHBOARD_URL": live.url, "SWITCHBOARD_TOKEN": member.access_token}
+
+    def create(prompt: str) -> subprocess.CompletedProcess:
+        argv = [str(switchboard), "tasks", "create", "--project", "demo", "--prompt", prompt]
+        return subprocess.run(
+            [*argv, "--wait"], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    done = create("echo hi; sleep 0.5; echo bye")
+    assert done.returncode == 0, done.stderr
+    task = json.loads(done.stdout)
+    assert task["status"] == "completed" and task["runs"][0]["status"] == "succeeded"
+    failed = create("exit 3")
+    assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
+    nobody = subprocess.run(
+        [str(switchboard), "tasks", "create", "--project", "nope", "--prompt", "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert nobody.returncode == 1 and "422" in nobody.stderr
