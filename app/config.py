@@ -137,6 +137,9 @@ class Settings:
     STREAM_RETRY_MS: int = 3000
     #: Lifetime of a stream token (for EventSource, which cannot send headers), in seconds.
     STREAM_TOKEN_TTL: int = 60
+    #: How long a process remembers a credential's user, token and project roles, in seconds
+    #: (a change is announced to every process at once; 0: look them up on every request).
+    AUTH_CACHE_SECONDS: int = 5
     #: Largest webhook delivery accepted, in bytes (GitHub's own cap is 25 MB).
     WEBHOOK_MAX_BODY_BYTES: int = 25 * 1024 * 1024
     #: Seconds to wait before each retry of a failed outbound delivery; one attempt more than
@@ -194,6 +197,7 @@ class Settings:
             STREAM_CAP=_int("SWITCHBOARD_STREAM_CAP", d.STREAM_CAP),
             STREAM_RETRY_MS=_int("SWITCHBOARD_STREAM_RETRY_MS", d.STREAM_RETRY_MS),
             STREAM_TOKEN_TTL=_int("SWITCHBOARD_STREAM_TOKEN_TTL", d.STREAM_TOKEN_TTL),
+            AUTH_CACHE_SECONDS=_int("SWITCHBOARD_AUTH_CACHE_SECONDS", d.AUTH_CACHE_SECONDS),
             WEBHOOK_MAX_BODY_BYTES=_int(
                 "SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES", d.WEBHOOK_MAX_BODY_BYTES
             ),

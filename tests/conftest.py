@@ -106,10 +106,12 @@ def app(tmp_instance: Path, database_url: str, redis_url: str) -> Iterator[Flask
 
 
 def _clean(app: Flask) -> None:
+    from app.auth.cache import remembered
     from app.database import db
     from app.queues import get_redis
 
     with app.app_context():
+        remembered().forget()  # the ids it remembers are about to be given out again
         db.session.remove()
         tables = [t for t in reversed(db.metadata.sorted_tables)]
         with db.engine.begin() as conn:

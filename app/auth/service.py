@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import jwt
 import sqlalchemy as sa
@@ -13,12 +14,12 @@ from flask import current_app
 
 from app import context
 from app.audit import service as audit
-from app.auth import throttle, tokens
+from app.auth import cache, throttle, tokens
 from app.auth.abilities import ABILITIES, abilities_for_role
 from app.auth.models import PersonalAccessToken, RefreshToken
 from app.auth.passwords import hash_password, needs_rehash, verify_password
 from app.auth.totp import accepted_step
-from app.database import db
+from app.database import as_loaded, db
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from app.pagination import paginate
 from app.timeutil import as_utc, utcnow
@@ -136,6 +137,7 @@ def revoke_user_sessions(user_id: int, reason: str, keep_family: str | None = No
 
 
 def revoke_user_pats(user_id: int) -> None:
+    cache.changed(user_id)
     db.session.execute(
         sa.update(PersonalAccessToken)
         .where(PersonalAccessToken.user_id == user_id, PersonalAccessToken.revoked_at.is_(None))
@@ -212,7 +214,7 @@ def authenticate(credential: str) -> Principal:
         raise Unauthorized("The access token has expired.", code="token_expired") from exc
     except jwt.InvalidTokenError as exc:
         raise Unauthorized("The access token is not valid.", code="invalid_token") from exc
-    user = db.session.get(User, int(claims["sub"]))
+    user = _user(int(claims["sub"]))
     if user is None or not user.is_active:
         raise Unauthorized("The access token is not valid.", code="invalid_token")
     return Principal(
@@ -244,7 +246,7 @@ def authenticate_stream(token: str, path: str) -> Principal:
         raise Unauthorized("The stream token is not valid.", code="invalid_token") from exc
     if not path.startswith(claims["path"]):
         raise Unauthorized("The stream token is for another path.", code="invalid_token")
-    user = db.session.get(User, int(claims["sub"]))
+    user = _user(int(claims["sub"]))
     if user is None or not user.is_active:
         raise Unauthorized("The stream token is not valid.", code="invalid_token")
     return Principal(
@@ -254,28 +256,72 @@ def authenticate_stream(token: str, path: str) -> Principal:
     )
 
 
+class _Pat(NamedTuple):
+    """What deciding on a personal access token needs of its row (remembered by digest)."""
+
+    id: int
+    user_id: int
+    abilities: tuple[str, ...]
+    revoked: bool
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
 def _authenticate_pat(raw: str) -> Principal:
-    pat = db.session.scalar(
-        sa.select(PersonalAccessToken).where(PersonalAccessToken.token_hash == tokens.digest(raw))
-    )
-    now = utcnow()
+    digest = tokens.digest(raw)
+    memory = cache.remembered()
+    pat = memory.get(("pat", digest))
     if pat is None:
-        raise _invalid_pat()
-    refused = pat_refusal(pat.revoked_at is not None, pat.expires_at, now)
+        row = db.session.scalar(
+            sa.select(PersonalAccessToken).where(PersonalAccessToken.token_hash == digest)
+        )
+        if row is None:
+            raise _invalid_pat()
+        pat = _Pat(
+            row.id,
+            row.user_id,
+            tuple(row.abilities),
+            row.revoked_at is not None,
+            row.expires_at,
+            row.last_used_at,
+        )
+    now = utcnow()
+    refused = pat_refusal(pat.revoked, pat.expires_at, now)
     if refused is not None:
         raise refused
-    user = db.session.get(User, pat.user_id)
+    user = _user(pat.user_id)
     if user is None or not user.is_active:
         raise _invalid_pat()
     if pat_touch_due(pat.last_used_at, now):
-        pat.last_used_at = now
+        db.session.execute(
+            sa.update(PersonalAccessToken)
+            .where(PersonalAccessToken.id == pat.id)
+            .values(last_used_at=now)
+            .execution_options(synchronize_session=False)
+        )
         db.session.commit()
+        pat = pat._replace(last_used_at=now)
+    memory.put(("pat", digest), pat.user_id, pat)
     return Principal(
         user=user,
-        abilities=pat_abilities(user.role, pat.abilities),
+        abilities=pat_abilities(user.role, list(pat.abilities)),
         kind="pat",
         token_id=pat.id,
     )
+
+
+def _user(user_id: int) -> User | None:
+    """The user, from this process's memory when it holds them (built as if loaded: no query),
+    else from the database."""
+    memory = cache.remembered()
+    fields = memory.get(("user", user_id))
+    if fields is not None:
+        return as_loaded(db.session(), User, fields)
+    user = db.session.get(User, user_id)
+    if user is not None:
+        columns = {c.key: getattr(user, c.key) for c in User.__mapper__.column_attrs}
+        memory.put(("user", user_id), user_id, columns)
+    return user
 
 
 # The decision on a personal access token, on values: `_authenticate_pat` applies it to the
@@ -361,6 +407,7 @@ def revoke_pat(user_id: int, token_id: int) -> None:
     pat = get_pat(user_id, token_id)
     if pat.revoked_at is None:
         pat.revoked_at = utcnow()
+        cache.changed(user_id)
         audit.record(
             "token.revoke", target_type="token", target_id=pat.id, payload={"label": pat.label}
         )

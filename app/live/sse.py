@@ -21,7 +21,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,8 @@ class Hub:
         #: instead of at its next poll (50 ms)
         self.wake_channel = f"sb:hub-wake:{socket.gethostname()}:{os.getpid()}:{id(self)}"
         self.wake_client: redis.Redis | None = None
+        #: channels the process always hears, with what to call for each message
+        self.callbacks: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.lock = threading.Lock()
         self.subscribers: dict[str, set[Subscription]] = {}
         #: wakes the listener to (un)subscribe; a Subscription is told when it is listening
@@ -212,6 +214,17 @@ class Hub:
             self.unsubscribe(sub)
             raise RuntimeError("Redis subscription timed out")
         return sub
+
+    def on(self, channel: str, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(message)` for every message on `channel`, for the life of the process
+        (returns once the listener hears the channel)."""
+        sub = Subscription(self, [])
+        self._ensure_thread()
+        with self.lock:
+            self.callbacks[channel] = callback
+        self.changes.put(sub)
+        self._wake()
+        sub.ready.wait(5.0)
 
     def _wake(self) -> None:
         try:
@@ -264,6 +277,10 @@ class Hub:
                             with contextlib.suppress(queue.Full):
                                 sub.queue.put_nowait(None)
                             sub.wake.set()
+                    callbacks = list(self.callbacks.values())
+                for callback in callbacks:  # messages may have been missed meanwhile
+                    with contextlib.suppress(Exception):
+                        callback({"missed": True})
                 time.sleep(0.5)
 
     def _listen(self) -> None:
@@ -283,6 +300,14 @@ class Hub:
                 try:
                     messages = unpack(msg["data"])
                 except ValueError:
+                    continue
+                callback = self.callbacks.get(channel)
+                if callback is not None:
+                    for data in messages:
+                        try:
+                            callback(data)
+                        except Exception:
+                            log.exception("a listener of %s failed", channel)
                     continue
                 with self.lock:
                     targets = list(self.subscribers.get(channel, ()))
@@ -306,7 +331,7 @@ class Hub:
         if not woken and not self._dirty(active):
             return
         with self.lock:
-            wanted = set(self.subscribers)
+            wanted = set(self.subscribers) | set(self.callbacks)
         new, gone = wanted - active, active - wanted
         if new:
             pubsub.subscribe(*new)
@@ -319,7 +344,7 @@ class Hub:
 
     def _dirty(self, active: set[str]) -> bool:
         with self.lock:
-            return set(self.subscribers) != active
+            return (set(self.subscribers) | set(self.callbacks)) != active
 
 
 _hubs: dict[str, Hub] = {}

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from app import events
 from app.agents.registry import known_agents
 from app.audit import service as audit
+from app.auth import cache as auth_cache
 from app.auth.service import Principal
 from app.database import db, lock_rows
 from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -60,17 +61,25 @@ def takes_tasks(archived_at: Any) -> bool:
 def role_in(principal: Principal, project: Project) -> str | None:
     if is_admin(principal):
         return role_from(True, None)
-    # one lookup per principal and project within a session (a request, a job)
-    cache = db.session.info.setdefault("sb_roles", {})
+    # one lookup per principal and project within a session (a request, a job), and remembered
+    # by the process for a few seconds (a membership change is announced: `set_member`)
+    roles = db.session.info.setdefault("sb_roles", {})
     key = (principal.user.id, project.id)
-    if key not in cache:
-        cache[key] = db.session.scalar(
-            sa.select(ProjectMember.role).where(
-                ProjectMember.project_id == project.id,
-                ProjectMember.user_id == principal.user.id,
+    if key not in roles:
+        memory = auth_cache.remembered()
+        known = memory.get(("role", *key))
+        if known is None:
+            known = (
+                db.session.scalar(
+                    sa.select(ProjectMember.role).where(
+                        ProjectMember.project_id == project.id,
+                        ProjectMember.user_id == principal.user.id,
+                    )
+                ),
             )
-        )
-    return cache[key]
+            memory.put(("role", *key), principal.user.id, known)
+        roles[key] = known[0]
+    return roles[key]
 
 
 def authorize(principal: Principal, project: Project, role: str) -> str:
@@ -266,6 +275,7 @@ def set_member(project: Project, user_id: int, role: str) -> ProjectMember:
         target_id=project.key,
         payload={"user_id": user_id, "role": role},
     )
+    auth_cache.changed(user_id)
     db.session.commit()
     return member
 
@@ -284,6 +294,7 @@ def remove_member(project: Project, user_id: int) -> None:
         target_id=project.key,
         payload={"user_id": user_id},
     )
+    auth_cache.changed(user_id)
     db.session.commit()
 
 

@@ -29,13 +29,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.orm.util import identity_key
 
 from app import events
 from app.activity import service as activity
-from app.database import autocommit, db
+from app.database import as_loaded, autocommit, db
 from app.live import pubsub
 from app.projects.models import Project
 from app.runs.models import RUN_ACTIVE, Run, status_in_sql
@@ -119,23 +117,8 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
         for attr, process in columns:
             value = next(values)
             fields[attr] = process(value) if process is not None and value is not None else value
-        loaded.append(_attached(session, entity, fields))
+        loaded.append(as_loaded(session, entity, fields))
     return loaded[0], loaded[1], loaded[2]
-
-
-def _attached(session: Any, entity: type, fields: dict[str, Any]) -> Any:
-    """An instance as a query would have loaded it: persistent, nothing pending."""
-    known = session.identity_map.get(identity_key(entity, fields["id"]))
-    if known is not None:  # the session had it already: bring it up to date
-        for key, value in fields.items():
-            set_committed_value(known, key, value)
-        return known
-    # as the ORM's loading makes one: no constructor, whose per-attribute events cost 4x more
-    instance = entity.__mapper__.class_manager.new_instance()  # type: ignore[attr-defined]
-    instance.__dict__.update(fields)
-    make_transient_to_detached(instance)
-    session.add(instance)
-    return instance
 
 
 @functools.cache

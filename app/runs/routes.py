@@ -74,9 +74,10 @@ class RunById(MethodView):
     @blp.response(200, RunSchema)
     @blp.alt_response(304, description="Not Modified: the run is as the `If-None-Match` ETag")
     def get(self, args, run_id):
-        """A run: status, times, exit code, agent version, cost, tokens, branch and commit. With
-        `?wait=`, answers when the run's status changes (long-poll); an `ETag` comes with it,
-        and `If-None-Match` gets `304 Not Modified` while it is current."""
+        """A run: status, times, exit code, agent version, cost, tokens, branch and commit.
+
+        With `?wait=`, answers when the run's status changes (long-poll); an `ETag` comes with
+        it, and `If-None-Match` gets `304 Not Modified` while it is current."""
         return wait_for_change(
             lambda: run_for(run_id),
             RunSchema().dump,

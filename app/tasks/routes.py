@@ -95,8 +95,10 @@ class TaskById(MethodView):
     @blp.response(200, TaskDetailSchema)
     @blp.alt_response(304, description="Not Modified: the task is as the `If-None-Match` ETag")
     def get(self, args, task_id):
-        """A task with its runs. With `?wait=`, answers when the task changes (long-poll); an
-        `ETag` comes with it, and `If-None-Match` gets `304 Not Modified` while it is current."""
+        """A task with its runs.
+
+        With `?wait=`, answers when the task changes (long-poll); an `ETag` comes with it, and
+        `If-None-Match` gets `304 Not Modified` while it is current."""
 
         def load():  # type: ignore[no-untyped-def]
             return view(service.task_for(current_principal(), task_id), with_runs=True)

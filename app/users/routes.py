@@ -19,8 +19,8 @@ from app.users.schemas import (
 blp = Blueprint("users", __name__, url_prefix="/api/v1", description="Accounts")
 
 
-def _me(principal):  # type: ignore[no-untyped-def]
-    user = principal.user
+def _me(principal, user=None):  # type: ignore[no-untyped-def]
+    user = user or principal.user
     user.abilities = sorted(principal.abilities)  # per-request view of the credential
     return user
 
@@ -37,8 +37,8 @@ class Me(MethodView):
     def patch(self, data):
         """Change my email or git identity."""
         principal = current_principal()
-        service.update_profile(principal.user, data)
-        return _me(principal)
+        user = service.update_profile(service.current_user(principal.user.id), data)
+        return _me(principal, user)
 
 
 @blp.route("/me/password")
@@ -49,7 +49,10 @@ class MyPassword(MethodView):
         """Change my password; my other logins end."""
         principal = current_principal()
         service.change_password(
-            principal.user, data["current_password"], data["new_password"], principal.family_id
+            service.current_user(principal.user.id),
+            data["current_password"],
+            data["new_password"],
+            principal.family_id,
         )
 
 
@@ -58,7 +61,7 @@ class MyTotpSetup(MethodView):
     @blp.response(200, TotpSetupSchema)
     def post(self):
         """Start TOTP enrolment: a secret and an otpauth:// URI (not active until verified)."""
-        secret, uri = service.totp_setup(current_principal().user)
+        secret, uri = service.totp_setup(service.current_user(current_principal().user.id))
         return {"secret": secret, "otpauth_uri": uri}
 
 
@@ -68,7 +71,7 @@ class MyTotpVerify(MethodView):
     @blp.response(204)
     def post(self, data):
         """Turn TOTP on with a code from the authenticator."""
-        service.totp_verify(current_principal().user, data["code"])
+        service.totp_verify(service.current_user(current_principal().user.id), data["code"])
 
 
 @blp.route("/me/totp")
@@ -77,7 +80,7 @@ class MyTotp(MethodView):
     @blp.response(204)
     def delete(self, data):
         """Turn TOTP off (needs a current code)."""
-        service.totp_disable(current_principal().user, data["code"])
+        service.totp_disable(service.current_user(current_principal().user.id), data["code"])
 
 
 @blp.route("/users")

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from app.audit import service as audit
+from app.auth import cache as auth_cache
 from app.auth import service as auth
 from app.auth import totp
 from app.auth.passwords import MAX_LENGTH, MIN_LENGTH, hash_password, verify_password
@@ -46,6 +47,15 @@ def _unique(column: Any, value: str | None, label: str, exclude_id: int | None =
 
 def _norm_email(email: str | None) -> str | None:
     return email.strip().lower() if email else None
+
+
+def current_user(user_id: int) -> User:
+    """The user as the database holds it now, for a change made on their own account (what a
+    request's credential carries may be a few seconds old: `auth.cache`)."""
+    user = db.session.get(User, user_id, populate_existing=True)
+    if user is None:
+        raise NotFound(f"No user {user_id}.")
+    return user
 
 
 def get_user(user_id: int) -> User:
@@ -171,6 +181,7 @@ def update_user(user_id: int, changes: dict[str, Any]) -> User:
             }
         },
     )
+    auth_cache.changed(user.id)
     db.session.commit()
     return user
 
@@ -190,6 +201,7 @@ def update_profile(user: User, changes: dict[str, Any]) -> User:
         target_id=user.id,
         payload={"fields": sorted(changes)},
     )
+    auth_cache.changed(user.id)
     db.session.commit()
     return user
 
@@ -203,6 +215,7 @@ def change_password(user: User, current: str, new: str, keep_family: str | None)
     user.password_hash = hash_password(new)
     auth.revoke_user_sessions(user.id, "password_changed", keep_family=keep_family)
     audit.record("user.password_change", target_type="user", target_id=user.id)
+    auth_cache.changed(user.id)
     db.session.commit()
 
 
@@ -214,6 +227,7 @@ def totp_setup(user: User) -> tuple[str, str]:
     user.totp_secret = secret
     user.totp_last_step = None
     audit.record("user.totp_setup", target_type="user", target_id=user.id)
+    auth_cache.changed(user.id)
     db.session.commit()
     account = user.email or user.username
     return secret, totp.provisioning_uri(
@@ -236,6 +250,7 @@ def totp_verify(user: User, code: str) -> None:
     _accept(user, code)
     user.totp_enabled = True
     audit.record("user.totp_enable", target_type="user", target_id=user.id)
+    auth_cache.changed(user.id)
     db.session.commit()
 
 
@@ -245,6 +260,7 @@ def totp_disable(user: User, code: str) -> None:
     _accept(user, code)
     user.totp_enabled, user.totp_secret, user.totp_last_step = False, None, None
     audit.record("user.totp_disable", target_type="user", target_id=user.id)
+    auth_cache.changed(user.id)
     db.session.commit()
 
 
@@ -252,6 +268,7 @@ def reset_totp(user_id: int) -> User:
     user = get_user(user_id)
     user.totp_enabled, user.totp_secret, user.totp_last_step = False, None, None
     audit.record("user.totp_reset", target_type="user", target_id=user.id)
+    auth_cache.changed(user.id)
     db.session.commit()
     return user
 
