@@ -63,6 +63,7 @@ def test_a_kept_connection_is_reused_and_replaced_when_it_died_idle(app):
             return driver.execute("SELECT pg_backend_pid()").fetchone()[0]
 
     with app.app_context():
+        db.engine.dispose()  # no pooled connection an earlier test's kill left behind
         kept = database.KeptConnection()
         first = backend(kept)
         checked_out = db.engine.pool.checkedout()
