@@ -37,7 +37,7 @@ blp = Blueprint(
 
 
 def run_for(run_id: int, role: str = "viewer"):  # type: ignore[no-untyped-def]
-    run = runs.get_run(run_id)
+    run = runs.get_run(run_id, with_project=True)
     try:
         projects.authorize(current_principal(), run.project, role)
     except NotFound:
@@ -80,7 +80,7 @@ class RunById(MethodView):
         it, and `If-None-Match` gets `304 Not Modified` while it is current."""
         return wait_for_change(
             lambda: run_for(run_id),
-            RunSchema().dump,
+            lambda run: RunSchema().dump(run),  # a schema only when waiting
             lambda run: pubsub.run_channel(run.id),
             lambda message: message.get("type") == "status",
             args,

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
@@ -26,8 +27,10 @@ from app.tasks.models import Task
 from app.timeutil import utcnow
 
 
-def get_run(run_id: int) -> Run:
-    run = db.session.get(Run, run_id)
+def get_run(run_id: int, *, with_project: bool = False) -> Run:
+    """`with_project`: its project loaded in the same query (to authorise a read of it)."""
+    options = [joinedload(Run.project)] if with_project else []
+    run = db.session.get(Run, run_id, options=options)
     if run is None:
         raise NotFound(f"No run {run_id}.")
     return run

@@ -115,7 +115,10 @@ class TaskById(MethodView):
                 return True
             return (message.get("data") or {}).get("task_id") == task_id
 
-        return wait_for_change(load, TaskDetailSchema().dump, channel, concerns, args)
+        def dump(task):  # type: ignore[no-untyped-def]
+            return TaskDetailSchema().dump(task)  # a schema only when waiting
+
+        return wait_for_change(load, dump, channel, concerns, args)
 
     @requires("runs:start")
     @blp.arguments(TaskUpdateSchema)
