@@ -69,11 +69,10 @@ def remembered() -> Remembered:
                 if memory.seconds > 0:
                     from app.live.sse import hub
 
-                    try:
-                        hub().on(_channel(), memory.heard)
-                    except Exception as exc:  # no Redis now: remember nothing until there is
-                        log.warning("credentials are not remembered: %s", exc)
-                        memory.seconds = 0
+                    # without Redis now, what is remembered is bounded by the seconds alone
+                    # until the listener hears the channel (it keeps trying)
+                    if not hub().on(_channel(), memory.heard):
+                        log.warning("credential changes are not heard yet (Redis)")
                 app.extensions["switchboard_auth_cache"] = memory
     return memory
 

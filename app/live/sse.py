@@ -215,16 +215,19 @@ class Hub:
             raise RuntimeError("Redis subscription timed out")
         return sub
 
-    def on(self, channel: str, callback: Callable[[dict[str, Any]], None]) -> None:
+    def on(
+        self, channel: str, callback: Callable[[dict[str, Any]], None], wait: float = 1.0
+    ) -> bool:
         """Call `callback(message)` for every message on `channel`, for the life of the process
-        (returns once the listener hears the channel)."""
+        (it is heard again after Redis comes back). Whether the listener hears it already,
+        after at most `wait` seconds."""
         sub = Subscription(self, [])
         self._ensure_thread()
         with self.lock:
             self.callbacks[channel] = callback
         self.changes.put(sub)
         self._wake()
-        sub.ready.wait(5.0)
+        return sub.ready.wait(wait)
 
     def _wake(self) -> None:
         try:
