@@ -102,3 +102,16 @@ def test_nothing_is_remembered_when_the_setting_is_zero(app, client, member, pro
     with app.app_context():
         assert cache.remembered().get(("user", member.id)) is None
     monkeypatch.delitem(app.extensions, "switchboard_auth_cache", raising=False)
+
+
+def test_the_memory_is_bounded(monkeypatch):
+    """However many distinct credentials a process sees, its memory stays within its bound
+    (only valid ones are remembered; expired entries go first, then the oldest)."""
+    from app.auth import cache
+
+    monkeypatch.setattr(cache, "MAX_ENTRIES", 100)
+    memory = cache.Remembered(5)
+    for n in range(250):
+        memory.put(("user", n), n, {"id": n})
+    assert len(memory.entries) <= 100
+    assert memory.get(("user", 249)) == {"id": 249}  # the newest is kept

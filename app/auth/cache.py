@@ -21,6 +21,8 @@ from app.database import after_commit
 from app.live import pubsub
 
 log = logging.getLogger(__name__)
+#: a process remembers at most this many credentials and roles (expired ones are dropped first)
+MAX_ENTRIES = 10_000
 
 
 class Remembered:
@@ -39,8 +41,13 @@ class Remembered:
 
     def put(self, key: tuple[Any, ...], user_id: int, value: Any) -> None:
         if self.seconds > 0:
+            now = time.monotonic()
             with self.lock:
-                self.entries[key] = (time.monotonic() + self.seconds, user_id, value)
+                if len(self.entries) >= MAX_ENTRIES:  # what has expired goes, then the oldest
+                    self.entries = {k: v for k, v in self.entries.items() if v[0] >= now}
+                    while len(self.entries) >= MAX_ENTRIES:
+                        del self.entries[next(iter(self.entries))]
+                self.entries[key] = (now + self.seconds, user_id, value)
 
     def forget(self, user_id: int | None = None) -> None:
         """What concerns `user_id` (everything when None)."""
