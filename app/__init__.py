@@ -16,6 +16,7 @@ MODULES = (
     "users",
     "audit",
     "projects",
+    "vault",
     "tasks",
     "runs",
     "activity",

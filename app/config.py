@@ -7,11 +7,15 @@ types so tests can override any of them with `create_app({...})`.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import ipaddress
 import os
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from app.agents.registry import custom_agents
 
@@ -57,13 +61,43 @@ def embedded_redis_socket(instance: Path) -> Path:
     return instance / "redis.sock"
 
 
-def dev_secret_key(instance: Path) -> str:
-    """A development key generated once and kept under instance/, so sessions survive restarts."""
-    path = instance / "secret_key"
+def private_file(path: Path) -> Path:
+    """Create `path` (and its directory) readable by the server's user only, if missing: the
+    SQLite database holds every credential's hash."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
+def fernet_key() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def secrets_keys(raw: str) -> list[str]:
+    """`SWITCHBOARD_SECRETS_KEY`: Fernet keys, comma-separated, newest first."""
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    for key in keys:
+        try:
+            if len(base64.urlsafe_b64decode(key.encode())) != 32:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise ValueError(
+                "each key is 32 url-safe base64-encoded bytes (a Fernet key)"
+            ) from None
+    return keys
+
+
+def dev_secret_key(
+    instance: Path, name: str = "secret_key", make: Callable[[], str] | None = None
+) -> str:
+    """A development key generated once and kept under instance/ (mode 0600), so sessions and
+    secrets survive restarts."""
+    path = instance / name
     if path.exists():
         return path.read_text().strip()
-    instance.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(48)
+    instance.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = make() if make else secrets.token_urlsafe(48)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
@@ -127,6 +161,26 @@ class Settings:
     LOG_FLUSH_BYTES: int = 64 * 1024
     #: Where runs get their git worktrees and scratch directories (default: instance/workspaces).
     WORKSPACE_ROOT: str = ""
+    #: Directories (comma-separated) under which a project's `workdir` may lie (default:
+    #: WORKSPACE_ROOT/workdirs). The instance and workspace directories are never allowed.
+    WORKDIR_ROOTS: str = ""
+    #: Allow local paths and file:// as a project's repo_url (development and tests only).
+    ALLOW_LOCAL_REPOS: bool = False
+    #: Names of the server's environment variables an agent also gets (comma-separated, e.g.
+    #: `ANTHROPIC_API_KEY,OPENAI_API_KEY`); nothing else of the server's environment reaches it.
+    AGENT_ENV_PASSTHROUGH: str = ""
+    #: Fernet keys (comma-separated, newest first) encrypting project secrets. Required in
+    #: production; generated once under instance/ otherwise.
+    SECRETS_KEY: str = ""
+    #: The server's base URL as agents reach it (`SWITCHBOARD_URL` in an agent's environment).
+    #: Default: http://127.0.0.1:PORT.
+    PUBLIC_URL: str = ""
+    #: auto | bwrap | none: run agents under bubblewrap (auto: when `bwrap` works).
+    SANDBOX: str = "auto"
+    #: Hours a finished run's worktree and home are kept (its branch stays in the cached clone).
+    WORKSPACE_RETENTION_HOURS: int = 24
+    #: Readiness warns when the workspace disk has less free space than this, in MB.
+    WORKSPACE_MIN_FREE_MB: int = 1024
     #: Custom agents as JSON: {"name": {"command": [...], "stdin": true, "parser": "text"}}.
     AGENTS: str = ""
     #: Seconds between `:ping` comments on idle streams (and how fast a gone client is noticed).
@@ -193,6 +247,18 @@ class Settings:
             LOG_FLUSH_BYTES=_int("SWITCHBOARD_LOG_FLUSH_BYTES", d.LOG_FLUSH_BYTES),
             WORKSPACE_ROOT=env("SWITCHBOARD_WORKSPACE_ROOT", ""),
             AGENTS=env("SWITCHBOARD_AGENTS", ""),
+            WORKDIR_ROOTS=env("SWITCHBOARD_WORKDIR_ROOTS", ""),
+            ALLOW_LOCAL_REPOS=_bool("SWITCHBOARD_ALLOW_LOCAL_REPOS", d.ALLOW_LOCAL_REPOS),
+            AGENT_ENV_PASSTHROUGH=env("SWITCHBOARD_AGENT_ENV_PASSTHROUGH", ""),
+            SECRETS_KEY=env("SWITCHBOARD_SECRETS_KEY", ""),
+            PUBLIC_URL=env("SWITCHBOARD_PUBLIC_URL", ""),
+            SANDBOX=env("SWITCHBOARD_SANDBOX", d.SANDBOX).strip().lower(),
+            WORKSPACE_RETENTION_HOURS=_int(
+                "SWITCHBOARD_WORKSPACE_RETENTION_HOURS", d.WORKSPACE_RETENTION_HOURS
+            ),
+            WORKSPACE_MIN_FREE_MB=_int(
+                "SWITCHBOARD_WORKSPACE_MIN_FREE_MB", d.WORKSPACE_MIN_FREE_MB
+            ),
             STREAM_PING_SECONDS=_int("SWITCHBOARD_STREAM_PING_SECONDS", d.STREAM_PING_SECONDS),
             STREAM_CAP=_int("SWITCHBOARD_STREAM_CAP", d.STREAM_CAP),
             STREAM_RETRY_MS=_int("SWITCHBOARD_STREAM_RETRY_MS", d.STREAM_RETRY_MS),
@@ -223,16 +289,40 @@ class Settings:
                 raise ConfigError("SECRET_KEY (32+ characters) is required in production")
             if not self.REDIS_URL:
                 raise ConfigError("REDIS_URL is required in production")
-        elif not self.SECRET_KEY:
-            self.SECRET_KEY = dev_secret_key(instance)
+            if not self.SECRETS_KEY:
+                raise ConfigError(
+                    "SWITCHBOARD_SECRETS_KEY is required in production "
+                    "(make one: switchboard secrets new-key)"
+                )
+        else:
+            if not self.SECRET_KEY:
+                self.SECRET_KEY = dev_secret_key(instance)
+            if not self.SECRETS_KEY:
+                self.SECRETS_KEY = dev_secret_key(instance, "secrets_key", fernet_key)
         if not self.DATABASE_URL:
-            instance.mkdir(parents=True, exist_ok=True)
-            self.DATABASE_URL = f"sqlite:///{instance / 'switchboard.db'}"
+            self.DATABASE_URL = f"sqlite:///{private_file(instance / 'switchboard.db')}"
         self.DATABASE_URL = normalise_database_url(self.DATABASE_URL)
         if not self.REDIS_URL:
             self.REDIS_URL = f"unix://{embedded_redis_socket(instance)}"
         if not self.WORKSPACE_ROOT:
             self.WORKSPACE_ROOT = str(instance / "workspaces")
+        if not self.WORKDIR_ROOTS:
+            self.WORKDIR_ROOTS = str(Path(self.WORKSPACE_ROOT) / "workdirs")
+        if not self.PUBLIC_URL:
+            self.PUBLIC_URL = f"http://127.0.0.1:{self.PORT}"
+        self.PUBLIC_URL = self.PUBLIC_URL.rstrip("/")
+        if self.SANDBOX not in ("auto", "bwrap", "none"):
+            raise ConfigError(
+                f"SWITCHBOARD_SANDBOX must be auto, bwrap or none, got {self.SANDBOX!r}"
+            )
+        try:
+            passthrough_names(self.AGENT_ENV_PASSTHROUGH)
+        except ValueError as exc:
+            raise ConfigError(f"SWITCHBOARD_AGENT_ENV_PASSTHROUGH is not valid: {exc}") from exc
+        try:
+            secrets_keys(self.SECRETS_KEY)
+        except ValueError as exc:
+            raise ConfigError(f"SWITCHBOARD_SECRETS_KEY is not valid: {exc}") from exc
         try:
             retry_schedule(self.WEBHOOK_RETRY_SCHEDULE)
         except ValueError as exc:
@@ -275,6 +365,29 @@ def allowed_networks(raw: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Net
     return [
         ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip()
     ]
+
+
+#: never passed to an agent, whatever SWITCHBOARD_AGENT_ENV_PASSTHROUGH says
+NEVER_PASSED = frozenset({"SECRET_KEY", "DATABASE_URL", "REDIS_URL", "SWITCHBOARD_ADMIN_PASSWORD"})
+
+
+def passthrough_names(raw: str) -> list[str]:
+    """`SWITCHBOARD_AGENT_ENV_PASSTHROUGH`, checked: the server's own credentials and
+    Switchboard's variables are refused (ValueError)."""
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    for name in names:
+        if name in NEVER_PASSED or name.startswith("SWITCHBOARD_"):
+            raise ValueError(f"{name} is the server's own and never reaches an agent")
+    return names
+
+
+def workdir_roots(cfg: Mapping[str, Any]) -> list[str]:
+    return [r.strip() for r in cfg["SWITCHBOARD_WORKDIR_ROOTS"].split(",") if r.strip()]
+
+
+def protected_dirs(cfg: Mapping[str, Any]) -> list[str]:
+    """The server's own directories: no project works in or over them."""
+    return [cfg["SWITCHBOARD_INSTANCE_PATH"], cfg["SWITCHBOARD_WORKSPACE_ROOT"]]
 
 
 def engine_options(url: str) -> dict[str, object]:

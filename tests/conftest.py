@@ -88,6 +88,9 @@ def app(tmp_instance: Path, database_url: str, redis_url: str) -> Iterator[Flask
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "INSTANCE_PATH": str(tmp_instance),
+            # projects in the tests work in pytest's tmp_path and clone local bare repos
+            "WORKDIR_ROOTS": tempfile.gettempdir(),
+            "ALLOW_LOCAL_REPOS": True,
         }
     )
     with app.app_context():

@@ -21,7 +21,7 @@ def test_login_by_username_or_email(client, app):
     make_user(app, "carol", "carol-password", email="Carol@Example.com")
     by_name = login(client, "CAROL", "carol-password")
     assert by_name["token_type"] == "Bearer" and by_name["expires_in"] == 900
-    assert by_name["refresh_token"].startswith("sbr_")
+    assert by_name["refresh_token"].startswith("sbf_")
     by_email = login(client, "carol@example.com", "carol-password")
     resp = client.post(
         "/api/v1/auth/login", json={"email": "carol@example.com", "password": "carol-password"}
@@ -113,7 +113,7 @@ def test_logout_revokes(client, member):
 
 def test_unknown_refresh_token(client):
     assert_problem(
-        client.post("/api/v1/auth/refresh", json={"refresh_token": "sbr_nope"}),
+        client.post("/api/v1/auth/refresh", json={"refresh_token": "sbf_nope"}),
         401,
         "invalid_refresh_token",
     )

@@ -243,11 +243,20 @@ def test_an_agents_binary_is_looked_up_again_once_removed_or_installed(tmp_path)
 
 def agent_pids(app, run_id: int) -> list[int]:
     """Processes started for this run by this test session's workers (run ids repeat across
-    parallel test sessions; instance paths do not)."""
-    return find_tagged(
-        f"SWITCHBOARD_RUN_ID={run_id}",
-        f"SWITCHBOARD_INSTANCE_PATH={app.config['SWITCHBOARD_INSTANCE_PATH']}",
-    )
+    parallel test sessions; workspace roots, where an agent's HOME lies, do not)."""
+    root = app.config["SWITCHBOARD_WORKSPACE_ROOT"]
+    ours = []
+    for pid in find_tagged(f"SWITCHBOARD_RUN_ID={run_id}"):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(
+                    item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item
+                )
+        except OSError:
+            continue
+        if env.get(b"HOME", b"").startswith(f"{root}/".encode()):
+            ours.append(pid)
+    return ours
 
 
 def test_stop_ends_cancelled_and_kills_every_process(app, client, member, project, worker):

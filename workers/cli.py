@@ -55,10 +55,16 @@ def wait_for_redis(url: str, timeout: float = 30.0) -> None:
 @with_appcontext
 def worker(processes: int | None, queues: str | None, burst: bool, child: bool) -> None:
     """Run the worker pool: worker processes plus the maintenance sweep."""
+    from workers.isolation import sandbox_mode
     from workers.rq_worker import run_worker
+    from workers.sandbox import SandboxUnavailable
     from workers.supervisor import Supervisor  # RQ and the app's models: when asked
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
+    try:  # said once at the start (a warning when agents run unsandboxed), then remembered
+        mode = sandbox_mode(app.config["SWITCHBOARD_SANDBOX"])
+    except SandboxUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     wait_for_redis(app.config["SWITCHBOARD_REDIS_URL"])
     names = [q.strip() for q in queues.split(",")] if queues else None
     if child or burst:
@@ -66,9 +72,11 @@ def worker(processes: int | None, queues: str | None, burst: bool, child: bool) 
         return
     count = processes or app.config["SWITCHBOARD_WORKER_PROCESSES"]
     if names:
-        click.echo(f"worker pool: {count} processes on {', '.join(names)}")
+        click.echo(f"worker pool: {count} processes on {', '.join(names)}; sandbox: {mode}")
     else:
-        click.echo(f"worker pool: {count} processes for runs, 1 for webhook events")
+        click.echo(
+            f"worker pool: {count} processes for runs, 1 for webhook events; sandbox: {mode}"
+        )
     Supervisor(app, count, names).run()
 
 

@@ -21,13 +21,15 @@ from typing import Any, TypeVar
 from flask import current_app
 
 from app.agents.registry import known_agents
+from app.auth import tokens
 from app.database import database_unavailable, db
 from app.live import pubsub
 from app.runs import service as runs
 from app.runs.outcomes import Started, normalise_exit_code
+from app.runs.redaction import Redactor
 from app.tasks.models import Task
 from app.timeutil import utcnow
-from workers import agents, job_hooks, workspace
+from workers import agents, isolation, job_hooks, workspace
 from workers.process import AgentProcess
 from workers.run_driver import DB_RETRY_S, RunDriver, shutdown_requested
 
@@ -48,7 +50,10 @@ def execute(run_id: int) -> str:
     cfg = current_app.config
     me = executor_name()
     lease_s = cfg["SWITCHBOARD_LEASE_SECONDS"]
-    taken = _while_unavailable(lambda: runs.take(run_id, me, lease_s), lease_s)
+    token = tokens.new_run_token(run_id)
+    taken = _while_unavailable(
+        lambda: runs.take(run_id, me, lease_s, tokens.digest(token)), lease_s
+    )
     if taken is None:
         return "skipped"  # another job took it, or it was cancelled before it started
     run, task, project = taken
@@ -56,16 +61,9 @@ def execute(run_id: int) -> str:
     if agent is None:
         runs.finish(run.id, "failed", summary=f"unknown agent {run.agent!r}")
         return "failed"
-    env = {
-        **os.environ,
-        "SWITCHBOARD_RUN_ID": str(run.id),
-        "SWITCHBOARD_EXECUTOR": me,  # with the run id, finds agents a dead worker left behind
-        "SWITCHBOARD_TASK_ID": str(task.id),
-        "SWITCHBOARD_PROJECT": project.key,
-        "SWITCHBOARD_ATTEMPT": str(run.attempt),
-    }
+    secrets = isolation.project_secrets(project)
     try:
-        binary = agents.resolve_binary(agent, env.get("PATH"))
+        binary = agents.resolve_binary(agent, os.environ.get("PATH"))
         ws = workspace.prepare(
             cfg["SWITCHBOARD_WORKSPACE_ROOT"],
             project.key,
@@ -74,19 +72,37 @@ def execute(run_id: int) -> str:
             project.workdir,
             task.id,
             run.attempt,
+            policy=isolation.policy(cfg),
+            git_token=secrets.get("GIT_TOKEN"),
         )
     except (agents.AgentNotInstalled, workspace.WorkspaceError) as exc:
         runs.finish(run.id, "failed", summary=str(exc))
         return "failed"
+    env = isolation.agent_environment(
+        cfg,
+        ws,
+        secrets,
+        {
+            "SWITCHBOARD_RUN_ID": str(run.id),
+            "SWITCHBOARD_EXECUTOR": me,  # with the run id, finds agents a dead worker left
+            "SWITCHBOARD_TASK_ID": str(task.id),
+            "SWITCHBOARD_PROJECT": project.key,
+            "SWITCHBOARD_ATTEMPT": str(run.attempt),
+            "SWITCHBOARD_URL": cfg["SWITCHBOARD_PUBLIC_URL"],
+            "SWITCHBOARD_RUN_TOKEN": token,
+        },
+    )
+    wrap = isolation.wrapper(cfg, ws)
     version = agents.version(agent, binary, env)
     config = task.config or {}
     argv = agent.argv(task.prompt, str(ws.path), config)
     argv[0] = binary
+    argv = wrap(argv)
     stdin = task.prompt.encode() if agent.prompt_on_stdin else None
     loop = task.loop or {}
     iterations = int(loop.get("max_iterations", 1)) if loop else 1
     marker = loop.get("done_marker") if loop else None
-    driver = RunDriver(run, task, agent)
+    driver = RunDriver(run, task, agent, Redactor.of(secrets.values()))
     outcome: str | None = None
     code = 0
     proc: AgentProcess | None = None
@@ -114,7 +130,7 @@ def execute(run_id: int) -> str:
             if loop:
                 driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
         driver.settle()
-        extra = workspace.results(ws)
+        extra = workspace.results(ws, wrap)
         return _until_written(lambda: _end(driver, task, outcome, code, extra), driver)
     except BaseException:
         # worker killed mid-run (SystemExit from a cold shutdown) or our own bug: the agent

@@ -80,6 +80,32 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every process in process group `pgid` (Linux /proc)."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # state, ppid, pgrp
+            out.append((int(name), comm))
+    return out
+
+
+#: the sandbox's own processes: they pass no TERM on, so they are spared it (the agent gets
+#: it, and its grace); they end with the agent, or with the KILL after the grace
+SANDBOX_COMMANDS = frozenset({"bwrap"})
+
+
 class AgentProcess:
     def __init__(
         self, argv: list[str], *, cwd: str, env: dict[str, str], stdin_data: bytes | None
@@ -152,10 +178,21 @@ class AgentProcess:
         except (ProcessLookupError, PermissionError):
             return False
 
+    def terminate(self) -> None:
+        """TERM to every process of the agent's group but the sandbox's own."""
+        members = group_members(self.pid)
+        if not any(comm in SANDBOX_COMMANDS for _pid, comm in members):
+            self.signal_group(signal.SIGTERM)
+            return
+        for pid, comm in members:
+            if comm not in SANDBOX_COMMANDS:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+
     def stop(self, grace: float, on_output: Callable[[bytes], None] | None = None) -> int:
         """TERM the group, wait up to `grace` seconds (still reading output), then KILL.
         Returns the exit status. Afterwards no process of the group is left."""
-        self.signal_group(signal.SIGTERM)
+        self.terminate()
         deadline = time.monotonic() + grace
         while self.proc.poll() is None and time.monotonic() < deadline:
             self.pump(on_output or (lambda _c: None), 0.05)

@@ -25,6 +25,7 @@ from app.runs import logs
 from app.runs import service as runs
 from app.runs.models import Run
 from app.runs.outcomes import Started
+from app.runs.redaction import Redactor
 from app.tasks.models import Task
 from workers import job_hooks
 from workers.process import AgentProcess
@@ -53,9 +54,13 @@ class Batch:
 
 
 class RunDriver:
-    def __init__(self, run: Run, task: Task, agent: Agent) -> None:
+    def __init__(
+        self, run: Run, task: Task, agent: Agent, redactor: Redactor | None = None
+    ) -> None:
         cfg = current_app.config
         self.run, self.task, self.agent = run, task, agent
+        #: masks the project's secrets in the output before anything else sees it
+        self.redactor = redactor
         # kept apart from the row: after a failed write the session expires `run`, and reading
         # it again needs the database
         self.run_id, self.executor = run.id, run.executor or ""
@@ -135,6 +140,14 @@ class RunDriver:
     # -- output --------------------------------------------------------------------------------
 
     def on_output(self, chunk: bytes) -> None:
+        if self.redactor is not None:
+            chunk = self.redactor.feed(chunk)
+            if not chunk:
+                return
+        self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        """Output as stored and streamed (masked)."""
         b = self.batch
         self._publish(chunk)
         if b.since is None:
@@ -183,6 +196,10 @@ class RunDriver:
 
     def settle(self) -> None:
         """The agent is done: publish what was held back and parse an unfinished last line."""
+        if self.redactor is not None:
+            rest = self.redactor.flush()
+            if rest:
+                self._take(rest)
         if self.live_hold:
             self._publish(b"", final=True)
         if self.batch.partial_line:

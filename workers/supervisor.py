@@ -25,7 +25,7 @@ from sqlalchemy.orm import configure_mappers
 from app.database import database_unavailable, db
 from app.queues import RUN_QUEUES, get_redis
 from app.runs.sweep import sweep
-from workers import orphans
+from workers import orphans, retention
 from workers.process import die_with_parent
 from workers.rq_worker import run_worker
 
@@ -165,6 +165,7 @@ class Supervisor:
                     self.children[i] = self._spawn(self.plan[i])
             if time.monotonic() >= next_sweep:
                 sweep_once(self.app, interval)
+                retention.sweep_once(self.app)  # this host's own disk
                 next_sweep = time.monotonic() + interval
             time.sleep(0.2)
         self.shutdown()

@@ -12,7 +12,7 @@ SENSITIVE_KEY = re.compile(
     re.IGNORECASE,
 )
 #: values that look like our own credentials are hidden whatever key they sit under
-SENSITIVE_VALUE = re.compile(r"^(sbp_|sbr_)|^eyJ[\w-]+\.[\w-]+\.")
+SENSITIVE_VALUE = re.compile(r"^(sbp_|sbr_|sbf_)|^eyJ[\w-]+\.[\w-]+\.")
 
 
 def redact(value: Any, _depth: int = 0) -> Any:

@@ -8,6 +8,8 @@ ABILITIES = (
     "projects:write",
     "runs:start",
     "runs:control",
+    #: append events to a run (a run's own token holds it for its run)
+    "runs:report",
     "git:commit",
     "git:push",
     "settings:read",

@@ -40,6 +40,16 @@ def public(func: F) -> F:
     return func
 
 
+def run_scoped(func: F) -> F:
+    """A run's token (`sbr_…`) may call this too, for its own run and task only; every other
+    endpoint refuses it (403). Documented in OpenAPI as `x-run-token`."""
+    func._run_scoped = True  # type: ignore[attr-defined]
+    apidoc = getattr(func, "_apidoc", {})
+    apidoc.setdefault("manual_doc", {})["x-run-token"] = True
+    func._apidoc = apidoc  # type: ignore[attr-defined]
+    return func
+
+
 def requires(*abilities: str) -> Callable[[F], F]:
     """The principal must hold every ability (a session holds its role's; a token its own)."""
 
@@ -62,21 +72,27 @@ def requires(*abilities: str) -> Callable[[F], F]:
     return decorator
 
 
-def _is_public() -> bool:
-    if request.endpoint in PUBLIC_ENDPOINTS:
-        return True
+def _view_flag(flag: str) -> bool | None:
+    """The view's `flag` (set by `public`, `run_scoped`); None when no view answers (404/405)."""
     view = current_app.view_functions.get(request.endpoint or "")
     if view is None:
-        return True  # 404/405 are answered as such, not as 401
+        return None
     view_class = getattr(view, "view_class", None)
     if view_class is not None:
         method = getattr(view_class, request.method.lower(), None)
         if method is None and request.method == "HEAD":
             method = getattr(view_class, "get", None)
         if method is None:
-            return True
-        return bool(getattr(method, "_public", False) or getattr(view_class, "_public", False))
-    return bool(getattr(view, "_public", False))
+            return None
+        return bool(getattr(method, flag, False) or getattr(view_class, flag, False))
+    return bool(getattr(view, flag, False))
+
+
+def _is_public() -> bool:
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return True
+    public = _view_flag("_public")
+    return public is None or public  # 404/405 are answered as such, not as 401
 
 
 def _is_stream() -> bool:
@@ -117,6 +133,8 @@ def authenticate_request() -> None:
         raise
     g.principal = principal
     context.update(user_id=principal.user.id, via=principal.via)
+    if principal.kind == "run" and not _view_flag("_run_scoped"):
+        raise Forbidden("A run token may only read its own run and task and report on its run.")
 
 
 def current_principal() -> Principal:

@@ -3,6 +3,7 @@ and turning a presented credential into a `Principal`."""
 
 from __future__ import annotations
 
+import hmac
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from app.auth.totp import accepted_step
 from app.database import as_loaded, db
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from app.pagination import paginate
+from app.runs.models import RUN_ACTIVE, Run
+from app.tasks.models import Task
 from app.timeutil import as_utc, utcnow
 from app.users.models import User
 
@@ -37,13 +40,28 @@ class Principal:
     kind: str
     token_id: int | None = None
     family_id: str | None = None
+    #: a run's token ("run"): the run, its task and project, the only ones it reaches
+    run_id: int | None = None
+    task_id: int | None = None
+    project_id: int | None = None
 
     @property
     def via(self) -> str:
+        if self.kind == "run":
+            return f"run:{self.run_id}"
         return f"pat:{self.token_id}" if self.kind == "pat" else "session"
 
     def can(self, ability: str) -> bool:
         return ability in self.abilities
+
+    def reaches(self, *, run_id: int | None = None, task_id: int | None = None) -> bool:
+        """A run's token reaches its own run and task only; any other credential, whatever its
+        roles allow (`projects.service.authorize` decides that)."""
+        if self.run_id is None:
+            return True
+        return (run_id is None or run_id == self.run_id) and (
+            task_id is None or task_id == self.task_id
+        )
 
 
 @dataclass(frozen=True)
@@ -205,9 +223,11 @@ def logout(raw: str) -> None:
 
 
 def authenticate(credential: str) -> Principal:
-    """A bearer value (access JWT or `sbp_` token) -> Principal, or Unauthorized."""
+    """A bearer value (access JWT, `sbp_` or `sbr_` token) -> Principal, or Unauthorized."""
     if credential.startswith(tokens.PAT_PREFIX):
         return _authenticate_pat(credential)
+    if credential.startswith(tokens.RUN_PREFIX):
+        return _authenticate_run(credential)
     try:
         claims = tokens.decode_access(current_app.config["SECRET_KEY"], credential)
     except jwt.ExpiredSignatureError as exc:
@@ -307,6 +327,41 @@ def _authenticate_pat(raw: str) -> Principal:
         abilities=pat_abilities(user.role, list(pat.abilities)),
         kind="pat",
         token_id=pat.id,
+    )
+
+
+#: what a run's token may do, in its own run's project only (`Principal.reaches`)
+RUN_ABILITIES = frozenset({"projects:read", "runs:report"})
+
+
+def _authenticate_run(raw: str) -> Principal:
+    """A run's token: valid while its run is active (the agent holds it), for that run only."""
+    run_id = tokens.run_token_id(raw)
+    row = None
+    if run_id is not None:
+        row = db.session.execute(
+            sa.select(Run.status, Run.token_hash, Run.task_id, Run.project_id, Task.creator_id)
+            .join(Task, Task.id == Run.task_id)
+            .where(Run.id == run_id)
+        ).first()
+    if (
+        row is None
+        or row.token_hash is None
+        or not hmac.compare_digest(row.token_hash, tokens.digest(raw))
+    ):
+        raise Unauthorized("The run token is not valid.", code="invalid_token")
+    if row.status not in RUN_ACTIVE:
+        raise Unauthorized("The run has ended, and its token with it.", code="token_expired")
+    user = _user(row.creator_id) if row.creator_id is not None else None
+    if user is None:  # the task's creator is gone (or it came from a webhook): act as no one
+        user = User(username=f"run-{run_id}", role="member", is_active=True)
+    return Principal(
+        user=user,
+        abilities=RUN_ABILITIES,
+        kind="run",
+        run_id=run_id,
+        task_id=row.task_id,
+        project_id=row.project_id,
     )
 
 

@@ -19,7 +19,9 @@ import jwt
 from app.timeutil import utcnow
 
 PAT_PREFIX = "sbp_"
-REFRESH_PREFIX = "sbr_"
+REFRESH_PREFIX = "sbf_"
+#: a run's token: `sbr_<run id>.<random>`, valid while that run is active (see `run_token`)
+RUN_PREFIX = "sbr_"
 ISSUER = "switchboard"
 
 
@@ -29,6 +31,19 @@ def new_opaque(prefix: str) -> str:
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_run_token(run_id: int) -> str:
+    """The run's id travels in the token, so checking it is a primary-key read."""
+    return f"{RUN_PREFIX}{run_id}.{secrets.token_urlsafe(32)}"
+
+
+def run_token_id(token: str) -> int | None:
+    """The run a token names (not yet that it is valid)."""
+    head, dot, _ = token[len(RUN_PREFIX) :].partition(".")
+    if not token.startswith(RUN_PREFIX) or not dot or not head.isdigit() or len(head) > 18:
+        return None
+    return int(head)
 
 
 def encode_access(secret: str, user_id: int, family_id: str | None, ttl: int, **claims: Any) -> str:

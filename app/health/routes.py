@@ -1,3 +1,6 @@
+import shutil
+from pathlib import Path
+
 import sqlalchemy as sa
 from flask import current_app
 from flask.views import MethodView
@@ -30,6 +33,21 @@ def _check(name: str, probe) -> str | None:  # type: ignore[no-untyped-def]
         return f"{name}: {type(exc).__name__}"
 
 
+def _workspace_disk() -> dict[str, object]:
+    """Free space where runs get their workspaces; a warning below the threshold (runs go on
+    until the disk is full, and then fail saying so)."""
+    root = Path(current_app.config["SWITCHBOARD_WORKSPACE_ROOT"])
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    free_mb = shutil.disk_usage(root).free // (1024 * 1024)
+    low = free_mb < current_app.config["SWITCHBOARD_WORKSPACE_MIN_FREE_MB"]
+    return {
+        "status": "low" if low else "ok",
+        "free_mb": free_mb,
+        **({"warning": "the workspace disk is almost full"} if low else {}),
+    }
+
+
 @blp.route("/health/ready")
 class Ready(MethodView):
     @public
@@ -45,12 +63,16 @@ class Ready(MethodView):
             if f
         ]
         db.session.remove()
+        workspace = _workspace_disk()
         if failures:
             raise ServiceUnavailable(
                 "Not ready: " + "; ".join(failures),
                 checks={f.split(":")[0]: "failed" for f in failures},
             )
-        return {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
+        return {
+            "status": "ready",
+            "checks": {"database": "ok", "redis": "ok", "workspace": workspace},
+        }
 
 
 @blp.route("/version")

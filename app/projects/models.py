@@ -24,6 +24,8 @@ class Project(db.Model):
     default_agent: Mapped[str] = mapped_column(sa.String(64), default="claude")
     #: None: no project-wide cap
     max_concurrent_runs: Mapped[int | None]
+    #: bumped by every change to the project's secrets: workers remember them until it moves
+    secrets_version: Mapped[int] = mapped_column(default=0, server_default="0")
     created_by: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -11,15 +11,18 @@ import re
 from typing import Any
 
 import sqlalchemy as sa
+from flask import current_app
 
 from app import events
 from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth import cache as auth_cache
 from app.auth.service import Principal
+from app.config import allowed_networks, protected_dirs, workdir_roots
 from app.database import db, lock_rows
 from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from app.pagination import Page, paginate
+from app.projects import places
 from app.projects.models import PROJECT_ROLES, Project, ProjectMember
 from app.runs.models import RUN_ACTIVE, Run
 from app.tasks.models import TASK_STATUSES, Task
@@ -61,6 +64,8 @@ def takes_tasks(archived_at: Any) -> bool:
 def role_in(principal: Principal, project: Project) -> str | None:
     if is_admin(principal):
         return role_from(True, None)
+    if principal.kind == "run":  # a run's token: its own project, as a developer
+        return "developer" if project.id == principal.project_id else None
     # one lookup per principal and project within a session (a request, a job), and remembered
     # by the process for a few seconds (a membership change is announced: `set_member`)
     roles = db.session.info.setdefault("sb_roles", {})
@@ -135,6 +140,7 @@ def create_project(principal: Principal, data: dict[str, Any]) -> Project:
     if db.session.scalar(sa.select(Project.id).where(Project.key == key)) is not None:
         raise Conflict(f"A project with key {key!r} exists.", errors={"key": ["taken"]})
     _check_agent(data.get("default_agent"))
+    data = _check_places(data)
     project = Project(**{**data, "key": key}, created_by=principal.user.id)
     db.session.add(project)
     db.session.flush()
@@ -149,6 +155,37 @@ def create_project(principal: Principal, data: dict[str, Any]) -> Project:
     )
     db.session.commit()
     return project
+
+
+def _check_places(data: dict[str, Any]) -> dict[str, Any]:
+    """The workdir resolved, the repo URL and branch checked (`places`), or 422."""
+    cfg = current_app.config
+    errors: dict[str, list[str]] = {}
+    data = dict(data)
+    try:
+        if data.get("workdir"):
+            data["workdir"] = places.check_workdir(
+                data["workdir"], workdir_roots(cfg), protected_dirs(cfg)
+            )
+    except places.PlaceRefused as exc:
+        errors["workdir"] = [str(exc)]
+    try:
+        if data.get("repo_url"):
+            places.check_repo_url(
+                data["repo_url"],
+                allow_local=cfg["SWITCHBOARD_ALLOW_LOCAL_REPOS"],
+                allowed=allowed_networks(cfg["SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS"]),
+            )
+    except places.PlaceRefused as exc:
+        errors["repo_url"] = [str(exc)]
+    try:
+        if data.get("default_branch"):
+            places.check_branch(data["default_branch"])
+    except places.PlaceRefused as exc:
+        errors["default_branch"] = [str(exc)]
+    if errors:
+        raise ValidationFailed("Agents may not work there.", errors)
+    return data
 
 
 def _check_agent(agent: str | None) -> None:
@@ -180,6 +217,7 @@ def list_projects(
 
 def update_project(project: Project, changes: dict[str, Any]) -> Project:
     _check_agent(changes.get("default_agent"))
+    changes = _check_places(changes)
     for key, value in changes.items():
         setattr(project, key, value)
     audit.record(

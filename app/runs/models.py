@@ -57,6 +57,8 @@ class Run(db.Model):
     pid: Mapped[int | None]
     log_size: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     event_count: Mapped[int] = mapped_column(default=0)
+    #: sha256 of the run's token (`sbr_…`, in its agent's environment), set when it is taken
+    token_hash: Mapped[str | None] = mapped_column(sa.String(64))
 
     project: Mapped[Project] = relationship(lazy="select", viewonly=True)
 

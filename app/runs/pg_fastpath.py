@@ -64,7 +64,8 @@ def _take_sql() -> str:
     )
     return f"""
 WITH taken AS (
-  UPDATE runs SET status = 'assigned', executor = %(executor)s, lease_expires_at = %(lease)s
+  UPDATE runs SET status = 'assigned', executor = %(executor)s, lease_expires_at = %(lease)s,
+    token_hash = %(token_hash)s
   -- "IS TRUE" keeps PostgreSQL on the primary key (see service.status_in)
   WHERE id = %(run_id)s AND (status = 'queued') IS TRUE
     AND {ASYNC_COMMIT}
@@ -97,14 +98,19 @@ def _loaders(dialect: Any) -> list[Loader]:
     ]
 
 
-def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
+def take(
+    run_id: int, executor: str, lease_s: int, token_hash: str | None
+) -> tuple[Run, Task, Project] | None:
     """`service.take` in one autocommit round trip: the run (now assigned to `executor`), its
     task and its project, persistent in the session; None when the run was not queued. It runs
     on a connection of its own: the caller's session must not hold the run's row locked."""
     lease = naive_utc(utcnow() + timedelta(seconds=lease_s))
     with autocommit() as driver:
         cursor = driver.cursor()
-        cursor.execute(_take_sql(), {"run_id": run_id, "executor": executor, "lease": lease})
+        cursor.execute(
+            _take_sql(),
+            {"run_id": run_id, "executor": executor, "lease": lease, "token_hash": token_hash},
+        )
         row = cursor.fetchone()
         cursor.close()
     if row is None:

@@ -1,9 +1,9 @@
 from flask import current_app
 from flask.views import MethodView
 
-from app.auth.guard import current_principal, requires
+from app.auth.guard import current_principal, requires, run_scoped
 from app.database import db
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, Forbidden, NotFound
 from app.extensions import Blueprint
 from app.live import pubsub
 from app.live.sse import last_event_id, parking, sse, stream_view
@@ -16,6 +16,8 @@ from app.runs.schemas import (
     CompleteSchema,
     EventPageSchema,
     EventQuerySchema,
+    EventReportSchema,
+    EventSchema,
     ExecutorSchema,
     HeartbeatResponseSchema,
     LogAppendResponseSchema,
@@ -37,6 +39,8 @@ blp = Blueprint(
 
 
 def run_for(run_id: int, role: str = "viewer"):  # type: ignore[no-untyped-def]
+    if not current_principal().reaches(run_id=run_id):
+        raise Forbidden("A run token reaches only its own run.")
     run = runs.get_run(run_id, with_project=True)
     try:
         projects.authorize(current_principal(), run.project, role)
@@ -68,6 +72,7 @@ class Runs(MethodView):
 
 @blp.route("/<int:run_id>")
 class RunById(MethodView):
+    @run_scoped
     @requires("projects:read")
     @conditional
     @blp.arguments(WaitQuerySchema, location="query")
@@ -150,6 +155,16 @@ class RunEvents(MethodView):
             run, after_seq=args.get("after"), limit=args["limit"], kind=args.get("type")
         )
         return {"data": rows, "meta": {"next_after": next_seq}}
+
+    @run_scoped
+    @requires("runs:report")
+    @blp.arguments(EventReportSchema)
+    @blp.response(201, EventSchema)
+    def post(self, data, run_id):
+        """Report an event on an active run (developer, or the run's own token: how an agent
+        tells Switchboard what it does). The project's secret values in it are masked."""
+        run = run_for(run_id, "developer")
+        return runs.report_event(run, data["type"], data["data"]), 201
 
 
 @blp.route("/<int:run_id>/stop")

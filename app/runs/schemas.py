@@ -65,6 +65,16 @@ class EventSchema(ma.Schema):
     created_at = Timestamp()
 
 
+class EventReportSchema(Schema):
+    type = ma.fields.Str(
+        required=True,
+        validate=ma.validate.Regexp(
+            r"^[a-z][a-z0-9_.:-]{0,63}$", error="1-64 characters: a-z, 0-9, '_', '.', ':', '-'"
+        ),
+    )
+    data = ma.fields.Dict(load_default=dict, metadata={"description": "a JSON object"})
+
+
 class EventPageSchema(ma.Schema):
     data = ma.fields.List(ma.fields.Nested(EventSchema))
     meta = ma.fields.Dict()

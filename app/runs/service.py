@@ -22,9 +22,11 @@ from app.projects.models import Project
 from app.runs import logs, pg_fastpath
 from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent, status_in
 from app.runs.outcomes import Started, error_summary
+from app.runs.redaction import Redactor
 from app.tasks import lifecycle
 from app.tasks.models import Task
 from app.timeutil import utcnow
+from app.vault import service as vault
 
 
 def get_run(run_id: int, *, with_project: bool = False) -> Run:
@@ -76,19 +78,21 @@ def _transition(
     return True
 
 
-def _assigning(run_id: Any, executor: Any, lease: Any) -> sa.Update:
-    """queued → assigned (values or bound parameters)."""
+def _assigning(run_id: Any, executor: Any, lease: Any, token_hash: Any) -> sa.Update:
+    """queued → assigned (values or bound parameters); `token_hash`: the run token's digest
+    (None: the executor hands out no token)."""
     return (
         sa.update(Run)
         .where(Run.id == run_id, status_in(("queued",)))
-        .values(status="assigned", executor=executor, lease_expires_at=lease)
+        .values(status="assigned", executor=executor, lease_expires_at=lease, token_hash=token_hash)
     )
 
 
-def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
+def assign(run_id: int, executor: str, lease_s: int, token_hash: str | None = None) -> Run | None:
     """An executor takes a queued run. None when someone else already has it (or it ended)."""
+    lease = utcnow() + timedelta(seconds=lease_s)
     run = db.session.execute(
-        _assigning(run_id, executor, utcnow() + timedelta(seconds=lease_s)).returning(Run),
+        _assigning(run_id, executor, lease, token_hash).returning(Run),
         execution_options={"populate_existing": True},
     ).scalar_one_or_none()
     if run is not None:  # heard by the run's streams and by clients waiting on it
@@ -97,12 +101,14 @@ def assign(run_id: int, executor: str, lease_s: int) -> Run | None:
     return run
 
 
-def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] | None:
+def take(
+    run_id: int, executor: str, lease_s: int, token_hash: str | None = None
+) -> tuple[Run, Task, Project] | None:
     """The worker pool's `assign`: the run with its task and project. On PostgreSQL one
     statement (an UPDATE … RETURNING joined to both, `runs.pg_fastpath.take`): the agent's start
     waits on it."""
     if not on_postgresql():  # SQLite has no UPDATE in a WITH
-        run = assign(run_id, executor, lease_s)
+        run = assign(run_id, executor, lease_s, token_hash)
         if run is None:
             return None
         task, project = db.session.execute(
@@ -111,7 +117,7 @@ def take(run_id: int, executor: str, lease_s: int) -> tuple[Run, Task, Project] 
             .where(Task.id == run.task_id)
         ).one()
         return run, task, project
-    return pg_fastpath.take(run_id, executor, lease_s)
+    return pg_fastpath.take(run_id, executor, lease_s, token_hash)
 
 
 def mark_running(
@@ -192,6 +198,20 @@ def add_events(run: Run, events: list[tuple[str, dict[str, Any]]]) -> list[dict[
         db.session.add(RunEvent(run_id=run.id, seq=first + i, type=kind, data=data, created_at=now))
         out.append({"seq": first + i, "type": kind, "data": data})
     return out
+
+
+def report_event(run: Run, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """An event an agent (or a developer) reports on an active run, its project's secret
+    values masked as in the agent's output."""
+    if run.status not in RUN_ACTIVE:
+        raise Conflict(f"Run {run.id} has ended ({run.status}); it takes no more events.")
+    redactor = Redactor.of(vault.values_for(run.project_id))
+    if redactor is not None:
+        data = redactor.mask_json(data)
+    stored = add_events(run, [(kind, data)])
+    db.session.commit()
+    pubsub.run_events(run.id, stored)
+    return {**stored[0], "created_at": utcnow()}
 
 
 def list_events(

@@ -8,9 +8,7 @@ are not followed.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import ipaddress
 import socket
 import ssl
 import time
@@ -18,14 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from app.netguard import Network, Refused, check_host, resolve
+
 #: how much of a response we read (its body is only kept as an error hint)
 READ_LIMIT = 64 * 1024
-
-
-class Refused(ValueError):
-    """The URL is not one we deliver to."""
 
 
 @dataclass
@@ -37,12 +31,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
-
-
-def _public(address: Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
 
 
 def _split(url: str) -> tuple[str, str, int, str]:
@@ -61,40 +49,11 @@ def _split(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, parts.hostname, port, path
 
 
-def check_address(host: str, address: Address, allowed: Sequence[Network]) -> None:
-    if _public(address) or any(address in net for net in allowed):
-        return
-    raise Refused(
-        f"{host} is {address}, a loopback, private or reserved address; allow its network "
-        "in SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS to deliver there"
-    )
-
-
-def resolve(host: str, port: int, allowed: Sequence[Network]) -> list[Address]:
-    """Every address `host` has, each checked; raises `Refused` or `OSError` (DNS)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses = list(
-        dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
-    )
-    for address in addresses:
-        check_address(host, address, allowed)
-    return addresses
-
-
 def check_url(url: str, allowed: Sequence[Network]) -> None:
     """For saving a subscription: the URL's form, and its addresses if they resolve now (they
     are checked again on every delivery)."""
     _scheme, host, port, _path = _split(url)
-    try:
-        literal = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        literal = None
-    if literal is not None:
-        check_address(host, literal, allowed)
-        return
-    # not resolvable from here right now: the delivery will say so
-    with contextlib.suppress(OSError):
-        resolve(host, port, allowed)
+    check_host(host, port, allowed)
 
 
 class _PinnedHTTP(http.client.HTTPConnection):

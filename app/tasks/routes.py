@@ -1,7 +1,7 @@
 from flask import current_app, request
 from flask.views import MethodView
 
-from app.auth.guard import current_principal, requires
+from app.auth.guard import current_principal, requires, run_scoped
 from app.extensions import Blueprint
 from app.live import pubsub
 from app.live.sse import last_event_id, sse, stream_view
@@ -89,6 +89,7 @@ class Tasks(MethodView):
 
 @blp.route("/<int:task_id>")
 class TaskById(MethodView):
+    @run_scoped
     @requires("projects:read")
     @conditional
     @blp.arguments(WaitQuerySchema, location="query")

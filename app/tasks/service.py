@@ -16,7 +16,7 @@ from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.database import db, on_postgresql
-from app.errors import Conflict, NotFound, ValidationFailed
+from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
@@ -213,6 +213,8 @@ def get_task(task_id: int) -> Task:
 
 
 def task_for(principal: Principal, task_id: int, role: str = "viewer") -> Task:
+    if not principal.reaches(task_id=task_id):
+        raise Forbidden("A run token reaches only its own task.")
     task = get_task(task_id)
     project = db.session.get(Project, task.project_id)
     try:

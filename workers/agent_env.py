@@ -1,0 +1,36 @@
+"""An agent's environment is built, never inherited: what it needs to run, its run's identity and
+token, its project's secrets and the names an operator passes through. Nothing else of the
+server's environment (SECRET_KEY, DATABASE_URL, REDIS_URL, the admin password…) reaches it.
+No Flask: the machine client builds its agents' environments the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def build(
+    server_env: Mapping[str, str],
+    *,
+    home: Path,
+    tmp: Path,
+    run_vars: Mapping[str, str],
+    secrets: Mapping[str, str],
+    passthrough: Iterable[str] = (),
+) -> dict[str, str]:
+    env = {
+        "PATH": server_env.get("PATH") or DEFAULT_PATH,
+        "HOME": str(home),
+        "TMPDIR": str(tmp),
+        "LANG": server_env.get("LANG") or "C.UTF-8",
+        "TERM": server_env.get("TERM") or "dumb",
+        "GIT_TERMINAL_PROMPT": "0",
+    }
+    for name in passthrough:
+        if name in server_env:
+            env[name] = server_env[name]
+    env.update(secrets)
+    env.update(run_vars)  # last: a secret cannot pose as the run's identity
+    return env
