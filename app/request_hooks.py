@@ -11,6 +11,7 @@ from flask import Flask, Response, current_app, g, request
 
 from app import context, view_marks
 from app.audit import service as audit
+from app.audit.redact import REDACTED
 from app.auth.guard import authenticate_request
 from app.database import database_unavailable, db
 from app.errors import DomainError
@@ -69,8 +70,10 @@ def _audit_mutation(response: Response) -> Response:
     try:
         if response.status_code >= 400:
             db.session.rollback()
-        body = None
-        if (request.content_length or 0) <= AUDIT_BODY_LIMIT:
+        body: object = None
+        if view_marks.has_secret_body():
+            body = REDACTED
+        elif (request.content_length or 0) <= AUDIT_BODY_LIMIT:
             body = request.get_json(silent=True)
         audit.record_now(
             f"http.{request.method.lower()}",

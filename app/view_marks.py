@@ -15,11 +15,22 @@ def webhook_receiver(func):  # type: ignore[no-untyped-def]
     return func
 
 
+def secret_body(func):  # type: ignore[no-untyped-def]
+    """Mark a view whose request body is a secret: the request audit records that it was
+    called, never what it was sent (a refused request included)."""
+    func._secret_body = True
+    return func
+
+
 def view_flag(name: str) -> bool:
     view = current_app.view_functions.get(request.endpoint or "")
     cls = getattr(view, "view_class", None)
     method = getattr(cls, request.method.lower(), None) if cls else view
     return bool(getattr(method, name, False))
+
+
+def has_secret_body() -> bool:
+    return request.endpoint is not None and view_flag("_secret_body")
 
 
 def is_webhook_receiver() -> bool:

@@ -249,9 +249,7 @@ def agent_pids(app, run_id: int) -> list[int]:
     for pid in find_tagged(f"SWITCHBOARD_RUN_ID={run_id}"):
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = dict(
-                    item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item
-                )
+                env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
         except OSError:
             continue
         if env.get(b"HOME", b"").startswith(f"{root}/".encode()):

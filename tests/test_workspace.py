@@ -50,7 +50,9 @@ def test_two_runs_work_on_two_branches(app, client, member, worker, tmp_path):
     assert first["branch"] == f"switchboard/{t['id']}-1"
     assert second["branch"] == f"switchboard/{t['id']}-2"
     assert log_text(client, member, first["id"])[0] == first["branch"] + "\n"
-    assert first["commit_sha"] != second["commit_sha"] and len(second["commit_sha"]) == 40, client.get(f"/api/v1/runs/{first['id']}", headers=member.headers).get_json()["diff_stat"]
+    assert first["commit_sha"] != second["commit_sha"] and len(second["commit_sha"]) == 40, (
+        client.get(f"/api/v1/runs/{first['id']}", headers=member.headers).get_json()["diff_stat"]
+    )
     assert "README.md | 1 +" in second["diff_stat"]
     # each branch holds only its own run's change
     root = Path(app.config["SWITCHBOARD_WORKSPACE_ROOT"])

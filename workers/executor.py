@@ -102,7 +102,8 @@ def execute(run_id: int) -> str:
     loop = task.loop or {}
     iterations = int(loop.get("max_iterations", 1)) if loop else 1
     marker = loop.get("done_marker") if loop else None
-    driver = RunDriver(run, task, agent, Redactor.of(secrets.values()))
+    # the run's token is masked too: a viewer of the log must not act as the run
+    driver = RunDriver(run, task, agent, Redactor.of([*secrets.values(), token]))
     outcome: str | None = None
     code = 0
     proc: AgentProcess | None = None

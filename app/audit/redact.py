@@ -15,6 +15,10 @@ SENSITIVE_KEY = re.compile(
 SENSITIVE_VALUE = re.compile(r"^(sbp_|sbr_|sbf_)|^eyJ[\w-]+\.[\w-]+\.")
 
 
+#: the user and password of a URL (`https://user:token@host/…`)
+URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
 def redact(value: Any, _depth: int = 0) -> Any:
     if _depth > 20:
         return REDACTED
@@ -25,6 +29,8 @@ def redact(value: Any, _depth: int = 0) -> Any:
         }
     if isinstance(value, list | tuple):
         return [redact(v, _depth + 1) for v in value]
-    if isinstance(value, str) and SENSITIVE_VALUE.search(value):
-        return REDACTED
+    if isinstance(value, str):
+        if SENSITIVE_VALUE.search(value):
+            return REDACTED
+        return URL_USERINFO.sub(rf"\1{REDACTED}@", value)
     return value

@@ -205,7 +205,7 @@ def report_event(run: Run, kind: str, data: dict[str, Any]) -> dict[str, Any]:
     values masked as in the agent's output."""
     if run.status not in RUN_ACTIVE:
         raise Conflict(f"Run {run.id} has ended ({run.status}); it takes no more events.")
-    redactor = Redactor.of(vault.values_for(run.project_id))
+    redactor = Redactor.of(vault.values_for(run.project_id).values())
     if redactor is not None:
         data = redactor.mask_json(data)
     stored = add_events(run, [(kind, data)])

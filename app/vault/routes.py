@@ -5,6 +5,7 @@ from app.extensions import Blueprint
 from app.projects import service as projects
 from app.vault import service
 from app.vault.schemas import SecretListSchema, SecretSchema, SecretValueSchema
+from app.view_marks import secret_body
 
 blp = Blueprint(
     "vault",
@@ -31,6 +32,7 @@ class Secrets(MethodView):
 
 @blp.route("/<key>/secrets/<name>")
 class SecretByName(MethodView):
+    @secret_body
     @requires("settings:write")
     @blp.arguments(SecretValueSchema)
     @blp.response(200, SecretSchema)
