@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 ## Run the server (web + worker, embedded Redis unless REDIS_URL is set) in the foreground.
 run: $(STAMP)
-	$(BIN)/switchboard dev
+	SWITCHBOARD_ALLOW_LOCAL_REPOS=$${SWITCHBOARD_ALLOW_LOCAL_REPOS:-true} $(BIN)/switchboard dev
 
 ## Run the whole test suite (SQLite + embedded Redis unless DATABASE_URL / REDIS_URL are set).
 test: $(STAMP)

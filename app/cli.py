@@ -134,6 +134,29 @@ def api_docs() -> None:
 # -- a client of a running server --------------------------------------------------------------
 
 
+@main.group("secrets")
+def secrets_group() -> None:
+    """Project secrets' encryption keys."""
+
+
+@secrets_group.command("new-key")
+def secrets_new_key() -> None:
+    """Print a new key for SWITCHBOARD_SECRETS_KEY (put it first; keep the old ones after it
+    until `switchboard secrets rotate` has run)."""
+    from app.config import fernet_key
+
+    click.echo(fernet_key())
+
+
+@secrets_group.command("rotate")
+@with_appcontext
+def secrets_rotate() -> None:
+    """Re-encrypt every project secret with the first key of SWITCHBOARD_SECRETS_KEY."""
+    from app.vault import service as vault
+
+    click.echo(f"{vault.rotate()} secrets re-encrypted with the newest key")
+
+
 @main.group("tasks")
 def tasks_group() -> None:
     """Tasks on a running Switchboard, over its API: SWITCHBOARD_URL (default

@@ -14,7 +14,9 @@ def test_health_needs_nothing(client):
 def test_ready_checks_database_and_redis(client):
     resp = client.get("/api/v1/health/ready")
     assert resp.status_code == 200
-    assert resp.get_json()["checks"] == {"database": "ok", "redis": "ok"}
+    checks = resp.get_json()["checks"]
+    assert checks["database"] == "ok" and checks["redis"] == "ok"
+    assert checks["workspace"]["status"] == "ok"  # free space: test_isolation covers it
 
 
 def test_ready_503_names_redis_when_it_is_down(client, app):

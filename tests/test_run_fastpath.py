@@ -117,12 +117,13 @@ def test_a_take_in_one_round_trip_loads_what_the_orm_would(
     with app.app_context():
         run_id = db.session.get(Task, ids[0]).latest_run_id
         db.session.remove()
-        taken = pg_fastpath.take(run_id, "e1", 30)
+        taken = pg_fastpath.take(run_id, "e1", 30, "d" * 64)
         assert taken is not None
         fast = [columns(i) for i in taken]
         assert all(object_session(i) is db.session() and not db.session.dirty for i in taken)
         run = taken[0]
         assert (run.status, run.executor, run.lease_expires_at.tzinfo) == ("assigned", "e1", UTC)
+        assert run.token_hash == "d" * 64
         run.model = "m-1"  # a fact from the agent's output, written as the executor does
         db.session.commit()
         db.session.remove()
@@ -574,7 +575,7 @@ def test_a_run_is_found_by_its_primary_key_whatever_the_queue_holds(
             sa.text("SELECT min(id) FROM runs WHERE task_id = :t"), {"t": task_id}
         ).scalar()
         cursor = conn.connection.driver_connection.cursor()
-        params = {"run_id": run_id, "executor": "e1", "lease": None}
+        params = {"run_id": run_id, "executor": "e1", "lease": None, "token_hash": None}
         cursor.execute("EXPLAIN " + _take_sql(), params)
         plan = [row[0] for row in cursor]
         db.session.rollback()

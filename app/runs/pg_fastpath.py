@@ -99,7 +99,7 @@ def _loaders(dialect: Any) -> list[Loader]:
 
 
 def take(
-    run_id: int, executor: str, lease_s: int, token_hash: str | None
+    run_id: int, executor: str, lease_s: int, token_hash: str | None = None
 ) -> tuple[Run, Task, Project] | None:
     """`service.take` in one autocommit round trip: the run (now assigned to `executor`), its
     task and its project, persistent in the session; None when the run was not queued. It runs
