@@ -610,3 +610,23 @@ def test_sandbox_setting_is_checked(tmp_path, monkeypatch):
     with pytest.raises(sandbox.SandboxUnavailable):
         sandbox.choose("bwrap")
     assert sandbox.choose("none") == "none"
+
+
+def test_secrets_a_worker_cannot_decrypt_fail_the_run_saying_why(
+    app, client, member, project, worker
+):
+    from cryptography.fernet import Fernet
+
+    from app.config import fernet_key
+
+    assert _set(client, member, "TOKEN", TOKEN).status_code == 201
+    with app.app_context():
+        from app.database import db
+        from app.vault.models import ProjectSecret
+
+        alien = Fernet(fernet_key().encode()).encrypt(b"x").decode()  # another server's key
+        db.session.execute(sa.update(ProjectSecret).values(ciphertext=alien))
+        db.session.commit()
+    t = create(client, member, prompt="echo never")
+    done = wait_status(client, member, t["id"], "failed")
+    assert "do not decrypt" in done["runs"][0]["error_summary"]

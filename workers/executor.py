@@ -61,8 +61,8 @@ def execute(run_id: int) -> str:
     if agent is None:
         runs.finish(run.id, "failed", summary=f"unknown agent {run.agent!r}")
         return "failed"
-    secrets = isolation.project_secrets(project)
     try:
+        secrets = isolation.project_secrets(project)
         binary = agents.resolve_binary(agent, os.environ.get("PATH"))
         ws = workspace.prepare(
             cfg["SWITCHBOARD_WORKSPACE_ROOT"],
@@ -75,7 +75,11 @@ def execute(run_id: int) -> str:
             policy=isolation.policy(cfg),
             git_token=secrets.get("GIT_TOKEN"),
         )
-    except (agents.AgentNotInstalled, workspace.WorkspaceError) as exc:
+    except (
+        agents.AgentNotInstalled,
+        workspace.WorkspaceError,
+        isolation.SecretsUnreadable,
+    ) as exc:
         runs.finish(run.id, "failed", summary=str(exc))
         return "failed"
     env = isolation.agent_environment(

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import InvalidToken
+
 from app.config import allowed_networks, passthrough_names, protected_dirs, workdir_roots
 from app.projects.models import Project
 from app.vault import service as vault
@@ -20,12 +22,24 @@ from workers import agent_env, sandbox, workspace
 _secrets: dict[int, tuple[int, dict[str, str]]] = {}
 
 
+class SecretsUnreadable(RuntimeError):
+    """The project's secrets do not decrypt with this worker's SWITCHBOARD_SECRETS_KEY."""
+
+
 def project_secrets(project: Project) -> dict[str, str]:
     if not project.secrets_version:
         return {}
     known = _secrets.get(project.id)
     if known is None or known[0] != project.secrets_version:
-        known = (project.secrets_version, vault.values_for(project.id))
+        try:
+            values = vault.values_for(project.id)
+        except InvalidToken:
+            raise SecretsUnreadable(
+                f"project {project.key!r}'s secrets do not decrypt with this worker's "
+                "SWITCHBOARD_SECRETS_KEY (is it the web server's? was a key dropped before "
+                "`switchboard secrets rotate`?)"
+            ) from None
+        known = (project.secrets_version, values)
         _secrets[project.id] = known
     return known[1]
 
