@@ -148,6 +148,8 @@ def dev() -> None:
     env.setdefault("PORT", "8000")
     # honcho gives every process its own PORT; the web server must keep the one asked for
     env["GUNICORN_BIND"] = f"127.0.0.1:{env['PORT']}"
+    # …and agents must be told that one, not the worker's own PORT
+    env.setdefault("SWITCHBOARD_PUBLIC_URL", f"http://127.0.0.1:{env['PORT']}")
     from app import create_app
 
     app = create_app()
