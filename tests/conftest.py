@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import Account, account, drop_postgres_database, fresh_postgres_database
+from helpers import GH_SECRET, Account, account, drop_postgres_database, fresh_postgres_database
 from servers import LiveServer, WorkerPool
 
 
@@ -192,6 +192,26 @@ def project(app: Flask, client: FlaskClient, member: Account) -> dict:
         "/api/v1/projects",
         headers=member.headers,
         json={"key": "demo", "name": "Demo", "default_agent": "shell"},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+@pytest.fixture
+def events_worker(app, client) -> Iterator[WorkerPool]:
+    """A real `switchboard worker` taking only the `events` queue (and sweeping)."""
+    pool = WorkerPool(app, processes=1, queues="events")
+    yield pool
+    pool.stop()
+    print("---- worker output ----\n" + pool.output())
+
+
+@pytest.fixture
+def gh(client, admin) -> dict:
+    resp = client.post(
+        "/api/v1/webhook-sources",
+        headers=admin.headers,
+        json={"name": "gh", "kind": "github", "secret": GH_SECRET},
     )
     assert resp.status_code == 201, resp.get_json()
     return resp.get_json()

@@ -12,6 +12,9 @@ import sqlalchemy as sa
 
 from app.config import normalise_database_url
 
+#: the webhook secret of the `gh` source fixture
+GH_SECRET = "gh-webhook-secret-for-tests"
+
 
 def assert_problem(resp: Any, status: int, code: str | None = None) -> dict:
     """The response is RFC 9457 problem+json with this status (and code)."""

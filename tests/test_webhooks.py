@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from helpers import account, assert_problem, count, unreachable_redis, wait_for
+from helpers import GH_SECRET, account, assert_problem, count, unreachable_redis, wait_for
 from servers import WorkerPool
 
 from app.webhooks.signatures import sign
 
 FIXTURES = Path(__file__).parent / "fixtures" / "github"
-SECRET = "gh-webhook-secret-for-tests"
+SECRET = GH_SECRET
 
 
 def fixture(name: str) -> dict:
@@ -41,26 +40,6 @@ def deliver(client, payload, event, *, source="gh", secret=SECRET, delivery=None
     return client.post(
         f"/api/v1/webhooks/{source}", data=body, headers=headers, content_type=content_type
     )
-
-
-@pytest.fixture
-def events_worker(app, client) -> Iterator[WorkerPool]:
-    """A real `switchboard worker` taking only the `events` queue (and sweeping)."""
-    pool = WorkerPool(app, processes=1, queues="events")
-    yield pool
-    pool.stop()
-    print("---- worker output ----\n" + pool.output())
-
-
-@pytest.fixture
-def gh(client, admin) -> dict:
-    resp = client.post(
-        "/api/v1/webhook-sources",
-        headers=admin.headers,
-        json={"name": "gh", "kind": "github", "secret": SECRET},
-    )
-    assert resp.status_code == 201, resp.get_json()
-    return resp.get_json()
 
 
 def add_rule(client, who, project="demo", **overrides) -> dict:

@@ -17,36 +17,25 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2 import TemplateError
 
 from app.input_bounds import NUL
 from app.tasks import limits
+from app.webhooks import templates
 
-#: the largest string or number `*` and `**` may make in a template (the sandbox guards
-#: attribute access, not arithmetic: `{{ "x" * 10**9 }}` would take a gigabyte)
-BINOP_LIMIT = 1_000_000
-
-
-class _Sandbox(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int | float) and abs(right) > 100:
-            raise SecurityError("exponent too large in a template")
-        if operator == "*":
-            sizes = [len(v) if isinstance(v, str | list) else 1 for v in (left, right)]
-            counts = [abs(int(v)) if isinstance(v, int) else 1 for v in (left, right)]
-            if max(sizes) * max(counts) > BINOP_LIMIT:
-                raise SecurityError("result too large in a template")
-        return super().call_binop(context, operator, left, right)
-
-
-_env = _Sandbox(
-    undefined=StrictUndefined,
-    autoescape=False,
-    finalize=lambda value: "" if value is None else value,
-)
+#: what a title template may render before it is cut to the title's length
+TITLE_RENDER_MAX = 64 * 1024
+#: what a template is tried against when its rule is saved (a delivery's usual fields)
+SAMPLE_PAYLOAD: dict[str, Any] = {
+    "action": "opened",
+    "issue": {"number": 1, "title": "Sample", "body": "Body", "labels": [{"name": "bug"}]},
+    "pull_request": {"number": 2, "title": "Sample", "body": "Body", "base": {"ref": "main"}},
+    "comment": {"body": "/agent do it"},
+    "repository": {"full_name": "octo/repo", "name": "repo"},
+    "sender": {"login": "octocat", "type": "User"},
+    "ref": "refs/heads/main",
+    "commits": [{"id": "0" * 40, "message": "m"}],
+}
 
 
 @dataclass
@@ -146,12 +135,18 @@ def evaluate(rule: Any, event_type: str, action: str | None, payload: Any) -> Ve
 
 
 def check_template(source: str) -> str | None:
-    """A syntax error in a template, or None; rules are checked when they are saved."""
-    try:
-        _env.parse(source)
-    except TemplateError as exc:
-        return str(exc)
-    return None
+    """Why a template cannot be saved (a syntax error; over its budget on a sample delivery),
+    or None; rules are checked when they are saved."""
+    context = _context("issues", "opened", "sample", SAMPLE_PAYLOAD, {"command_args": "do it"})
+    return templates.check(source, context, limits.PROMPT_MAX)
+
+
+def _context(
+    event_type: str, action: str | None, delivery_id: str, payload: Any, extra: dict[str, Any]
+) -> dict[str, Any]:
+    context = dict(payload) if isinstance(payload, dict) else {}
+    context.update(payload=payload, event=event_type, action=action, delivery=delivery_id, **extra)
+    return context
 
 
 def render_task(
@@ -165,15 +160,14 @@ def render_task(
 ) -> dict[str, Any]:
     """Title and prompt rendered from the payload; raises `TemplateError` (e.g. an undefined
     field) for the caller to report on the event."""
-    context = dict(payload) if isinstance(payload, dict) else {}
-    context.update(payload=payload, event=event_type, action=action, delivery=delivery_id, **extra)
+    context = _context(event_type, action, delivery_id, payload, extra)
     # a NUL from the payload becomes U+FFFD, as in logs: PostgreSQL's text holds no NUL
-    title = _env.from_string(template["title"]).render(context).strip().replace(NUL, "\ufffd")
-    prompt = _env.from_string(template["prompt"]).render(context).replace(NUL, "\ufffd")
+    title = templates.render(template["title"], context, TITLE_RENDER_MAX)
+    title = title.strip().replace(NUL, "\ufffd")
+    prompt = templates.render(template["prompt"], context, limits.PROMPT_MAX)
+    prompt = prompt.replace(NUL, "\ufffd")
     if not title:
         raise TemplateError("the title template rendered an empty title")
-    if len(prompt) > limits.PROMPT_MAX:
-        raise TemplateError(f"the prompt is longer than {limits.PROMPT_MAX} characters")
     rendered = {k: v for k, v in template.items() if k not in ("title", "prompt")}
     rendered.update(title=" ".join(title.split())[: limits.TITLE_MAX], prompt=prompt)
     return rendered

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -116,8 +116,65 @@ def _rules_by_source(source_ids: set[int | None]) -> dict[int, list[Rule]]:
     return found
 
 
+@dataclass
+class _Plan:
+    """A rule that takes the event, and the task its template rendered (or why it did not)."""
+
+    rule_id: int
+    name: str
+    project_id: int
+    author_id: int | None
+    spec: dict[str, Any] | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, rule: Rule, **outcome: Any) -> _Plan:
+        return cls(rule.id, rule.name, rule.project_id, rule.author_id, **outcome)
+
+
+def _plan(event: WebhookEvent) -> tuple[list[_Plan], bool]:
+    """The rules that take the event, their templates rendered: reads only, so no write lock is
+    held while templates render (on SQLite one would stop every other writer). Also whether an
+    earlier attempt matched some rule already."""
+    rules = _rules_by_source({event.source_id}).get(event.source_id or 0, [])
+    done = set(
+        db.session.scalars(sa.select(EventMatch.rule_id).where(EventMatch.event_id == event.id))
+    )
+    plans = []
+    for rule in rules:
+        if rule.id in done:
+            continue
+        verdict = matching.evaluate(rule, event.event_type, event.action, event.payload)
+        if not verdict.matched:
+            continue
+        try:
+            spec = matching.render_task(
+                rule.task,
+                event_type=event.event_type,
+                action=event.action,
+                delivery_id=event.delivery_id,
+                payload=event.payload,
+                extra=verdict.context,
+            )
+        except TemplateError as exc:
+            plans.append(_Plan.of(rule, error=f"template error: {exc}"))
+            continue
+        plans.append(_Plan.of(rule, spec=spec))
+    return plans, bool(done)
+
+
 def process_event(event_id: int, *, replay: bool = False) -> WebhookEvent | None:
     """Match one event against its source's rules: one task per matching rule, ever."""
+    event = db.session.get(WebhookEvent, event_id, populate_existing=True)
+    if event is None:
+        raise NotFound(f"No event {event_id}.")
+    if not replay and event.state != "received":
+        db.session.rollback()
+        return None
+    try:
+        plans, matched_before = _plan(event)
+    finally:
+        db.session.rollback()  # the read ends before anything is written
     if not replay:
         claim = db.session.execute(
             sa.update(WebhookEvent)
@@ -131,7 +188,7 @@ def process_event(event_id: int, *, replay: bool = False) -> WebhookEvent | None
     if event is None:
         raise NotFound(f"No event {event_id}.")
     try:
-        _match(event)
+        _match(event, plans, matched_before)
         db.session.commit()
     except Exception as exc:
         log.exception("event %s: matching failed", event_id)
@@ -145,35 +202,32 @@ def process_event(event_id: int, *, replay: bool = False) -> WebhookEvent | None
     return db.session.get(WebhookEvent, event_id, populate_existing=True)
 
 
-def _author(rule: Rule) -> Principal | None:
-    user = db.session.get(User, rule.author_id) if rule.author_id else None
+def _author(author_id: int | None) -> Principal | None:
+    user = db.session.get(User, author_id) if author_id else None
     if user is None or not user.is_active:
         return None
     return Principal(user=user, abilities=abilities_for_role(user.role), kind="rule")
 
 
-def _match(event: WebhookEvent) -> None:
-    rules = _rules_by_source({event.source_id}).get(event.source_id or 0, [])
+def _match(event: WebhookEvent, plans: list[_Plan], matched_before: bool) -> None:
     done = set(
         db.session.scalars(sa.select(EventMatch.rule_id).where(EventMatch.event_id == event.id))
     )
-    matched_any, errors = bool(done), []
-    for rule in rules:
-        if rule.id in done:
-            continue
-        verdict = matching.evaluate(rule, event.event_type, event.action, event.payload)
-        if not verdict.matched:
-            continue
+    matched_any, errors = matched_before or bool(done), []
+    for plan in plans:
+        if plan.rule_id in done:
+            continue  # a replay running at the same time made it
         matched_any = True
+        if plan.error is not None:
+            errors.append(f"rule {plan.rule_id} ({plan.name}): {plan.error}")
+            continue
         try:
-            _dispatch(event, rule, verdict.context)
-        except TemplateError as exc:
-            errors.append(f"rule {rule.id} ({rule.name}): template error: {exc}")
+            _dispatch(event, plan)
         except DomainError as exc:
             detail = exc.detail
             if exc.extra.get("errors"):
                 detail += " " + json.dumps(exc.extra["errors"])
-            errors.append(f"rule {rule.id} ({rule.name}): {detail}")
+            errors.append(f"rule {plan.rule_id} ({plan.name}): {detail}")
     event.processed_at = utcnow()
     if errors:
         event.state, event.error = "failed", "; ".join(errors)[:4000]
@@ -184,28 +238,22 @@ def _match(event: WebhookEvent) -> None:
         event.state = "skipped"
 
 
-def _dispatch(event: WebhookEvent, rule: Rule, extra: dict[str, Any]) -> None:
-    spec = matching.render_task(
-        rule.task,
-        event_type=event.event_type,
-        action=event.action,
-        delivery_id=event.delivery_id,
-        payload=event.payload,
-        extra=extra,
-    )
-    principal = _author(rule)
+def _dispatch(event: WebhookEvent, plan: _Plan) -> None:
+    assert plan.spec is not None
+    spec = plan.spec
+    principal = _author(plan.author_id)
     if principal is None:
         raise ValidationFailed("the rule's author is gone or disabled; save the rule again")
-    project = db.session.get(Project, rule.project_id)
+    project = db.session.get(Project, plan.project_id)
     assert project is not None
     spec.update(
-        project=project.key, source=TASK_SOURCE, source_ref=f"event:{event.id}/rule:{rule.id}"
+        project=project.key, source=TASK_SOURCE, source_ref=f"event:{event.id}/rule:{plan.rule_id}"
     )
-    acting = replace(context.current(), user_id=principal.user.id, via=f"rule:{rule.id}")
+    acting = replace(context.current(), user_id=principal.user.id, via=f"rule:{plan.rule_id}")
     with context.acting_as(acting):
         task = tasks.build_task(principal, spec)
     db.session.add(
-        EventMatch(event_id=event.id, rule_id=rule.id, project_id=project.id, task_id=task.id)
+        EventMatch(event_id=event.id, rule_id=plan.rule_id, project_id=project.id, task_id=task.id)
     )
 
 

@@ -77,7 +77,7 @@ def event_matches(event_id: int) -> list[EventMatch]:
 
 
 def replay(event: WebhookEvent) -> WebhookEvent:
-    audit.record("webhook_event.replay", target_type="webhook_event", target_id=event.id)
-    result = processing.process_event(event.id, replay=True)
+    result = processing.process_event(event.id, replay=True)  # commits its own transactions
     assert result is not None
+    audit.record_now("webhook_event.replay", target_type="webhook_event", target_id=event.id)
     return result
