@@ -6,6 +6,7 @@ two backends alike."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import marshmallow as ma
@@ -19,6 +20,55 @@ MIN_INT = -(2**31)
 MAX_BIGINT = 2**63 - 1  # byte offsets into a run's log
 NUL = "\x00"
 NUL_MESSAGE = "must not contain NUL (U+0000) characters"
+
+
+#: how deep JSON bodies may nest (Python's parser recurses: 10,000 levels raise RecursionError)
+JSON_DEPTH_MAX = 64
+#: digits of a JSON number (Python refuses to convert integers of more than 4,300)
+NUMBER_DIGITS_MAX = 100
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_LONG_NUMBER = re.compile(r"\d{" + str(NUMBER_DIGITS_MAX + 1) + ",}")
+_CONSTANT = re.compile(r"NaN|Infinity")
+_BRACKET = re.compile(r"[\[\]{}]")
+#: a `\uD800`-`\uDBFF` escape not followed by a low one, or a low one not preceded by a high one
+_LONE_SURROGATE = re.compile(
+    r"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\)(?:\\\\)*(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def json_refusal(raw: bytes | str) -> str | None:
+    """Why a JSON body is refused before any parser sees it, or None: nesting deeper than
+    `JSON_DEPTH_MAX`, `NaN`/`Infinity` (not JSON, and echoed back as invalid JSON), numbers of
+    more than `NUMBER_DIGITS_MAX` digits, lone UTF-16 surrogates (no text column holds them).
+    Every way a body reaches a parser asks here: the request hooks, the task and webhook fast
+    paths, the webhook receiver."""
+    try:
+        text = raw.decode(json.detect_encoding(raw)) if isinstance(raw, bytes) else raw
+    except (UnicodeDecodeError, LookupError):
+        return "the body is not valid UTF-8 JSON"
+    if "\\u" in text and _LONE_SURROGATE.search(text):
+        return "a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair)"
+    bare = _STRING.sub('""', text) if '"' in text else text
+    if _CONSTANT.search(bare):
+        return "NaN and Infinity are not JSON"
+    if _LONG_NUMBER.search(bare):
+        return f"a number has more than {NUMBER_DIGITS_MAX} digits"
+    if bare.count("[") + bare.count("{") > JSON_DEPTH_MAX:
+        depth = 0
+        for match in _BRACKET.finditer(bare):
+            depth += 1 if match.group() in "[{" else -1
+            if depth > JSON_DEPTH_MAX:
+                return f"the JSON nests deeper than {JSON_DEPTH_MAX} levels"
+    return None
+
+
+def loads(raw: bytes | str) -> Any:
+    """`json.loads` of a body that `json_refusal` accepts; ValueError otherwise."""
+    refused = json_refusal(raw)
+    if refused:
+        raise ValueError(refused)
+    return json.loads(raw)
 
 
 def Id(**kwargs: Any) -> ma.fields.Int:

@@ -21,6 +21,7 @@ from flask import request
 
 from app.database import db
 from app.extensions import QuerySchema
+from app.input_bounds import MAX_BIGINT
 
 T = TypeVar("T")
 DEFAULT_LIMIT = 50
@@ -51,7 +52,7 @@ class CursorField(ma.fields.Field):
             decoded = decode_cursor(str(value))
         except ValueError as exc:
             raise ma.ValidationError("Not a valid cursor.") from exc
-        if not isinstance(decoded, int) or isinstance(decoded, bool):
+        if not isinstance(decoded, int) or isinstance(decoded, bool) or abs(decoded) > MAX_BIGINT:
             raise ma.ValidationError("Not a valid cursor.")
         return decoded
 

@@ -9,12 +9,12 @@ import uuid
 
 from flask import Flask, Response, current_app, g, request
 
-from app import context, view_marks
+from app import context, input_bounds, view_marks
 from app.audit import service as audit
 from app.audit.redact import REDACTED
 from app.auth.guard import authenticate_request
 from app.database import database_unavailable, db
-from app.errors import DomainError
+from app.errors import BadRequest, DomainError
 from app.ratelimits import limiter
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -55,6 +55,9 @@ def _check_body() -> None:
         raise UnsupportedMediaType(
             f"Send JSON ('Content-Type: application/json'), not {request.mimetype or 'nothing'}."
         )
+    refused = input_bounds.json_refusal(request.get_data(cache=True))
+    if refused:
+        raise BadRequest(f"The body is not accepted: {refused}.")
 
 
 def _audit_mutation(response: Response) -> Response:
@@ -73,7 +76,9 @@ def _audit_mutation(response: Response) -> Response:
         body: object = None
         if view_marks.has_secret_body():
             body = REDACTED
-        elif (request.content_length or 0) <= AUDIT_BODY_LIMIT:
+        elif (request.content_length or 0) <= AUDIT_BODY_LIMIT and not (
+            input_bounds.json_refusal(request.get_data(cache=True))
+        ):
             body = request.get_json(silent=True)
         audit.record_now(
             f"http.{request.method.lower()}",

@@ -30,7 +30,7 @@ class ActivityStream(MethodView):
         if args.get("project"):
             ids = [projects.project_for(principal, args["project"]).id]
         raw = last_event_id()
-        if raw is not None and not raw.isdigit():
+        if raw is not None and (not raw.isdigit() or len(raw) > 18):
             raise ValidationFailed("Bad Last-Event-ID.", {"last_event_id": ["not an id"]})
         after = int(raw) if raw is not None else latest_id()
         return sse(stream.follow(after, ids), principal.user.id)

@@ -23,7 +23,7 @@ from app.tasks.models import TASK_TERMINAL, Task
 from app.timeutil import rfc3339
 
 LOG_PAGE = 64 * 1024
-POSITION = re.compile(r"^(\d+)-(\d+)$")
+POSITION = re.compile(r"^(\d{1,18})-(\d{1,18})$")  # beyond: no such position
 #: how long to wait for a database batch before re-reading it after a gap
 GAP_WAIT = 0.02
 #: live messages handled per wake-up at most
@@ -242,7 +242,7 @@ class RunFollower:
         return None
 
 
-TASK_POSITION = re.compile(r"^(\d+):(\d+-\d+)$")
+TASK_POSITION = re.compile(r"^(\d{1,18}):(\d{1,18}-\d{1,18})$")
 
 
 def follow_task(task_id: int, position: str | None) -> Iterator[Event | None]:

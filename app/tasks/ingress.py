@@ -12,7 +12,6 @@ read), which stays the one place that formats problems and documents the endpoin
 from __future__ import annotations
 
 import io
-import json
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,6 +20,7 @@ import jwt
 import marshmallow as ma
 from flask import Flask
 
+from app import input_bounds
 from app.agents.registry import known_agents
 from app.auth import throttle, tokens
 from app.database import db
@@ -98,7 +98,7 @@ class TaskIntake:
                 token_hash = tokens.digest(token)
             else:
                 user_id = int(tokens.decode_access(config["SECRET_KEY"], token)["sub"])
-            data = self._schema().load(json.loads(body))
+            data = self._schema().load(input_bounds.loads(body))
         except (jwt.InvalidTokenError, ValueError, ma.ValidationError):
             return None
         ip = environ.get("REMOTE_ADDR")

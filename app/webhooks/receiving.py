@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 import sqlalchemy as sa
 from flask import current_app
 
+from app import input_bounds
 from app.database import db, delete_in_batches
 from app.errors import BadRequest, DomainError, NotFound, Unauthorized
 from app.queues import get_queue, get_redis
@@ -112,7 +113,7 @@ def _parse(body: bytes, mimetype: str) -> tuple[Any, str | None]:
     """The payload, and its JSON text when the body is that text already (stored as sent)."""
     try:
         if mimetype == "application/json" or mimetype.endswith("+json"):
-            payload = json.loads(body)
+            payload = input_bounds.loads(body)
             try:
                 return payload, body.decode("utf-8")
             except UnicodeDecodeError:  # UTF-16/32 JSON: store it re-encoded
@@ -122,7 +123,7 @@ def _parse(body: bytes, mimetype: str) -> tuple[Any, str | None]:
             if "payload" not in form:
                 raise BadRequest("A form-encoded delivery needs a 'payload' field.")
             text = form["payload"][0]
-            return json.loads(text), text
+            return input_bounds.loads(text), text
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The delivery's body is not valid JSON: {exc}") from None
     raise UnsupportedBody(
