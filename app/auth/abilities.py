@@ -14,6 +14,9 @@ ABILITIES = (
     "git:push",
     "settings:read",
     "settings:write",
+    #: change the account itself: profile, password, TOTP, personal access tokens (a login
+    #: session holds it; give it to a token only to let a script manage the account)
+    "account",
     "admin",
 )
 

@@ -40,3 +40,7 @@ class PersonalAccessToken(db.Model):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: the token that minted this one (a script's token making tokens): revoked with it
+    parent_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("personal_access_tokens.id", ondelete="SET NULL"), index=True
+    )

@@ -1,7 +1,7 @@
 from flask.views import MethodView
 
 from app.auth import service
-from app.auth.guard import current_principal, public
+from app.auth.guard import current_principal, public, requires
 from app.auth.schemas import (
     LoginSchema,
     NewTokenSchema,
@@ -53,6 +53,7 @@ class Logout(MethodView):
 
 @blp.route("/auth/stream-token")
 class StreamToken(MethodView):
+    @requires()
     @blp.arguments(StreamTokenRequestSchema)
     @blp.response(201, StreamTokenSchema)
     def post(self, data):
@@ -64,6 +65,7 @@ class StreamToken(MethodView):
 
 @blp.route("/me/tokens")
 class MyTokens(MethodView):
+    @requires("account")
     @blp.arguments(PageQuerySchema, location="query")
     @blp.response(200, TokenPageSchema)
     def get(self, args):
@@ -73,6 +75,7 @@ class MyTokens(MethodView):
         )
         return page.response()
 
+    @requires("account")
     @blp.arguments(TokenCreateSchema)
     @blp.response(201, NewTokenSchema)
     def post(self, data):
@@ -86,11 +89,13 @@ class MyTokens(MethodView):
 
 @blp.route("/me/tokens/<int:token_id>")
 class MyToken(MethodView):
+    @requires("account")
     @blp.response(200, TokenSchema)
     def get(self, token_id):
         """One of my tokens (never the secret)."""
         return service.get_pat(current_principal().user.id, token_id)
 
+    @requires("account")
     @blp.response(204)
     def delete(self, token_id):
         """Revoke one of my tokens, at once."""

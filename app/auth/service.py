@@ -421,6 +421,13 @@ def create_pat(
         )
     if expires_at is not None and as_utc(expires_at) <= utcnow():
         raise ValidationFailed("Expiry is in the past.", {"expires_at": ["must be in the future"]})
+    parent = db.session.get(PersonalAccessToken, principal.token_id) if principal.token_id else None
+    parent_ends = as_utc(parent.expires_at) if parent and parent.expires_at else None
+    if parent_ends is not None and (expires_at is None or as_utc(expires_at) > parent_ends):
+        raise ValidationFailed(
+            "A token made by a token expires no later than it.",
+            {"expires_at": [f"at the latest {parent_ends.isoformat()}"]},
+        )
     raw = tokens.new_opaque(tokens.PAT_PREFIX)
     pat = PersonalAccessToken(
         user_id=principal.user.id,
@@ -429,6 +436,7 @@ def create_pat(
         token_hash=tokens.digest(raw),
         abilities=sorted(set(abilities), key=ABILITIES.index),
         expires_at=expires_at,
+        parent_id=parent.id if parent is not None else None,
     )
     db.session.add(pat)
     db.session.flush()
@@ -459,11 +467,29 @@ def get_pat(user_id: int, token_id: int) -> PersonalAccessToken:
 
 
 def revoke_pat(user_id: int, token_id: int) -> None:
+    """Revoke a token and every token it minted, and theirs."""
     pat = get_pat(user_id, token_id)
-    if pat.revoked_at is None:
-        pat.revoked_at = utcnow()
-        cache.changed(user_id)
-        audit.record(
-            "token.revoke", target_type="token", target_id=pat.id, payload={"label": pat.label}
+    now, found, revoked = utcnow(), [pat], []
+    while found:
+        for token in found:
+            if token.revoked_at is None:
+                token.revoked_at = now
+                revoked.append(token)
+        found = list(
+            db.session.scalars(
+                sa.select(PersonalAccessToken).where(
+                    PersonalAccessToken.parent_id.in_([t.id for t in found]),
+                    PersonalAccessToken.user_id == user_id,
+                )
+            )
         )
+    if revoked:
+        cache.changed(user_id)
+        for token in revoked:
+            audit.record(
+                "token.revoke",
+                target_type="token",
+                target_id=token.id,
+                payload={"label": token.label, **({"with": pat.id} if token is not pat else {})},
+            )
         db.session.commit()

@@ -27,11 +27,13 @@ def _me(principal, user=None):  # type: ignore[no-untyped-def]
 
 @blp.route("/me")
 class Me(MethodView):
+    @requires()
     @blp.response(200, MeSchema)
     def get(self):
         """Who I am, and what this credential may do."""
         return _me(current_principal())
 
+    @requires("account")
     @blp.arguments(ProfileUpdateSchema)
     @blp.response(200, MeSchema)
     def patch(self, data):
@@ -43,6 +45,7 @@ class Me(MethodView):
 
 @blp.route("/me/password")
 class MyPassword(MethodView):
+    @requires("account")
     @blp.arguments(PasswordChangeSchema)
     @blp.response(204)
     def put(self, data):
@@ -58,6 +61,7 @@ class MyPassword(MethodView):
 
 @blp.route("/me/totp/setup")
 class MyTotpSetup(MethodView):
+    @requires("account")
     @blp.response(200, TotpSetupSchema)
     def post(self):
         """Start TOTP enrolment: a secret and an otpauth:// URI (not active until verified)."""
@@ -67,6 +71,7 @@ class MyTotpSetup(MethodView):
 
 @blp.route("/me/totp/verify")
 class MyTotpVerify(MethodView):
+    @requires("account")
     @blp.arguments(TotpCodeSchema)
     @blp.response(204)
     def post(self, data):
@@ -76,6 +81,7 @@ class MyTotpVerify(MethodView):
 
 @blp.route("/me/totp")
 class MyTotp(MethodView):
+    @requires("account")
     @blp.arguments(TotpCodeSchema)
     @blp.response(204)
     def delete(self, data):
