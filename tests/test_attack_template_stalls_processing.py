@@ -75,13 +75,13 @@ def test_attack_template_over_budget_fails_its_match_fast_and_blocks_no_writes(
         db.session.commit()
     payload = fixture("issues.labeled")
     delivered = deliver(client, payload, "issues").get_json()
-    slowest = 0.0
+    took_each: list[float] = []
     deadline = time.monotonic() + 15
     while True:  # another user's writes, while the event is matched
         started = time.monotonic()
         resp = client.patch("/api/v1/me", headers=admin.headers, json={"git_name": "Root"})
         assert resp.status_code == 200
-        slowest = max(slowest, time.monotonic() - started)
+        took_each.append(time.monotonic() - started)
         shown = client.get(f"/api/v1/events/{delivered['id']}", headers=admin.headers).get_json()
         if shown["state"] not in ("received", "matched") or time.monotonic() > deadline:
             break
@@ -93,4 +93,7 @@ def test_attack_template_over_budget_fails_its_match_fast_and_blocks_no_writes(
         done["received_at"]
     )
     assert took.total_seconds() < 1.0 + 1.0  # the drain's pick-up, then under a second
-    assert slowest < 0.1, slowest
+    # no write waits on a render (the code before held SQLite's write lock for the whole of
+    # it: seconds); one slow write on a loaded CI machine is not the lock
+    took_each.sort()
+    assert took_each[len(took_each) // 2] < 0.1 and took_each[-1] < 0.5, took_each

@@ -80,5 +80,5 @@ def test_a_webhook_prompt_is_held_to_the_apis_limit() -> None:
         )
 
     assert len(render(api_max)["prompt"]) == api_max
-    with pytest.raises(matching.TemplateError, match="longer than"):
+    with pytest.raises(matching.TemplateError, match="rendered more than"):
         render(api_max + 1)
