@@ -4,12 +4,14 @@ and turning a presented credential into a `Principal`."""
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import jwt
+import redis
 import sqlalchemy as sa
 from flask import current_app
 
@@ -20,14 +22,17 @@ from app.auth.abilities import ABILITIES, abilities_for_role
 from app.auth.models import PersonalAccessToken, RefreshToken
 from app.auth.passwords import hash_password, needs_rehash, verify_password
 from app.auth.totp import accepted_step
-from app.database import as_loaded, db
+from app.database import after_commit, as_loaded, db
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from app.live import pubsub
 from app.pagination import paginate
+from app.queues import get_redis
 from app.runs.models import RUN_ACTIVE, Run
 from app.tasks.models import Task
 from app.timeutil import as_utc, utcnow
 from app.users.models import User
 
+log = logging.getLogger(__name__)
 #: last_used_at is written at most this often per token, so reads don't each cost a write
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 
@@ -137,21 +142,65 @@ def _login_failed(ip: str | None, account: str, user: User | None, reason: str) 
     )
 
 
-def _revoke_family(family_id: str, reason: str) -> None:
+def _revoke_family(family_id: str, user_id: int, reason: str) -> None:
     db.session.execute(
         sa.update(RefreshToken)
         .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
         .values(revoked_at=utcnow(), revoke_reason=reason)
     )
+    _logins_ended(user_id, [family_id])
 
 
 def revoke_user_sessions(user_id: int, reason: str, keep_family: str | None = None) -> None:
-    stmt = sa.update(RefreshToken).where(
-        RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None)
-    )
+    live = sa.and_(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
     if keep_family:
-        stmt = stmt.where(RefreshToken.family_id != keep_family)
-    db.session.execute(stmt.values(revoked_at=utcnow(), revoke_reason=reason))
+        live = sa.and_(live, RefreshToken.family_id != keep_family)
+    families = list(db.session.scalars(sa.select(RefreshToken.family_id).where(live).distinct()))
+    db.session.execute(
+        sa.update(RefreshToken).where(live).values(revoked_at=utcnow(), revoke_reason=reason)
+    )
+    _logins_ended(user_id, families)
+
+
+def _revoked_login_key(family_id: str) -> str:
+    return f"{pubsub.namespace()}:revoked-login:{family_id}"
+
+
+def _logins_ended(user_id: int, family_ids: list[str]) -> None:
+    """The access tokens of these logins stop working too, not only their refresh tokens: once
+    the transaction commits, each login is marked ended in Redis for as long as an access token
+    of it can live, and every process forgets what it remembered of the user."""
+    if not family_ids:
+        return
+    ttl = _config("ACCESS_TOKEN_TTL") + 5
+
+    def mark() -> None:
+        try:
+            client = get_redis()
+            pipe = client.pipeline(transaction=False)
+            for family_id in family_ids:
+                pipe.set(_revoked_login_key(family_id), "1", ex=ttl)
+            pipe.execute()
+        except redis.RedisError as exc:  # the access tokens then end with their expiry
+            log.warning("could not mark %s logins ended: %s", len(family_ids), exc)
+
+    after_commit(mark)
+    cache.changed(user_id)  # announced after the mark (after-commit callbacks run in order)
+
+
+def login_ended(family_id: str, user_id: int) -> bool:
+    """Whether an access token's login was ended (logout, password change, refresh reuse).
+    Remembered per process like the user (a change is announced), so a busy token costs one
+    Redis read per few seconds, not one per request."""
+    memory = cache.remembered()
+    known = memory.get(("login", family_id))
+    if known is None:
+        try:
+            known = (bool(get_redis().exists(_revoked_login_key(family_id))),)
+        except redis.RedisError:
+            return False  # Redis away: the access token's expiry bounds it
+        memory.put(("login", family_id), user_id, known)
+    return known[0]
 
 
 def revoke_user_pats(user_id: int) -> None:
@@ -191,7 +240,7 @@ def refresh(raw: str) -> TokenPair:
         .values(rotated_at=now)
     ).rowcount
     if spent != 1:
-        _revoke_family(row.family_id, "reuse")
+        _revoke_family(row.family_id, row.user_id, "reuse")
         audit.record(
             "auth.refresh_reuse",
             actor_id=row.user_id,
@@ -215,7 +264,7 @@ def refresh(raw: str) -> TokenPair:
 
 def logout(raw: str) -> None:
     row = _find_refresh(raw)
-    _revoke_family(row.family_id, "logout")
+    _revoke_family(row.family_id, row.user_id, "logout")
     audit.record(
         "auth.logout", actor_id=row.user_id, target_type="session", target_id=row.family_id
     )
@@ -237,6 +286,9 @@ def authenticate(credential: str) -> Principal:
     user = _user(int(claims["sub"]))
     if user is None or not user.is_active:
         raise Unauthorized("The access token is not valid.", code="invalid_token")
+    family = claims.get("fam")
+    if family and login_ended(family, user.id):
+        raise Unauthorized("This login has ended; log in again.", code="token_revoked")
     return Principal(
         user=user,
         abilities=abilities_for_role(user.role),

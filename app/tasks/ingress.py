@@ -22,6 +22,7 @@ from flask import Flask
 
 from app import input_bounds
 from app.agents.registry import known_agents
+from app.auth import service as auth
 from app.auth import throttle, tokens
 from app.database import db
 from app.errors import PROBLEM_TYPE_BASE, DomainError
@@ -97,7 +98,10 @@ class TaskIntake:
             if token.startswith(tokens.PAT_PREFIX):
                 token_hash = tokens.digest(token)
             else:
-                user_id = int(tokens.decode_access(config["SECRET_KEY"], token)["sub"])
+                claims = tokens.decode_access(config["SECRET_KEY"], token)
+                user_id = int(claims["sub"])
+                if claims.get("fam") and auth.login_ended(claims["fam"], user_id):
+                    return None  # the view answers: 401
             data = self._schema().load(input_bounds.loads(body))
         except (jwt.InvalidTokenError, ValueError, ma.ValidationError):
             return None
