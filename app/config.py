@@ -187,6 +187,9 @@ class Settings:
     STREAM_PING_SECONDS: int = 15
     #: Concurrent streams one user may hold open (429 beyond).
     STREAM_CAP: int = 4
+    #: Streams one web process serves at once (503 beyond), so that some of its threads always
+    #: answer the API. 0: three quarters of GUNICORN_THREADS (12 of the default 16).
+    STREAMS_PER_PROCESS: int = 0
     #: The `retry:` hint sent to EventSource clients, in milliseconds.
     STREAM_RETRY_MS: int = 3000
     #: Lifetime of a stream token (for EventSource, which cannot send headers), in seconds.
@@ -261,6 +264,9 @@ class Settings:
             ),
             STREAM_PING_SECONDS=_int("SWITCHBOARD_STREAM_PING_SECONDS", d.STREAM_PING_SECONDS),
             STREAM_CAP=_int("SWITCHBOARD_STREAM_CAP", d.STREAM_CAP),
+            STREAMS_PER_PROCESS=_int(
+                "SWITCHBOARD_STREAMS_PER_PROCESS", _int("GUNICORN_THREADS", 16) * 3 // 4
+            ),
             STREAM_RETRY_MS=_int("SWITCHBOARD_STREAM_RETRY_MS", d.STREAM_RETRY_MS),
             STREAM_TOKEN_TTL=_int("SWITCHBOARD_STREAM_TOKEN_TTL", d.STREAM_TOKEN_TTL),
             AUTH_CACHE_SECONDS=_int("SWITCHBOARD_AUTH_CACHE_SECONDS", d.AUTH_CACHE_SECONDS),

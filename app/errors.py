@@ -75,6 +75,10 @@ class TooManyRequests(DomainError):
 class ServiceUnavailable(DomainError):
     status, code = 503, "service_unavailable"
 
+    def __init__(self, detail: str, retry_after: int | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
 
 class ProblemSchema(ma.Schema):
     """RFC 9457 problem details, the shape of every error."""
@@ -190,7 +194,7 @@ def domain_error(error: DomainError) -> Response:
     resp = problem(
         error.status, HTTPStatus(error.status).phrase, error.detail, error.code, **error.extra
     )
-    if isinstance(error, TooManyRequests):
+    if isinstance(error, TooManyRequests | ServiceUnavailable) and error.retry_after:
         resp.headers["Retry-After"] = str(error.retry_after)
     elif error.status == 401:
         resp.headers["WWW-Authenticate"] = f'Bearer realm="switchboard", error="{error.code}"'

@@ -139,6 +139,8 @@ def main() -> None:
     settings = {
         "SWITCHBOARD_RATE_LIMIT_ENABLED": "false",
         "SWITCHBOARD_STREAM_CAP": "5000",
+        # a process that serves only streams: every thread may hold one
+        "SWITCHBOARD_STREAMS_PER_PROCESS": "1200",
         "WEB_CONCURRENCY": "1",
         "GUNICORN_THREADS": "1200",
         "SWITCHBOARD_WORKER_PROCESSES": "2",

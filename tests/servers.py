@@ -105,14 +105,13 @@ class LiveServer(Background):
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(app.config["SWITCHBOARD_INSTANCE_PATH"]) / f"web-{self.port}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = worker_env(
-            app,
-            GUNICORN_BIND=f"127.0.0.1:{self.port}",
-            WEB_CONCURRENCY="1",
-            GUNICORN_THREADS="16",
-            SWITCHBOARD_STREAM_PING_SECONDS="1",
-            **extra,
-        )
+        settings = {
+            "GUNICORN_BIND": f"127.0.0.1:{self.port}",
+            "WEB_CONCURRENCY": "1",
+            "GUNICORN_THREADS": "16",
+            "SWITCHBOARD_STREAM_PING_SECONDS": "1",
+        }
+        env = worker_env(app, **{**settings, **extra})
         gunicorn = Path(sys.executable).parent / "gunicorn"
         self.proc = subprocess.Popen(
             [str(gunicorn), "-c", "gunicorn.conf.py", "wsgi:app"],

@@ -120,7 +120,7 @@ def test_many_live_subscribers_get_every_byte_once(client, member, project, work
 
 
 def test_clients_leave_no_threads_or_subscriptions(app, client, member, project):
-    server = LiveServer(app, SWITCHBOARD_STREAM_CAP="1000")
+    server = LiveServer(app, SWITCHBOARD_STREAM_CAP="1000", SWITCHBOARD_STREAMS_PER_PROCESS="16")
     try:
         t = create(client, member, prompt="x", target="external")
         with app.app_context():

@@ -29,7 +29,7 @@ import redis
 from flask import Response, current_app, request
 
 from app.database import db
-from app.errors import TooManyRequests
+from app.errors import ServiceUnavailable, TooManyRequests
 from app.live.pubsub import unpack
 from app.queues import get_redis
 
@@ -362,7 +362,41 @@ def hub() -> Hub:
         return _hubs[url]
 
 
-# -- per-user cap on concurrent streams -----------------------------------------------------------
+# -- caps on concurrent streams: per process (threads left for the API), per user ---------------
+
+
+class ProcessStreams:
+    """The streams this process serves. Each holds a web thread for as long as it is open; past
+    `SWITCHBOARD_STREAMS_PER_PROCESS` a new one is refused (503, Retry-After), so that some
+    threads always answer the API (8 users with 4 streams each took every thread of two
+    16-thread processes, and `/health` timed out)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+
+    def take(self, cap: int) -> Callable[[], None]:
+        """A slot, and the function that gives it back (once, however often called)."""
+        with self.lock:
+            if cap > 0 and self.open >= cap:
+                raise ServiceUnavailable(
+                    f"This server process serves {cap} streams already; try again shortly, "
+                    "or ask the operator to run a stream process (docs/operations.md).",
+                    retry_after=5,
+                )
+            self.open += 1
+        given_back = threading.Event()
+
+        def give_back() -> None:
+            if not given_back.is_set():
+                given_back.set()
+                with self.lock:
+                    self.open -= 1
+
+        return give_back
+
+
+process_streams = ProcessStreams()
 
 
 class StreamSlot:
@@ -424,11 +458,16 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
     """A streaming response from `events`, which yields an `Event` to send or None when it has
     waited `ping_interval()` with nothing to say (a heartbeat goes out instead)."""
     cfg = current_app.config
-    slot = StreamSlot(
-        user_id,
-        cfg["SWITCHBOARD_STREAM_CAP"],
-        ttl=max(30, cfg["SWITCHBOARD_STREAM_PING_SECONDS"] * 3),
-    )
+    give_back = process_streams.take(cfg["SWITCHBOARD_STREAMS_PER_PROCESS"])
+    try:
+        slot = StreamSlot(
+            user_id,
+            cfg["SWITCHBOARD_STREAM_CAP"],
+            ttl=max(30, cfg["SWITCHBOARD_STREAM_PING_SECONDS"] * 3),
+        )
+    except BaseException:
+        give_back()
+        raise
     _no_delay()
     db.session.remove()  # streams hold no database connection between replays
 
@@ -456,10 +495,13 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
             return
         finally:
             slot.release()
+            give_back()
             with contextlib.suppress(Exception), app.app_context():
                 events.close()  # type: ignore[attr-defined]
 
     resp = Response(body(), mimetype="text/event-stream")
+    resp.call_on_close(give_back)  # also when the body never started
+    resp.call_on_close(slot.release)
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp
