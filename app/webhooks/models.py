@@ -78,6 +78,9 @@ class Rule(db.Model):
     enabled: Mapped[bool] = mapped_column(default=True)
     #: tasks are created on this user's behalf (the rule's last editor), with their role
     author_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"))
+    #: the abilities the author saved it with (a token's, or a session's): its tasks are made
+    #: with no more than those, and no more than the author's role allows now
+    author_abilities: Mapped[list[str] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

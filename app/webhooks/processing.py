@@ -124,12 +124,15 @@ class _Plan:
     name: str
     project_id: int
     author_id: int | None
+    author_abilities: list[str] | None
     spec: dict[str, Any] | None = None
     error: str | None = None
 
     @classmethod
     def of(cls, rule: Rule, **outcome: Any) -> _Plan:
-        return cls(rule.id, rule.name, rule.project_id, rule.author_id, **outcome)
+        return cls(
+            rule.id, rule.name, rule.project_id, rule.author_id, rule.author_abilities, **outcome
+        )
 
 
 def _plan(event: WebhookEvent) -> tuple[list[_Plan], bool]:
@@ -202,11 +205,16 @@ def process_event(event_id: int, *, replay: bool = False) -> WebhookEvent | None
     return db.session.get(WebhookEvent, event_id, populate_existing=True)
 
 
-def _author(author_id: int | None) -> Principal | None:
+def _author(author_id: int | None, saved_with: list[str] | None) -> Principal | None:
+    """The rule's author as its tasks' creator: the abilities the rule was saved with, never
+    more than the author's role gives now (rules from before abilities were kept: the role's)."""
     user = db.session.get(User, author_id) if author_id else None
     if user is None or not user.is_active:
         return None
-    return Principal(user=user, abilities=abilities_for_role(user.role), kind="rule")
+    abilities = abilities_for_role(user.role)
+    if saved_with is not None:
+        abilities &= frozenset(saved_with)
+    return Principal(user=user, abilities=abilities, kind="rule")
 
 
 def _match(event: WebhookEvent, plans: list[_Plan], matched_before: bool) -> None:
@@ -241,9 +249,14 @@ def _match(event: WebhookEvent, plans: list[_Plan], matched_before: bool) -> Non
 def _dispatch(event: WebhookEvent, plan: _Plan) -> None:
     assert plan.spec is not None
     spec = plan.spec
-    principal = _author(plan.author_id)
+    principal = _author(plan.author_id, plan.author_abilities)
     if principal is None:
         raise ValidationFailed("the rule's author is gone or disabled; save the rule again")
+    if not principal.can(tasks.CREATE_ABILITY):
+        raise ValidationFailed(
+            f"the rule was saved without the {tasks.CREATE_ABILITY} ability; a maintainer who "
+            "may start runs must save it again"
+        )
     project = db.session.get(Project, plan.project_id)
     assert project is not None
     spec.update(

@@ -12,11 +12,12 @@ from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.database import db
-from app.errors import NotFound, ValidationFailed
+from app.errors import Forbidden, NotFound, ValidationFailed
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
 from app.tasks import limits
+from app.tasks import service as tasks
 from app.webhooks import matching
 from app.webhooks.models import Rule, WebhookSource
 
@@ -53,9 +54,22 @@ def _check_rule(data: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _author_abilities(principal: Principal) -> list[str]:
+    """A rule makes tasks in its author's name: the author must be able to make them, and the
+    rule keeps the abilities it was saved with (a token's may be fewer than its user's)."""
+    if not principal.can(tasks.CREATE_ABILITY):
+        raise Forbidden(
+            f"A rule makes tasks in your name: saving one needs the {tasks.CREATE_ABILITY} ability."
+        )
+    return sorted(principal.abilities)
+
+
 def create_rule(principal: Principal, project: Project, data: dict[str, Any]) -> Rule:
+    abilities = _author_abilities(principal)
     values = _check_rule(data)
-    rule = Rule(project_id=project.id, author_id=principal.user.id, **values)
+    rule = Rule(
+        project_id=project.id, author_id=principal.user.id, author_abilities=abilities, **values
+    )
     db.session.add(rule)
     db.session.flush()
     audit.record(
@@ -85,10 +99,12 @@ def list_rules(project: Project, *, cursor: int | None, limit: int) -> Page[Rule
 
 
 def update_rule(principal: Principal, rule: Rule, changes: dict[str, Any]) -> Rule:
+    abilities = _author_abilities(principal)
     values = _check_rule(changes)
     for key, value in values.items():
         setattr(rule, key, value)
     rule.author_id = principal.user.id  # whoever saves it last answers for its tasks
+    rule.author_abilities = abilities
     audit.record(
         "rule.update", target_type="rule", target_id=rule.id, payload={"fields": sorted(changes)}
     )
