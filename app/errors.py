@@ -55,6 +55,12 @@ class Conflict(DomainError):
     status, code = 409, "conflict"
 
 
+class IdempotencyKeyReused(DomainError):
+    """The same `Idempotency-Key` with a different request (as Stripe answers it)."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
 class ValidationFailed(DomainError):
     """A request that parsed but breaks a domain rule; `errors` maps field -> messages."""
 

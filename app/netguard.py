@@ -17,9 +17,27 @@ class Refused(ValueError):
     """The address is not one we connect to."""
 
 
+#: IPv6 ranges that carry an IPv4 address to somewhere else (compatible, NAT64, 6to4, Teredo,
+#: SIIT): `::7f00:1` or `64:ff9b::7f00:1` can reach 127.0.0.1 through a translator
+TRANSITION = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "::/96",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
+        "2002::/16",
+        "2001::/32",
+        "::ffff:0:0:0/96",
+    )
+)
+
+
 def _public(address: Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            address = address.ipv4_mapped
+        elif any(address in net for net in TRANSITION):
+            return False
     return address.is_global and not address.is_multicast
 
 

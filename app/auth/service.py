@@ -105,9 +105,10 @@ def _issue(user: User, family_id: str) -> TokenPair:
 def login(identifier: str, password: str, totp_code: str | None = None) -> TokenPair:
     """Never says whether the account exists: unknown, inactive and wrong password look alike."""
     ip = context.current().ip
-    account = identifier.strip().lower()
-    throttle.check(ip, account)
     user = _find_user(identifier)
+    # one bucket per account, whether it is named by username or email (an unknown name: its own)
+    account = f"user:{user.id}" if user else identifier.strip().lower()
+    throttle.check(ip, account)
     password_ok = verify_password(user.password_hash if user else None, password)
     if user is None or not password_ok or not user.is_active:
         _login_failed(ip, account, user, "invalid_credentials")
@@ -138,7 +139,8 @@ def _login_failed(ip: str | None, account: str, user: User | None, reason: str) 
         actor_name=user.username if user else None,
         target_type="user" if user else None,
         target_id=user.id if user else None,
-        payload={"identifier": account[:255], "reason": reason},
+        # whether the account exists, never what was typed (people type passwords as names)
+        payload={"account_exists": user is not None, "reason": reason},
     )
 
 

@@ -16,7 +16,7 @@ from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.database import db, on_postgresql
-from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from app.errors import Conflict, Forbidden, IdempotencyKeyReused, NotFound, ValidationFailed
 from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
@@ -52,6 +52,58 @@ def _idempotent(principal: Principal, key: str | None) -> Task | None:
     task.idempotency_key = None  # expired: the key may name a new task
     db.session.flush()
     return None
+
+
+def _replay(principal: Principal, task: Task, data: dict[str, Any]) -> Task:
+    """The task a key made, answered again only for the same request, and only while the caller
+    may still create tasks in its project."""
+    project = db.session.get(Project, task.project_id)
+    assert project is not None
+    if projects.role_in(principal, project) is None:
+        raise ValidationFailed(
+            "Unknown project.", {"project": [f"no project {data['project']!r} you can see"]}
+        )
+    projects.authorize(principal, project, CREATE_ROLE)
+    deps = sorted(
+        db.session.scalars(
+            sa.select(TaskDependency.depends_on_id).where(TaskDependency.task_id == task.id)
+        )
+    )
+    asked = {
+        "project": data["project"],
+        "title": data["title"],
+        "prompt": data["prompt"],
+        "agent": data.get("agent") or task.agent,
+        "target": data.get("target") or lifecycle.POOL_TARGET,
+        "priority": data.get("priority") or "normal",
+        "timeout_s": data.get("timeout_s"),
+        "max_attempts": data.get("max_attempts") or 1,
+        "loop": data.get("loop"),
+        "config": data.get("config"),
+        "depends_on": sorted(set(data.get("depends_on") or [])),
+    }
+    made = {
+        "project": project.key,
+        "title": task.title,
+        "prompt": task.prompt,
+        "agent": task.agent,
+        "target": task.target,
+        "priority": task.priority,
+        "timeout_s": task.timeout_s,
+        "max_attempts": task.max_attempts,
+        "loop": task.loop,
+        "config": task.config,
+        "depends_on": deps,
+    }
+    differing = sorted(k for k in asked if asked[k] != made[k])
+    if differing:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was used for a different request: "
+            + ", ".join(differing)
+            + " differ. Use a new key for a new task.",
+            fields=differing,
+        )
+    return task
 
 
 def _project_for_task(principal: Principal, key: str) -> Project:
@@ -103,7 +155,7 @@ def create_task(
 ) -> Created:
     existing = _idempotent(principal, idempotency_key)
     if existing is not None:
-        return Created(existing, True)
+        return Created(_replay(principal, existing, data), True)
     try:
         task = build_task(principal, data, idempotency_key)  # it flushes: the key may clash here
         db.session.commit()
@@ -113,7 +165,7 @@ def create_task(
         winner = _idempotent(principal, idempotency_key)
         if winner is None:
             raise
-        return Created(winner, True)
+        return Created(_replay(principal, winner, data), True)
     return Created(task, False)
 
 

@@ -1,0 +1,90 @@
+"""Security issue, item 10 (the smaller ones closed so far): one login limit per account whatever
+names it, failed logins that do not record what was typed, an Idempotency-Key that answers only
+the request it made (and only to who may still see it), and an SSRF guard that knows IPv6's ways
+back to IPv4."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import account, assert_problem, count, make_user
+
+from app.tasks.models import Task
+
+
+def test_attack_login_limit_split_between_username_and_email(client, app, monkeypatch):
+    monkeypatch.setitem(app.config, "SWITCHBOARD_RATE_LIMIT_AUTH_FAILURES_USER", "3/minute")
+    make_user(app, "frank", "frank-password", email="frank@example.com")
+    for _ in range(3):
+        resp = client.post("/api/v1/auth/login", json={"username": "frank", "password": "guess"})
+        assert_problem(resp, 401)
+    by_email = client.post(
+        "/api/v1/auth/login", json={"username": "FRANK@example.com", "password": "guess"}
+    )
+    assert_problem(by_email, 429, "too_many_requests")  # the same account, the same bucket
+
+
+def test_attack_failed_login_records_what_was_typed(client, app, admin):
+    typed = "correct-horse-battery-staple-typed-as-a-name"
+    assert_problem(
+        client.post("/api/v1/auth/login", json={"username": typed, "password": "x"}), 401
+    )
+    make_user(app, "gus", "gus-password")
+    assert_problem(
+        client.post("/api/v1/auth/login", json={"username": "gus", "password": "x"}), 401
+    )
+    entries = client.get(
+        "/api/v1/audit-logs?action=auth.login_failed", headers=admin.headers
+    ).get_json()["data"]
+    assert len(entries) == 2 and typed not in json.dumps(entries)
+    assert sorted(e["payload"]["account_exists"] for e in entries) == [False, True]
+    assert {e["actor_name"] for e in entries} == {None, "gus"}
+
+
+def test_attack_idempotency_key_with_another_body(client, app, member, project):
+    body = {"project": "demo", "title": "deploy", "prompt": "ship it", "target": "external"}
+    headers = {**member.headers, "Idempotency-Key": "deploy-1"}
+    first = client.post("/api/v1/tasks", json=body, headers=headers)
+    assert first.status_code == 201
+    again = client.post("/api/v1/tasks", json=body, headers=headers)
+    assert again.status_code == 201 and again.get_json()["id"] == first.get_json()["id"]
+    for change in ({"title": "other"}, {"prompt": "rm -rf /"}, {"priority": "urgent"}):
+        resp = client.post("/api/v1/tasks", json={**body, **change}, headers=headers)
+        assert_problem(resp, 422, "idempotency_key_reused")
+        assert next(iter(change)) in resp.get_json()["fields"]
+    assert count(app, Task) == 1
+
+
+def test_attack_idempotency_replay_after_losing_access(client, app, member, project):
+    bob = account(app, client, "bob")
+    client.post(
+        "/api/v1/projects/demo/members",
+        headers=member.headers,
+        json={"user_id": bob.id, "role": "developer"},
+    )
+    body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
+    headers = {**bob.headers, "Idempotency-Key": "k-1"}
+    assert client.post("/api/v1/tasks", json=body, headers=headers).status_code == 201
+    client.delete(f"/api/v1/projects/demo/members/{bob.id}", headers=member.headers)
+    replay = client.post("/api/v1/tasks", json=body, headers=headers)
+    assert_problem(replay, 422)
+    assert "id" not in replay.get_json()  # the task is not shown to who can no longer see it
+
+
+@pytest.mark.parametrize(
+    "host", ["[::7f00:1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]", "[::ffff:0:7f00:1]"]
+)
+def test_attack_ssrf_through_ipv6_transition_addresses(client, admin, member, host):
+    resp = client.post(
+        "/api/v1/subscriptions",
+        headers=admin.headers,
+        json={"url": f"http://{host}:8000/hook", "events": ["task.created"]},
+    )
+    assert_problem(resp, 422)
+    resp = client.post(
+        "/api/v1/projects",
+        headers=member.headers,
+        json={"key": "p", "name": "p", "repo_url": f"https://{host}/x.git"},
+    )
+    assert_problem(resp, 422)
