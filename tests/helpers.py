@@ -155,3 +155,24 @@ def unreachable_redis() -> tuple[Any, list[int]]:
 
     pool.get_connection = counting  # type: ignore[method-assign]
     return client, asked
+
+
+def git(*args: str, cwd: Any = None) -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def bare_repo(tmp_path: Any) -> Any:
+    """A bare repository with one commit on `main` (README.md: hello)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    git("init", "-q", "-b", "main", cwd=src)
+    (src / "README.md").write_text("hello\n")
+    git("add", ".", cwd=src)
+    git("-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "init", cwd=src)
+    bare = tmp_path / "repo.git"
+    git("clone", "-q", "--bare", str(src), str(bare))
+    return bare

@@ -7,14 +7,13 @@ GitHub issue that the agent obeys."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import account, assert_problem, wait_for
+from helpers import account, assert_problem, bare_repo, git, wait_for
 from servers import WorkerPool
 from test_execution import create, log_text, wait_status
 
@@ -32,24 +31,6 @@ def _project(client, acct, key="own", **fields):
         json={"key": key, "name": key, "default_agent": "shell", **fields},
     )
     return resp
-
-
-def _git(*args, cwd=None):
-    return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
-def _bare_repo(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    _git("init", "-q", "-b", "main", cwd=src)
-    (src / "README.md").write_text("hello\n")
-    _git("add", ".", cwd=src)
-    _git("-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "init", cwd=src)
-    bare = tmp_path / "repo.git"
-    _git("clone", "-q", "--bare", str(src), str(bare))
-    return bare
 
 
 # -- where agents may work ---------------------------------------------------------------------
@@ -548,7 +529,7 @@ def test_retention_removes_old_worktrees_and_keeps_their_branches(
 ):
     from workers import retention
 
-    bare = _bare_repo(tmp_path)
+    bare = bare_repo(tmp_path)
     assert _project(client, member, key="demo", repo_url=str(bare)).status_code == 201
     edit = "echo more >> README.md; git -c user.name=a -c user.email=a@x commit -qam change"
     old = create(client, member, prompt=edit)
@@ -568,8 +549,8 @@ def test_retention_removes_old_worktrees_and_keeps_their_branches(
     assert not old_tree.exists() and not old_home.exists()
     assert new_tree.is_dir()  # within the retention
     cache = next(root.glob("repos/demo-*.git"))
-    assert _git("branch", "--list", f"switchboard/{old['id']}-1", cwd=cache)  # the branch stays
-    assert "worktrees" not in _git("worktree", "list", cwd=cache).split(str(old_tree))[0][-1:]
+    assert git("branch", "--list", f"switchboard/{old['id']}-1", cwd=cache)  # the branch stays
+    assert "worktrees" not in git("worktree", "list", cwd=cache).split(str(old_tree))[0][-1:]
     # a deleted (archived) project's workspaces go, its clone with them
     assert client.delete("/api/v1/projects/demo", headers=member.headers).status_code == 204
     with app.app_context():

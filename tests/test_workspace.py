@@ -1,32 +1,13 @@
 """Workspaces (git worktrees per run), loop mode, and reading logs byte by byte."""
 
-import subprocess
 from pathlib import Path
 
-from helpers import assert_problem
+from helpers import assert_problem, bare_repo, git
 from test_execution import create, log_text, task, wait_status
 
 
-def _git(*args, cwd=None):
-    return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
-def _bare_repo(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    _git("init", "-q", "-b", "main", cwd=src)
-    (src / "README.md").write_text("hello\n")
-    _git("add", ".", cwd=src)
-    _git("-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "init", cwd=src)
-    bare = tmp_path / "repo.git"
-    _git("clone", "-q", "--bare", str(src), str(bare))
-    return bare
-
-
 def test_two_runs_work_on_two_branches(app, client, member, worker, tmp_path):
-    bare = _bare_repo(tmp_path)
+    bare = bare_repo(tmp_path)
     client.post(
         "/api/v1/projects",
         headers=member.headers,
@@ -57,7 +38,7 @@ def test_two_runs_work_on_two_branches(app, client, member, worker, tmp_path):
     # each branch holds only its own run's change
     root = Path(app.config["SWITCHBOARD_WORKSPACE_ROOT"])
     cache = next(root.glob("repos/repo-*.git"))
-    shown = _git("show", f"{second['commit_sha']}:README.md", cwd=cache)
+    shown = git("show", f"{second['commit_sha']}:README.md", cwd=cache)
     assert shown == "hello\nattempt 2"
     assert "attempt 1" not in shown
 

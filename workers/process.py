@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -60,33 +60,13 @@ def kill_tagged(*markers: str) -> list[int]:
     return killed
 
 
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (Linux /proc)."""
-    out = []
+def _processes() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, command name, the fields of /proc/<pid>/stat after the name) of every process
+    (Linux /proc; elsewhere none)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return out
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(name))
-    return out
-
-
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, command name) of every process in process group `pgid` (Linux /proc)."""
-    out = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
+        return
     for name in entries:
         if not name.isdigit():
             continue
@@ -96,9 +76,17 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
         except OSError:
             continue
         comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # state, ppid, pgrp
-            out.append((int(name), comm))
-    return out
+        yield int(name), comm, stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid`."""
+    return [p for p, _comm, fields in _processes() if int(fields[1]) == pid]
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every process in process group `pgid`."""
+    return [(p, comm) for p, comm, fields in _processes() if int(fields[2]) == pgid]
 
 
 #: the sandbox's own processes: they pass no TERM on, so they are spared it (the agent gets
