@@ -88,3 +88,61 @@ def test_attack_ssrf_through_ipv6_transition_addresses(client, admin, member, ho
         json={"key": "p", "name": "p", "repo_url": f"https://{host}/x.git"},
     )
     assert_problem(resp, 422)
+
+
+def test_attack_totp_codes_guessed_on_the_account_routes(client, app, member, monkeypatch):
+    monkeypatch.setitem(app.config, "SWITCHBOARD_RATE_LIMIT_AUTH_FAILURES_USER", "3/minute")
+    assert client.post("/api/v1/me/totp/setup", headers=member.headers).status_code == 200
+    for _ in range(3):
+        resp = client.post(
+            "/api/v1/me/totp/verify", headers=member.headers, json={"code": "000000"}
+        )
+        assert resp.status_code == 422
+    resp = client.post("/api/v1/me/totp/verify", headers=member.headers, json={"code": "000000"})
+    assert_problem(resp, 429, "too_many_requests")
+
+
+def test_attack_stream_token_for_run_1_opens_run_18(client, member):
+    token = client.post(
+        "/api/v1/auth/stream-token", headers=member.headers, json={"path": "/api/v1/runs/1"}
+    ).get_json()["token"]
+    resp = client.get(f"/api/v1/runs/18/stream?stream_token={token}")
+    assert_problem(resp, 401)
+    # its own run's stream (a 404 here: there is no run 1) is past the token check
+    assert client.get(f"/api/v1/runs/1/stream?stream_token={token}").status_code == 404
+
+
+def test_attack_stream_token_outlives_the_token_that_asked(client, member):
+    made = client.post(
+        "/api/v1/me/tokens",
+        headers=member.headers,
+        json={"label": "s", "abilities": ["projects:read"]},
+    ).get_json()
+    pat = {"Authorization": f"Bearer {made['token']}"}
+    token = client.post(
+        "/api/v1/auth/stream-token", headers=pat, json={"path": "/api/v1/stream"}
+    ).get_json()["token"]
+    opened = client.get(f"/api/v1/stream?stream_token={token}", buffered=False)
+    assert opened.status_code == 200
+    opened.close()
+    client.delete(f"/api/v1/me/tokens/{made['id']}", headers=member.headers)
+    assert_problem(client.get(f"/api/v1/stream?stream_token={token}"), 401)
+
+
+def test_attack_subscription_url_secrets_in_the_audit_log(client, admin):
+    secret_url = "https://hooks.example.com/services/T000/B000/XXXXsecretXXXX?token=tok-123"
+    client.post(
+        "/api/v1/subscriptions",
+        headers=admin.headers,
+        json={"url": secret_url, "events": ["task.created"]},
+    )
+    client.post(  # refused (a private address): its body is not kept either
+        "/api/v1/subscriptions",
+        headers=admin.headers,
+        json={"url": "http://10.0.0.1/hook?token=tok-456", "events": ["task.created"]},
+    )
+    audit = json.dumps(
+        client.get("/api/v1/audit-logs", headers=admin.headers).get_json(), ensure_ascii=False
+    )
+    assert "XXXXsecretXXXX" not in audit and "tok-123" not in audit and "tok-456" not in audit
+    assert "https://hooks.example.com/…" in audit

@@ -306,9 +306,20 @@ def stream_token(principal: Principal, path: str) -> tuple[str, int]:
         raise ValidationFailed("Bad path.", {"path": ["a path under /api/v1/"]})
     ttl = _config("STREAM_TOKEN_TTL")
     token = tokens.encode_stream(
-        current_app.config["SECRET_KEY"], principal.user.id, path, sorted(principal.abilities), ttl
+        current_app.config["SECRET_KEY"],
+        principal.user.id,
+        path,
+        sorted(principal.abilities),
+        ttl,
+        pat_id=principal.token_id,
     )
     return token, ttl
+
+
+def under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it, segment by segment: `/runs/18` is not under `/runs/1`."""
+    prefix = prefix.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def authenticate_stream(token: str, path: str) -> Principal:
@@ -318,8 +329,14 @@ def authenticate_stream(token: str, path: str) -> Principal:
         raise Unauthorized("The stream token has expired.", code="token_expired") from exc
     except jwt.InvalidTokenError as exc:
         raise Unauthorized("The stream token is not valid.", code="invalid_token") from exc
-    if not path.startswith(claims["path"]):
+    if not under(path, claims["path"]):
         raise Unauthorized("The stream token is for another path.", code="invalid_token")
+    if claims.get("pat") is not None:  # it ends with the token that asked for it
+        pat = db.session.get(PersonalAccessToken, int(claims["pat"]))
+        if pat is None or pat_refusal(pat.revoked_at is not None, pat.expires_at, utcnow()):
+            raise Unauthorized(
+                "The token that asked for this stream token has ended.", code="invalid_token"
+            )
     user = _user(int(claims["sub"]))
     if user is None or not user.is_active:
         raise Unauthorized("The stream token is not valid.", code="invalid_token")

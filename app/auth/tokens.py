@@ -61,8 +61,11 @@ def encode_access(secret: str, user_id: int, family_id: str | None, ttl: int, **
     return jwt.encode(payload, secret, algorithm="HS256")
 
 
-def encode_stream(secret: str, user_id: int, path: str, abilities: list[str], ttl: int) -> str:
-    """A short-lived token for one stream path prefix (EventSource cannot send headers)."""
+def encode_stream(
+    secret: str, user_id: int, path: str, abilities: list[str], ttl: int, pat_id: int | None = None
+) -> str:
+    """A short-lived token for the streams under one path (EventSource cannot send headers);
+    `pat_id`: the personal access token that asked for it, which it must not outlive."""
     now = utcnow()
     payload = {
         "iss": ISSUER,
@@ -72,6 +75,7 @@ def encode_stream(secret: str, user_id: int, path: str, abilities: list[str], tt
         "abl": abilities,
         "iat": now,
         "exp": now + timedelta(seconds=ttl),
+        **({"pat": pat_id} if pat_id is not None else {}),
     }
     return jwt.encode(payload, secret, algorithm="HS256")
 

@@ -8,6 +8,7 @@ are not followed.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
@@ -47,6 +48,18 @@ def _split(url: str) -> tuple[str, str, int, str]:
         raise Refused(str(exc)) from None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, parts.hostname, port, path
+
+
+def for_audit(url: str) -> str:
+    """The URL as the audit log keeps it: its origin only. Paths and queries of webhook URLs are
+    often the secret (`hooks.slack.com/services/T…/B…/X…`, `?token=`)."""
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.hostname or ''}"
+    with contextlib.suppress(ValueError):
+        if parts.port:
+            origin += f":{parts.port}"
+    rest = (parts.path or "").strip("/") or parts.query
+    return origin + ("/…" if rest else "")
 
 
 def check_url(url: str, allowed: Sequence[Network]) -> None:

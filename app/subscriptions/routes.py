@@ -14,6 +14,7 @@ from app.subscriptions.schemas import (
     SubscriptionSchema,
     SubscriptionUpdateSchema,
 )
+from app.view_marks import secret_body
 
 blp = Blueprint(
     "subscriptions",
@@ -58,6 +59,7 @@ class Subscriptions(MethodView):
         page.items = [subscription_view(s) for s in page.items]
         return page.response()
 
+    @secret_body  # a webhook URL's path or query is often its secret
     @requires("admin")
     @blp.arguments(SubscriptionCreateSchema)
     @blp.response(201, SubscriptionCreatedSchema)
@@ -80,6 +82,7 @@ class SubscriptionById(MethodView):
         """One subscription (admin)."""
         return subscription_view(service.get(subscription_id))
 
+    @secret_body
     @requires("admin")
     @blp.arguments(SubscriptionUpdateSchema)
     @blp.response(200, SubscriptionSchema)

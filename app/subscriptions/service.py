@@ -66,7 +66,7 @@ def create(principal: Principal, data: dict[str, Any]) -> tuple[Subscription, st
         "subscription.create",
         target_type="subscription",
         target_id=subscription.id,
-        payload={"url": subscription.url, "events": subscription.events},
+        payload={"url": outbound.for_audit(subscription.url), "events": subscription.events},
     )
     db.session.commit()
     return subscription, values["secret"]

@@ -10,10 +10,11 @@ from typing import Any
 import sqlalchemy as sa
 from flask import current_app
 
+from app import context
 from app.audit import service as audit
 from app.auth import cache as auth_cache
 from app.auth import service as auth
-from app.auth import totp
+from app.auth import throttle, totp
 from app.auth.passwords import MAX_LENGTH, MIN_LENGTH, hash_password, verify_password
 from app.database import db, lock_rows
 from app.errors import Conflict, DomainError, Forbidden, NotFound, ValidationFailed
@@ -236,10 +237,16 @@ def totp_setup(user: User) -> tuple[str, str]:
 
 
 def _accept(user: User, code: str) -> None:
+    """A TOTP code for a change of the account; wrong ones count as failed authentications of
+    the account and the client (six digits are guessed otherwise, on the API)."""
     if not user.totp_secret:
         raise Conflict("Set up TOTP first (POST /api/v1/me/totp/setup).")
+    ip, account = context.current().ip, f"user:{user.id}"
+    throttle.check(ip, account)
     step = totp.accepted_step(user.totp_secret, code, user.totp_last_step)
     if step is None:
+        db.session.rollback()
+        throttle.failed(ip, account)
         raise TotpInvalid("The code is wrong or was already used.", errors={"code": ["invalid"]})
     user.totp_last_step = step
 
