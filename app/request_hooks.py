@@ -55,7 +55,7 @@ def _check_body() -> None:
         raise UnsupportedMediaType(
             f"Send JSON ('Content-Type: application/json'), not {request.mimetype or 'nothing'}."
         )
-    refused = input_bounds.json_refusal(request.get_data(cache=True))
+    refused = g.body_refused = input_bounds.json_refusal(request.get_data(cache=True))
     if refused:
         raise BadRequest(f"The body is not accepted: {refused}.")
 
@@ -76,9 +76,7 @@ def _audit_mutation(response: Response) -> Response:
         body: object = None
         if view_marks.has_secret_body():
             body = REDACTED
-        elif (request.content_length or 0) <= AUDIT_BODY_LIMIT and not (
-            input_bounds.json_refusal(request.get_data(cache=True))
-        ):
+        elif (request.content_length or 0) <= AUDIT_BODY_LIMIT and not g.get("body_refused"):
             body = request.get_json(silent=True)
         audit.record_now(
             f"http.{request.method.lower()}",

@@ -22,16 +22,26 @@ def secret_body(func):  # type: ignore[no-untyped-def]
     return func
 
 
-def view_flag(name: str) -> bool:
+def view_flag(name: str) -> bool | None:
+    """The mark `name` of the view answering this request (its method's or its class's); None
+    when no view answers it (404/405)."""
     view = current_app.view_functions.get(request.endpoint or "")
-    cls = getattr(view, "view_class", None)
-    method = getattr(cls, request.method.lower(), None) if cls else view
-    return bool(getattr(method, name, False))
+    if view is None:
+        return None
+    view_class = getattr(view, "view_class", None)
+    if view_class is None:
+        return bool(getattr(view, name, False))
+    method = getattr(view_class, request.method.lower(), None)
+    if method is None and request.method == "HEAD":
+        method = getattr(view_class, "get", None)
+    if method is None:
+        return None
+    return bool(getattr(method, name, False) or getattr(view_class, name, False))
 
 
 def has_secret_body() -> bool:
-    return request.endpoint is not None and view_flag("_secret_body")
+    return bool(view_flag("_secret_body"))
 
 
 def is_webhook_receiver() -> bool:
-    return request.endpoint is not None and view_flag("_webhook_receiver")
+    return bool(view_flag("_webhook_receiver"))

@@ -11,12 +11,13 @@ from copy import deepcopy
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import current_app, g, request
+from flask import g, request
 
 from app import context
 from app.auth import service, throttle
 from app.auth.service import Principal
 from app.errors import Forbidden, Unauthorized
+from app.view_marks import view_flag
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,34 +73,15 @@ def requires(*abilities: str) -> Callable[[F], F]:
     return decorator
 
 
-def _view_flag(flag: str) -> bool | None:
-    """The view's `flag` (set by `public`, `run_scoped`); None when no view answers (404/405)."""
-    view = current_app.view_functions.get(request.endpoint or "")
-    if view is None:
-        return None
-    view_class = getattr(view, "view_class", None)
-    if view_class is not None:
-        method = getattr(view_class, request.method.lower(), None)
-        if method is None and request.method == "HEAD":
-            method = getattr(view_class, "get", None)
-        if method is None:
-            return None
-        return bool(getattr(method, flag, False) or getattr(view_class, flag, False))
-    return bool(getattr(view, flag, False))
-
-
 def _is_public() -> bool:
     if request.endpoint in PUBLIC_ENDPOINTS:
         return True
-    public = _view_flag("_public")
+    public = view_flag("_public")
     return public is None or public  # 404/405 are answered as such, not as 401
 
 
 def _is_stream() -> bool:
-    view = current_app.view_functions.get(request.endpoint or "")
-    cls = getattr(view, "view_class", None)
-    method = getattr(cls, request.method.lower(), None) if cls else view
-    return bool(getattr(method, "_stream", False))
+    return bool(view_flag("_stream"))
 
 
 def _credential() -> str | None:
@@ -133,7 +115,7 @@ def authenticate_request() -> None:
         raise
     g.principal = principal
     context.update(user_id=principal.user.id, via=principal.via)
-    if principal.kind == "run" and not _view_flag("_run_scoped"):
+    if principal.kind == "run" and not view_flag("_run_scoped"):
         raise Forbidden("A run token may only read its own run and task and report on its run.")
 
 
