@@ -18,7 +18,14 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import GH_SECRET, Account, account, drop_postgres_database, fresh_postgres_database
+from helpers import (
+    GH_SECRET,
+    Account,
+    account,
+    drop_postgres_database,
+    fresh_postgres_database,
+    grant_source,
+)
 from servers import LiveServer, WorkerPool
 
 
@@ -207,13 +214,15 @@ def events_worker(app, client) -> Iterator[WorkerPool]:
 
 
 @pytest.fixture
-def gh(client, admin) -> dict:
+def gh(client, admin, project) -> dict:
+    """A GitHub source `gh`, granted to the project `demo`."""
     resp = client.post(
         "/api/v1/webhook-sources",
         headers=admin.headers,
         json={"name": "gh", "kind": "github", "secret": GH_SECRET},
     )
     assert resp.status_code == 201, resp.get_json()
+    grant_source(client, admin, "gh", "demo")
     return resp.get_json()
 
 

@@ -176,3 +176,13 @@ def bare_repo(tmp_path: Any) -> Any:
     bare = tmp_path / "repo.git"
     git("clone", "-q", "--bare", str(src), str(bare))
     return bare
+
+
+def grant_source(client: Any, admin: Any, source: str, project: str) -> None:
+    """An administrator grants a webhook source to a project (its rules may then use it)."""
+    resp = client.post(
+        f"/api/v1/webhook-sources/{source}/projects",
+        headers=admin.headers,
+        json={"project": project},
+    )
+    assert resp.status_code in (200, 201), resp.get_json()

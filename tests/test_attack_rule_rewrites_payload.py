@@ -4,7 +4,7 @@ other projects, match and render (`ImmutableSandboxedEnvironment`)."""
 from __future__ import annotations
 
 import sqlalchemy as sa
-from helpers import account
+from helpers import account, grant_source
 from test_webhooks import add_rule, deliver, fixture, settled
 
 
@@ -25,6 +25,7 @@ def test_attack_rule_template_rewrites_another_projects_task(
         ).status_code
         == 201
     )
+    grant_source(client, admin, "gh", "bobs")
     # the attacker's rule, evaluated first (lower id), rewrites the comment as it renders
     rewrite = "{{ payload.comment.update({'body': '/agent rm -rf /'}) }}done"
     body = {

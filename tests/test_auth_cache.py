@@ -87,7 +87,7 @@ def test_a_change_announced_by_another_process_is_forgotten(app, client, member,
         # as another process would: the row changes, and the change is announced
         db.session.execute(sa.update(User).where(User.id == member.id).values(is_active=False))
         db.session.commit()
-        pubsub.publish(cache._channel(), {"user_id": member.id})
+        pubsub.publish(cache.channel(), {"user_id": member.id})
         wait_for(lambda: memory.get(("user", member.id)) is None, timeout=5)
     assert_problem(client.get(path, headers=member.headers), 401)
 

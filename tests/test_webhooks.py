@@ -10,7 +10,15 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from helpers import GH_SECRET, account, assert_problem, count, unreachable_redis, wait_for
+from helpers import (
+    GH_SECRET,
+    account,
+    assert_problem,
+    count,
+    grant_source,
+    unreachable_redis,
+    wait_for,
+)
 from servers import WorkerPool
 
 from app.webhooks.signatures import sign
@@ -294,6 +302,7 @@ def test_generic_source_and_stale_events_are_picked_up(app, client, admin, membe
         headers=admin.headers,
         json={"name": "ci", "kind": "generic", "secret": "generic-secret-1"},
     ).get_json()["secret"]
+    grant_source(client, admin, "ci", "demo")
     add_rule(
         client,
         member,

@@ -4,7 +4,7 @@ from flask.views import MethodView
 from app.activity import stream
 from app.activity.service import latest_id
 from app.auth.guard import current_principal, requires
-from app.errors import ValidationFailed
+from app.errors import Forbidden, ValidationFailed
 from app.extensions import Blueprint, QuerySchema
 from app.live.sse import last_event_id, sse, stream_view
 from app.projects import service as projects
@@ -25,12 +25,26 @@ class ActivityStream(MethodView):
         """Everything happening in the projects I can see: `task.created`, `task.status`,
         `run.status` (more kinds as modules land). Ids are activity ids; resume with
         Last-Event-ID. Without one, the stream starts from now."""
-        principal = current_principal()
-        ids = projects.visible_project_ids(principal)
-        if args.get("project"):
-            ids = [projects.project_for(principal, args["project"]).id]
+        key = args.get("project")
+
+        def followed() -> list[int] | None:
+            principal = current_principal()
+            if key:
+                return [projects.project_for(principal, key).id]
+            return projects.visible_project_ids(principal)
+
+        ids = followed()
         raw = last_event_id()
         if raw is not None and (not raw.isdigit() or len(raw) > 18):
             raise ValidationFailed("Bad Last-Event-ID.", {"last_event_id": ["not an id"]})
         after = int(raw) if raw is not None else latest_id()
-        return sse(stream.follow(after, ids), principal.user.id)
+
+        def still_allowed() -> None:
+            now = followed()
+            if now is None or (ids is not None and set(ids) <= set(now)):
+                return
+            # a project left the stream's sight: the client reconnects (Last-Event-ID) and
+            # gets what it may see now
+            raise Forbidden("Access to a project this stream follows has changed.")
+
+        return sse(stream.follow(after, ids), still_allowed)

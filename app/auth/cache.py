@@ -78,7 +78,7 @@ def remembered() -> Remembered:
 
                     # without Redis now, what is remembered is bounded by the seconds alone
                     # until the listener hears the channel (it keeps trying)
-                    if not hub().on(_channel(), memory.heard):
+                    if not hub().on(channel(), memory.heard):
                         log.warning("credential changes are not heard yet (Redis)")
                 app.extensions["switchboard_auth_cache"] = memory
     return memory
@@ -87,7 +87,8 @@ def remembered() -> Remembered:
 _lock = threading.Lock()
 
 
-def _channel() -> str:
+def channel() -> str:
+    """Where changes to what a user's credentials may do are announced."""
     return f"{pubsub.namespace()}:auth-changed"
 
 
@@ -95,11 +96,11 @@ def changed(user_id: int) -> None:
     """Something that decides what `user_id`'s credentials may do changed (in the current
     transaction): this process forgets it now, every process once it commits."""
     remembered().forget(user_id)
-    channel = _channel()
+    where = channel()
 
     def announce() -> None:
         # should Redis be away, the seconds bound what other processes serve
-        pubsub.publish(channel, {"user_id": user_id})
+        pubsub.publish(where, {"user_id": user_id})
         remembered().forget(user_id)  # a read between the forget and the commit
 
     after_commit(announce)

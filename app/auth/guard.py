@@ -51,18 +51,28 @@ def run_scoped(func: F) -> F:
     return func
 
 
+def check_abilities(principal: Principal, abilities: tuple[str, ...]) -> None:
+    """Forbidden unless `principal` holds every ability (and is an administrator for `admin`)."""
+    missing = [a for a in abilities if not principal.can(a)]
+    if missing:
+        raise Forbidden("This needs the ability: " + ", ".join(missing))
+    if "admin" in abilities and not principal.user.is_admin:
+        raise Forbidden("This needs an administrator.")
+
+
+def required_abilities() -> tuple[str, ...]:
+    """What the current view required (a stream checks it again when access changes)."""
+    return g.get("sb_required", ())
+
+
 def requires(*abilities: str) -> Callable[[F], F]:
     """The principal must hold every ability (a session holds its role's; a token its own)."""
 
     def decorator(func: F) -> F:
         @wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            principal = current_principal()
-            missing = [a for a in abilities if not principal.can(a)]
-            if missing:
-                raise Forbidden("This needs the ability: " + ", ".join(missing))
-            if "admin" in abilities and not principal.user.is_admin:
-                raise Forbidden("This needs an administrator.")
+            check_abilities(current_principal(), abilities)
+            g.sb_required = abilities
             return func(*args, **kwargs)
 
         apidoc = deepcopy(getattr(func, "_apidoc", {}))

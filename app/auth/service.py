@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -312,6 +312,7 @@ def stream_token(principal: Principal, path: str) -> tuple[str, int]:
         sorted(principal.abilities),
         ttl,
         pat_id=principal.token_id,
+        family_id=principal.family_id,
     )
     return token, ttl
 
@@ -340,11 +341,40 @@ def authenticate_stream(token: str, path: str) -> Principal:
     user = _user(int(claims["sub"]))
     if user is None or not user.is_active:
         raise Unauthorized("The stream token is not valid.", code="invalid_token")
+    family = claims.get("fam")
+    if family and login_ended(family, user.id):
+        raise Unauthorized(
+            "The login that asked for this stream token has ended.", code="token_revoked"
+        )
     return Principal(
         user=user,
         kind="stream",
         abilities=frozenset(claims.get("abl", [])) & abilities_for_role(user.role),
+        token_id=int(claims["pat"]) if claims.get("pat") is not None else None,
+        family_id=family,
     )
+
+
+def reconfirm(principal: Principal) -> Principal:
+    """`principal` again, for a stream that has been open a while when a change that concerns
+    its user was announced: the user still active, the login or token it came from still live
+    (an access or stream token's own expiry does not end a stream it opened), its abilities as
+    the user's role gives them now. Unauthorized otherwise."""
+    user = db.session.get(User, principal.user.id, populate_existing=True)
+    if user is None or not user.is_active:
+        raise Unauthorized("The account is no longer active.", code="invalid_token")
+    if principal.family_id and login_ended(principal.family_id, user.id):
+        raise Unauthorized("This login has ended; log in again.", code="token_revoked")
+    role_gives = abilities_for_role(user.role)
+    if principal.token_id is not None:
+        pat = db.session.get(PersonalAccessToken, principal.token_id, populate_existing=True)
+        if pat is None:
+            raise _invalid_pat()
+        refused = pat_refusal(pat.revoked_at is not None, pat.expires_at, utcnow())
+        if refused is not None:
+            raise refused
+        role_gives &= pat_abilities(user.role, list(pat.abilities))
+    return replace(principal, user=user, abilities=principal.abilities & role_gives)
 
 
 class _Pat(NamedTuple):

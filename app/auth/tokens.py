@@ -62,10 +62,17 @@ def encode_access(secret: str, user_id: int, family_id: str | None, ttl: int, **
 
 
 def encode_stream(
-    secret: str, user_id: int, path: str, abilities: list[str], ttl: int, pat_id: int | None = None
+    secret: str,
+    user_id: int,
+    path: str,
+    abilities: list[str],
+    ttl: int,
+    pat_id: int | None = None,
+    family_id: str | None = None,
 ) -> str:
     """A short-lived token for the streams under one path (EventSource cannot send headers);
-    `pat_id`: the personal access token that asked for it, which it must not outlive."""
+    `pat_id` or `family_id`: the personal access token or the login that asked for it, which it
+    must not outlive."""
     now = utcnow()
     payload = {
         "iss": ISSUER,
@@ -76,6 +83,7 @@ def encode_stream(
         "iat": now,
         "exp": now + timedelta(seconds=ttl),
         **({"pat": pat_id} if pat_id is not None else {}),
+        **({"fam": family_id} if family_id is not None else {}),
     }
     return jwt.encode(payload, secret, algorithm="HS256")
 

@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 
+from app.auth import cache as auth_cache
+from app.auth import service as auth_service
+from app.auth.guard import check_abilities, current_principal, required_abilities
 from app.database import db
-from app.errors import ServiceUnavailable, TooManyRequests
+from app.errors import DomainError, ServiceUnavailable, TooManyRequests
+from app.live import access
 from app.live.pubsub import unpack
 from app.queues import get_redis
 
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: a client that falls this far behind is disconnected (it resumes with Last-Event-ID)
 QUEUE_LIMIT = 10_000
+#: what `Subscription.nudge` puts in a queue to wake a thread blocked on it
+_NUDGE: dict[str, Any] = {"type": "nudge"}
 
 
 @dataclass
@@ -116,6 +122,20 @@ class Subscription:
         #: the follower of a parked stream (its `parking` holds the socket)
         self.parked: Any = None
         self.wake = threading.Event()
+        #: the stream's access may have changed: its thread returns from waiting (get: None,
+        #: park: False, as after a quiet interval) until `sse()` has checked it
+        self.nudged = False
+        #: the stream this subscription serves (`access`), told apart from `Hub.on`'s
+        self.watch: access.Watch | None = None
+
+    def nudge(self) -> None:
+        """From the listener thread: wake the stream's thread, wherever it waits."""
+        with self.lock:
+            self.nudged = True
+            self.parked = None
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(_NUDGE)
+            self.wake.set()
 
     def park(self, follower: Any, timeout: float) -> bool:
         """Sleep until the hub needs this stream's thread (True) or `timeout` passes (False);
@@ -123,6 +143,8 @@ class Subscription:
         when a message is already waiting."""
         parking: Parking = follower.parking
         with self.lock:
+            if self.nudged:
+                return False
             if not self.queue.empty() or self.overflowed:
                 return True
             self.wake.clear()
@@ -157,12 +179,16 @@ class Subscription:
     def get(self, timeout: float) -> dict[str, Any] | None:
         if self.overflowed:
             raise Overflow()
+        if self.nudged:
+            return None
         try:
             item = self.queue.get(timeout=timeout)
         except queue.Empty:
             return None
         if item is None:
             raise Overflow()
+        if item is _NUDGE:
+            return None
         return item
 
     def drain(self, limit: int) -> list[dict[str, Any]]:
@@ -176,10 +202,13 @@ class Subscription:
             if item is None:
                 self.overflowed = True
                 break
-            items.append(item)
+            if item is not _NUDGE:
+                items.append(item)
         return items
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.detach(self)
         self.hub.unsubscribe(self)
 
 
@@ -193,7 +222,7 @@ class Hub:
         self.wake_channel = f"sb:hub-wake:{socket.gethostname()}:{os.getpid()}:{id(self)}"
         self.wake_client: redis.Redis | None = None
         #: channels the process always hears, with what to call for each message
-        self.callbacks: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.callbacks: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self.lock = threading.Lock()
         self.subscribers: dict[str, set[Subscription]] = {}
         #: wakes the listener to (un)subscribe; a Subscription is told when it is listening
@@ -204,6 +233,9 @@ class Hub:
 
     def subscribe(self, channels: list[str], timeout: float = 5.0) -> Subscription:
         sub = Subscription(self, list(channels))
+        sub.watch = access.current()  # the stream this thread steps: it nudges `sub`
+        if sub.watch is not None:
+            sub.watch.attach(sub)
         self._ensure_thread()
         with self.lock:
             for ch in channels:
@@ -224,7 +256,7 @@ class Hub:
         sub = Subscription(self, [])
         self._ensure_thread()
         with self.lock:
-            self.callbacks[channel] = callback
+            self.callbacks.setdefault(channel, []).append(callback)
         self.changes.put(sub)
         self._wake()
         return sub.ready.wait(wait)
@@ -280,7 +312,7 @@ class Hub:
                             with contextlib.suppress(queue.Full):
                                 sub.queue.put_nowait(None)
                             sub.wake.set()
-                    callbacks = list(self.callbacks.values())
+                    callbacks = [c for cs in self.callbacks.values() for c in cs]
                 for callback in callbacks:  # messages may have been missed meanwhile
                     with contextlib.suppress(Exception):
                         callback({"missed": True})
@@ -304,13 +336,14 @@ class Hub:
                     messages = unpack(msg["data"])
                 except ValueError:
                     continue
-                callback = self.callbacks.get(channel)
-                if callback is not None:
+                callbacks = self.callbacks.get(channel)
+                if callbacks:
                     for data in messages:
-                        try:
-                            callback(data)
-                        except Exception:
-                            log.exception("a listener of %s failed", channel)
+                        for callback in list(callbacks):
+                            try:
+                                callback(data)
+                            except Exception:
+                                log.exception("a listener of %s failed", channel)
                     continue
                 with self.lock:
                     targets = list(self.subscribers.get(channel, ()))
@@ -454,14 +487,20 @@ def parking() -> Parking | None:
     return Parking(sock, chunked=request.environ["SERVER_PROTOCOL"] == "HTTP/1.1")
 
 
-def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
+def sse(events: Iterator[Event | bytes | None], still_allowed: Callable[[], object]) -> Response:
     """A streaming response from `events`, which yields an `Event` to send or None when it has
-    waited `ping_interval()` with nothing to say (a heartbeat goes out instead)."""
+    waited `ping_interval()` with nothing to say (a heartbeat goes out instead).
+
+    `still_allowed` is the view's own check of the resource (it raises when the current
+    principal may not follow it); when a change to the user's access is announced, the stream
+    checks its credential and that again, and ends with a `closed` event if either fails."""
     cfg = current_app.config
+    principal = current_principal()
+    required = required_abilities()
     give_back = process_streams.take(cfg["SWITCHBOARD_STREAMS_PER_PROCESS"])
     try:
         slot = StreamSlot(
-            user_id,
+            principal.user.id,
             cfg["SWITCHBOARD_STREAM_CAP"],
             ttl=max(30, cfg["SWITCHBOARD_STREAM_PING_SECONDS"] * 3),
         )
@@ -471,6 +510,14 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
     _no_delay()
     db.session.remove()  # streams hold no database connection between replays
 
+    def check() -> None:
+        fresh = auth_service.reconfirm(principal)
+        check_abilities(fresh, required)
+        g.principal = fresh
+        still_allowed()
+
+    watch = access.Watch(principal.user.id, check)
+    watches().add(watch)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     done = object()
 
@@ -480,8 +527,16 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
         try:
             yield f": stream open\nretry: {cfg['SWITCHBOARD_STREAM_RETRY_MS']}\n\n".encode()
             while True:
-                with app.app_context():
-                    event = next(events, done)
+                access.stepping(watch)
+                try:
+                    with app.app_context():
+                        event = next(events, done)
+                        ended = _access_ended(watch)
+                finally:
+                    access.stepping(None)
+                if ended is not None:
+                    yield ended
+                    return
                 if event is done:
                     return
                 if event is None:
@@ -494,6 +549,7 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
         except Overflow:
             return
         finally:
+            _watches.remove(watch)
             slot.release()
             give_back()
             with contextlib.suppress(Exception), app.app_context():
@@ -502,9 +558,41 @@ def sse(events: Iterator[Event | bytes | None], user_id: int) -> Response:
     resp = Response(body(), mimetype="text/event-stream")
     resp.call_on_close(give_back)  # also when the body never started
     resp.call_on_close(slot.release)
+    resp.call_on_close(lambda: _watches.remove(watch))
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp
+
+
+def _access_ended(watch: access.Watch) -> bytes | None:
+    """The `closed` frame when a due check finds the stream's access gone; else None."""
+    if not watch.take_due():
+        return None
+    try:
+        watch.check()
+    except DomainError as exc:
+        return Event(
+            "closed", {"reason": "access_ended", "status": exc.status, "detail": exc.detail}
+        ).encode()
+    finally:
+        db.session.remove()
+    return None
+
+
+_watches = access.Watches()
+_watched: set[str] = set()
+_watched_lock = threading.Lock()
+
+
+def watches() -> access.Watches:
+    """This process's open streams; the first call has the listener tell them of changes."""
+    url = current_app.config["SWITCHBOARD_REDIS_URL"]
+    if url not in _watched:
+        with _watched_lock:
+            if url not in _watched:
+                hub().on(auth_cache.channel(), _watches.heard)
+                _watched.add(url)
+    return _watches
 
 
 def ping_interval() -> float:

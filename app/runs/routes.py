@@ -139,7 +139,7 @@ class RunStream(MethodView):
         run_for(run_id)
         follower = RunFollower(run_id, last_event_id())
         follower.parking = parking()
-        return sse(iter(follower), current_principal().user.id)
+        return sse(iter(follower), lambda: run_for(run_id))
 
 
 @blp.route("/<int:run_id>/events")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 
 from app.database import db
-from app.live import pubsub
+from app.live import access, pubsub
 from app.live.sse import Event, Parking, hub, ping_interval
 from app.runs import logs
 from app.runs.models import RUN_TERMINAL, Run, RunEvent
@@ -285,6 +285,6 @@ def follow_task(task_id: int, position: str | None) -> Iterator[Event | None]:
         # between runs (queued, blocked): look again shortly
         time.sleep(0.2)
         waited += 0.2
-        if waited >= ping:
+        if waited >= ping or access.check_due():
             waited = 0.0
             yield None

@@ -144,7 +144,10 @@ class TaskStream(MethodView):
         """Follow every run of a task live (retries included); each event carries `run_id`,
         ids are `<run id>:<log bytes>-<seq>`; `done` when the task has ended."""
         service.task_for(current_principal(), task_id)
-        return sse(follow_task(task_id, last_event_id()), current_principal().user.id)
+        return sse(
+            follow_task(task_id, last_event_id()),
+            lambda: service.task_for(current_principal(), task_id),
+        )
 
 
 @blp.route("/<int:task_id>/cancel")

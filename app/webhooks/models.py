@@ -29,6 +29,22 @@ class WebhookSource(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class SourceGrant(db.Model):
+    """A project may attach rules to a source: a source's deliveries (private repositories'
+    issues and comments among them) reach only the projects an administrator granted it to."""
+
+    __tablename__ = "webhook_source_projects"
+
+    source_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("webhook_sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    project_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    granted_by: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class WebhookEvent(db.Model):
     """One delivery, stored once per (source, delivery id)."""
 

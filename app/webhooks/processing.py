@@ -25,7 +25,7 @@ from app.tasks.models import TASK_TERMINAL, Task
 from app.timeutil import utcnow
 from app.users.models import User
 from app.webhooks import matching
-from app.webhooks.models import TASK_SOURCE, EventMatch, Rule, WebhookEvent
+from app.webhooks.models import TASK_SOURCE, EventMatch, Rule, SourceGrant, WebhookEvent
 from app.webhooks.receiving import DRAIN_FLAG, FLAG_MEMO_SECONDS
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,17 @@ def _drain_batch(batch: int) -> int:
 
 
 def _rules_by_source(source_ids: set[int | None]) -> dict[int, list[Rule]]:
+    """The enabled rules of these sources whose projects the source is granted to (a rule
+    whose grant was revoked stays, and matches nothing)."""
     found: dict[int, list[Rule]] = {}
     for rule in db.session.scalars(
         sa.select(Rule)
+        .join(
+            SourceGrant,
+            sa.and_(
+                SourceGrant.source_id == Rule.source_id, SourceGrant.project_id == Rule.project_id
+            ),
+        )
         .where(Rule.source_id.in_(source_ids - {None}), Rule.enabled.is_(True))
         .order_by(Rule.id)
     ):

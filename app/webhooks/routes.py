@@ -9,6 +9,7 @@ from app.pagination import PageQuerySchema
 from app.projects import service as projects
 from app.view_marks import webhook_receiver
 from app.webhooks import receiving, rules, service, sources
+from app.webhooks.models import WebhookEvent
 from app.webhooks.schemas import (
     EventPageSchema,
     ReceiptSchema,
@@ -18,6 +19,9 @@ from app.webhooks.schemas import (
     RuleUpdateSchema,
     SourceCreatedSchema,
     SourceCreateSchema,
+    SourceGrantCreateSchema,
+    SourceGrantListSchema,
+    SourceGrantSchema,
     SourceListSchema,
     WebhookEventQuerySchema,
     WebhookEventSchema,
@@ -72,6 +76,56 @@ class SourceByName(MethodView):
     def delete(self, name):
         """Remove a source (admin; 409 while rules use it). Its events are kept."""
         sources.delete_source(name)
+
+
+def _grant(grant, key):  # type: ignore[no-untyped-def]
+    return {"project": key, "granted_by": grant.granted_by, "created_at": grant.created_at}
+
+
+@blp.route("/webhook-sources/<name>/projects")
+class SourceProjects(MethodView):
+    @requires("admin")
+    @blp.response(200, SourceGrantListSchema)
+    def get(self, name):
+        """The projects the source is granted to (admin): only their maintainers may attach
+        rules to it, and only their members see its deliveries."""
+        source = sources.get_source(name)
+        return {"data": [_grant(g, key) for g, key in sources.grants(source)]}
+
+    @requires("admin")
+    @blp.arguments(SourceGrantCreateSchema)
+    @blp.response(201, SourceGrantSchema)
+    @blp.alt_response(200, schema=SourceGrantSchema, description="It was granted already")
+    def post(self, data, name):
+        """Grant the source to a project (admin)."""
+        source = sources.get_source(name)
+        project = projects.get_project(data["project"])
+        grant, new = sources.grant(current_principal(), source, project)
+        return (
+            _grant(grant, project.key),
+            201 if new else 200,
+            {"Location": f"/api/v1/webhook-sources/{name}/projects/{project.key}"},
+        )
+
+
+@blp.route("/webhook-sources/<name>/projects/<key>")
+class SourceProject(MethodView):
+    @requires("admin")
+    @blp.response(204)
+    def delete(self, name, key):
+        """Take the source back from a project (admin): the project's rules on it stay, and
+        match nothing until it is granted again."""
+        sources.revoke(sources.get_source(name), projects.get_project(key))
+
+
+@blp.route("/projects/<key>/webhook-sources")
+class ProjectSources(MethodView):
+    @requires("projects:read")
+    @blp.response(200, SourceListSchema)
+    def get(self, key):
+        """The webhook sources granted to the project (viewer): those its rules may use."""
+        project = projects.project_for(current_principal(), key)
+        return {"data": [_source(s) for s in sources.granted_sources(project)]}
 
 
 _RECEIVER_HEADERS = [
@@ -137,9 +191,13 @@ class Receiver(MethodView):
 
 
 def event_view(event):  # type: ignore[no-untyped-def]
-    matches = service.event_matches(event.id)
+    """The event as the caller may see it: only their projects' matches, tasks and errors."""
+    principal = current_principal()
+    matches = service.event_matches(principal, event.id)
     keys = projects.project_keys({m.project_id for m in matches})
-    event.matches = [
+    # a copy: the event itself is never changed for a reader
+    fields = {c.key: getattr(event, c.key) for c in WebhookEvent.__mapper__.column_attrs}
+    fields["matches"] = [
         {
             "rule_id": m.rule_id,
             "project": keys.get(m.project_id),
@@ -148,8 +206,9 @@ def event_view(event):  # type: ignore[no-untyped-def]
         }
         for m in matches
     ]
-    event.tasks = [m.task_id for m in matches if m.task_id is not None]
-    return event
+    fields["tasks"] = [m.task_id for m in matches if m.task_id is not None]
+    fields["error"] = service.error_for(principal, event, matches)
+    return fields
 
 
 @blp.route("/events")
@@ -201,6 +260,7 @@ def rule_view(rule):  # type: ignore[no-untyped-def]
         "conditions": rule.conditions,
         "task": rule.task,
         "enabled": rule.enabled,
+        "source_granted": sources.is_granted(rule.source_id, rule.project_id),
         "author_id": rule.author_id,
         "created_at": rule.created_at,
         "updated_at": rule.updated_at,

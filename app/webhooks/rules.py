@@ -18,22 +18,28 @@ from app.projects import service as projects
 from app.projects.models import Project
 from app.tasks import limits
 from app.tasks import service as tasks
-from app.webhooks import matching
+from app.webhooks import matching, sources
 from app.webhooks.models import Rule, WebhookSource
 
 log = logging.getLogger(__name__)
 
 
-def _check_rule(data: dict[str, Any]) -> dict[str, Any]:
-    """Resolve the source name and check templates, agent and target; 422 on any problem."""
+def _check_rule(project: Project, data: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the source name and check it is granted to the project, then templates, agent
+    and target; 422 on any problem."""
     errors: dict[str, list[str]] = {}
     values = dict(data)
     if "source" in data:
         source_id = db.session.scalar(
             sa.select(WebhookSource.id).where(WebhookSource.name == data["source"])
         )
-        if source_id is None:
-            errors["source"] = [f"no webhook source {data['source']!r}"]
+        # one answer for a source that does not exist and one not granted: a member learns
+        # nothing of the sources other projects use
+        if source_id is None or not sources.is_granted(source_id, project.id):
+            errors["source"] = [
+                f"no webhook source {data['source']!r} is granted to project {project.key!r} "
+                "(an administrator grants sources to projects)"
+            ]
         values["source_id"] = source_id
         del values["source"]
     task = data.get("task")
@@ -66,7 +72,7 @@ def _author_abilities(principal: Principal) -> list[str]:
 
 def create_rule(principal: Principal, project: Project, data: dict[str, Any]) -> Rule:
     abilities = _author_abilities(principal)
-    values = _check_rule(data)
+    values = _check_rule(project, data)
     rule = Rule(
         project_id=project.id, author_id=principal.user.id, author_abilities=abilities, **values
     )
@@ -100,7 +106,9 @@ def list_rules(project: Project, *, cursor: int | None, limit: int) -> Page[Rule
 
 def update_rule(principal: Principal, rule: Rule, changes: dict[str, Any]) -> Rule:
     abilities = _author_abilities(principal)
-    values = _check_rule(changes)
+    project = db.session.get(Project, rule.project_id)
+    assert project is not None
+    values = _check_rule(project, changes)
     for key, value in values.items():
         setattr(rule, key, value)
     rule.author_id = principal.user.id  # whoever saves it last answers for its tasks

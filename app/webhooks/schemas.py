@@ -38,6 +38,22 @@ class SourceListSchema(ma.Schema):
     data = ma.fields.List(ma.fields.Nested(SourceSchema))
 
 
+class SourceGrantCreateSchema(Schema):
+    project = ma.fields.Str(
+        required=True, validate=ma.validate.Length(1, 64), metadata={"description": "project key"}
+    )
+
+
+class SourceGrantSchema(ma.Schema):
+    project = ma.fields.Str()
+    granted_by = ma.fields.Int(allow_none=True, metadata={"description": "user id"})
+    created_at = Timestamp()
+
+
+class SourceGrantListSchema(ma.Schema):
+    data = ma.fields.List(ma.fields.Nested(SourceGrantSchema))
+
+
 class ReceiptSchema(ma.Schema):
     id = ma.fields.Int()
     delivery_id = ma.fields.Str()
@@ -176,6 +192,12 @@ class RuleSchema(ma.Schema):
     conditions = ma.fields.Dict()
     task = ma.fields.Nested(RuleTaskSchema)
     enabled = ma.fields.Bool()
+    source_granted = ma.fields.Bool(
+        metadata={
+            "description": "false: the source was taken back from the project, and the "
+            "rule matches nothing until an administrator grants it again"
+        }
+    )
     author_id = ma.fields.Int(allow_none=True)
     created_at = Timestamp()
     updated_at = Timestamp()

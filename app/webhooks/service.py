@@ -5,6 +5,7 @@ matched, and replayed. Sources are `sources`, receiving `receiving`, matching an
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,7 +18,7 @@ from app.pagination import Page, paginate
 from app.projects import service as projects
 from app.projects.models import Project
 from app.webhooks import processing
-from app.webhooks.models import EventMatch, WebhookEvent
+from app.webhooks.models import EventMatch, Rule, WebhookEvent
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,15 @@ def list_events(
     if type:
         stmt = stmt.where(WebhookEvent.event_type == type)
     if project:
-        stmt = stmt.where(
-            sa.exists().where(
-                EventMatch.event_id == WebhookEvent.id,
-                EventMatch.project_id == Project.id,
-                Project.key == project,
-            )
+        in_project = sa.exists().where(
+            EventMatch.event_id == WebhookEvent.id,
+            EventMatch.project_id == Project.id,
+            Project.key == project,
         )
+        ids = projects.visible_project_ids(principal)
+        if ids is not None:  # never which other projects an event reached
+            in_project = in_project.where(Project.id.in_(ids))
+        stmt = stmt.where(in_project)
     return paginate(stmt, WebhookEvent.id, cursor=cursor, limit=limit)
 
 
@@ -68,12 +71,42 @@ def event_for(principal: Principal, event_id: int) -> WebhookEvent:
     return event
 
 
-def event_matches(event_id: int) -> list[EventMatch]:
-    return list(
+def event_matches(principal: Principal, event_id: int) -> list[EventMatch]:
+    """The event's matches in the projects the principal can read (all, for an admin)."""
+    stmt = sa.select(EventMatch).where(EventMatch.event_id == event_id).order_by(EventMatch.id)
+    ids = projects.visible_project_ids(principal)
+    if ids is not None:
+        stmt = stmt.where(EventMatch.project_id.in_(ids))
+    return list(db.session.scalars(stmt))
+
+
+#: where one rule's or one task's part of an event's error begins (`processing` writes them)
+_PART = re.compile(r"(?:; |, )(?=rule \d+ \(|task #\d+ )")
+_ABOUT = re.compile(r"^(?:rule (\d+) \(|task #(\d+) )")
+
+
+def error_for(principal: Principal, event: WebhookEvent, matches: list[EventMatch]) -> str | None:
+    """The event's error as the principal may read it: an admin all of it, anyone else the
+    parts about their projects' rules and tasks (other projects' rule names, task ids and
+    template errors are theirs)."""
+    if event.error is None or projects.visible_project_ids(principal) is None:
+        return event.error
+    ids = set(projects.visible_project_ids(principal) or ())
+    rules = set(
         db.session.scalars(
-            sa.select(EventMatch).where(EventMatch.event_id == event_id).order_by(EventMatch.id)
+            sa.select(Rule.id).where(Rule.project_id.in_(ids), Rule.source_id == event.source_id)
         )
     )
+    tasks = {m.task_id for m in matches if m.task_id is not None}
+    shown = []
+    for part in _PART.split(event.error):
+        about = _ABOUT.match(part)
+        if about and (
+            (about.group(1) and int(about.group(1)) in rules)
+            or (about.group(2) and int(about.group(2)) in tasks)
+        ):
+            shown.append(part)
+    return "; ".join(shown) or "failed for another project's rule or task"
 
 
 def replay(event: WebhookEvent) -> WebhookEvent:

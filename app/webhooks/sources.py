@@ -1,5 +1,6 @@
 """Webhook sources: the senders Switchboard accepts deliveries from, each with its kind (GitHub or
-generic) and its signing secret (shown once, stored to verify signatures)."""
+generic) and its signing secret (shown once, stored to verify signatures), and the projects an
+administrator granted it to (only those may attach rules to it, and so see its deliveries)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from app.audit import service as audit
 from app.auth.service import Principal
 from app.database import db
 from app.errors import Conflict, NotFound
+from app.projects.models import Project
 from app.webhooks import receiving
-from app.webhooks.models import Rule, WebhookSource
+from app.webhooks.models import Rule, SourceGrant, WebhookSource
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +66,72 @@ def delete_source(name: str) -> None:
 
 def source_names() -> dict[int, str]:
     return dict(db.session.execute(sa.select(WebhookSource.id, WebhookSource.name)).all())
+
+
+def grants(source: WebhookSource) -> list[tuple[SourceGrant, str]]:
+    """The source's grants with their projects' keys, by key."""
+    return [
+        (grant, key)
+        for grant, key in db.session.execute(
+            sa.select(SourceGrant, Project.key)
+            .join(Project, Project.id == SourceGrant.project_id)
+            .where(SourceGrant.source_id == source.id)
+            .order_by(Project.key)
+        ).all()
+    ]
+
+
+def is_granted(source_id: int, project_id: int) -> bool:
+    return (
+        db.session.scalar(
+            sa.select(SourceGrant.source_id).where(
+                SourceGrant.source_id == source_id, SourceGrant.project_id == project_id
+            )
+        )
+        is not None
+    )
+
+
+def grant(
+    principal: Principal, source: WebhookSource, project: Project
+) -> tuple[SourceGrant, bool]:
+    """Grant the source to the project; whether the grant is new (granting twice is harmless)."""
+    found = db.session.get(SourceGrant, (source.id, project.id))
+    if found is not None:
+        return found, False
+    found = SourceGrant(source_id=source.id, project_id=project.id, granted_by=principal.user.id)
+    db.session.add(found)
+    audit.record(
+        "webhook_source.grant",
+        target_type="webhook_source",
+        target_id=source.name,
+        payload={"project": project.key},
+    )
+    db.session.commit()
+    return found, True
+
+
+def revoke(source: WebhookSource, project: Project) -> None:
+    """The project's rules on the source stop matching (they are kept, and say why)."""
+    found = db.session.get(SourceGrant, (source.id, project.id))
+    if found is None:
+        raise NotFound(f"Source {source.name!r} is not granted to project {project.key!r}.")
+    db.session.delete(found)
+    audit.record(
+        "webhook_source.revoke",
+        target_type="webhook_source",
+        target_id=source.name,
+        payload={"project": project.key},
+    )
+    db.session.commit()
+
+
+def granted_sources(project: Project) -> list[WebhookSource]:
+    return list(
+        db.session.scalars(
+            sa.select(WebhookSource)
+            .join(SourceGrant, SourceGrant.source_id == WebhookSource.id)
+            .where(SourceGrant.project_id == project.id)
+            .order_by(WebhookSource.name)
+        )
+    )
