@@ -65,7 +65,7 @@ def test_a_rule_whose_author_lost_access_stops_making_tasks(
     client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": bob.id, "role": "maintainer"},
+        json={"username": bob.username, "role": "maintainer"},
     )
     assert (
         client.post("/api/v1/projects/demo/rules", headers=bob.headers, json=RULE).status_code

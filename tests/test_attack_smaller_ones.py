@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import account, assert_problem, count, make_user
+from helpers import GH_SECRET, account, assert_problem, count, make_user
 
 from app.tasks.models import Task
 
@@ -61,7 +61,7 @@ def test_attack_idempotency_replay_after_losing_access(client, app, member, proj
     client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": bob.id, "role": "developer"},
+        json={"username": bob.username, "role": "developer"},
     )
     body = {"project": "demo", "title": "t", "prompt": "p", "target": "external"}
     headers = {**bob.headers, "Idempotency-Key": "k-1"}
@@ -146,3 +146,94 @@ def test_attack_subscription_url_secrets_in_the_audit_log(client, admin):
     )
     assert "XXXXsecretXXXX" not in audit and "tok-123" not in audit and "tok-456" not in audit
     assert "https://hooks.example.com/…" in audit
+
+
+def test_attack_enumerate_usernames_by_adding_user_ids(client, app, admin, member, project):
+    members = "/api/v1/projects/demo/members"
+    secret_name = account(app, client, "quiet-quentin")
+    guessed = client.post(
+        members, headers=member.headers, json={"user_id": secret_name.id, "role": "viewer"}
+    )
+    assert_problem(guessed, 422)
+    assert "quiet-quentin" not in guessed.get_data(as_text=True)
+    assert_problem(client.get("/api/v1/users", headers=member.headers), 403)
+    # a name (or an email) the maintainer already knows adds the person
+    unknown = client.post(
+        members, headers=member.headers, json={"username": "nobody", "role": "viewer"}
+    )
+    assert_problem(unknown, 422)
+    added = client.post(
+        members,
+        headers=member.headers,
+        json={"email": "quiet-quentin@example.com", "role": "viewer"},
+    )
+    assert added.status_code == 201 and added.get_json()["username"] == "quiet-quentin"
+    # a member's id changes their role; an administrator may name anyone by id
+    changed = client.post(
+        members, headers=member.headers, json={"user_id": secret_name.id, "role": "developer"}
+    )
+    assert changed.status_code == 201 and changed.get_json()["role"] == "developer"
+    other = account(app, client, "otto")
+    by_admin = client.post(
+        members, headers=admin.headers, json={"user_id": other.id, "role": "viewer"}
+    )
+    assert by_admin.status_code == 201
+    both = client.post(
+        members,
+        headers=member.headers,
+        json={"username": "otto", "email": "x@y.z", "role": "viewer"},
+    )
+    assert_problem(both, 422)
+
+
+def _chunked_post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in {**headers, "Transfer-Encoding": "chunked"}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        for start in range(0, len(body), 1000):
+            piece = body[start : start + 1000]
+            conn.send(b"%X\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_attack_chunked_body_over_the_limit(app, client, admin, member, project, gh):
+    from servers import LiveServer
+
+    from app.webhooks.signatures import sign
+
+    live = LiveServer(
+        app,
+        SWITCHBOARD_MAX_BODY_BYTES="4000",
+        SWITCHBOARD_WEBHOOK_MAX_BODY_BYTES="4000",
+        SWITCHBOARD_RATE_LIMIT_AUTH_FAILURES_IP="3/minute",
+    )
+    try:
+        big = json.dumps({"padding": "x" * 10_000}).encode()
+        hook = {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "issues",
+            "X-Hub-Signature-256": sign("whatever", big),
+        }
+        for _ in range(5):  # more than the bad-signature limit: none of them counts as one
+            status, body = _chunked_post(live.port, "/api/v1/webhooks/gh", big, hook)
+            assert status == 413, body
+            assert json.loads(body)["code"] == "payload_too_large"
+        task = {"Content-Type": "application/json", **member.headers}
+        status, body = _chunked_post(live.port, "/api/v1/tasks", big, task)
+        assert status == 413, body
+        ping = json.dumps({"zen": "Keep it logically awesome.", "hook_id": 1}).encode()
+        signed = {**hook, "X-GitHub-Event": "ping", "X-Hub-Signature-256": sign(GH_SECRET, ping)}
+        status, body = _chunked_post(live.port, "/api/v1/webhooks/gh", ping, signed)
+        assert status == 200, body  # a chunked delivery within the limit is taken
+    finally:
+        live.stop()
+        print("---- web output ----\n" + live.output())

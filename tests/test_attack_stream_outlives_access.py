@@ -51,7 +51,7 @@ def bob(app, client, member, project):
     resp = client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": bob.id, "role": "developer"},
+        json={"username": bob.username, "role": "developer"},
     )
     assert resp.status_code == 201, resp.get_json()
     return bob
@@ -114,7 +114,7 @@ def test_a_change_that_leaves_access_keeps_the_stream(app, client, admin, member
         c.post(
             "/api/v1/projects/demo/members",
             headers=member.headers,
-            json={"user_id": bob.id, "role": "viewer"},
+            json={"username": bob.username, "role": "viewer"},
         )
         c.post(
             "/api/v1/tasks",

@@ -61,7 +61,7 @@ def test_a_member_removed_loses_access_at_once(app, client, member, admin, proje
     added = client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": bob.id, "role": "viewer"},
+        json={"username": bob.username, "role": "viewer"},
     )
     assert added.status_code in (200, 201), added.get_json()
     path, _task = run_read(client, member.headers)

@@ -324,7 +324,7 @@ def test_attack_secrets_of_another_project_or_role(app, client, member, project)
     client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": bob.id, "role": "developer"},
+        json={"username": bob.username, "role": "developer"},
     )
     assert_problem(client.get("/api/v1/projects/demo/secrets", headers=bob.headers), 403)
     assert_problem(_set(client, bob, "TOKEN", "overwritten"), 403)

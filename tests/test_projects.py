@@ -62,7 +62,7 @@ def test_roles_are_enforced(client, app, member, project):
         resp = client.post(
             "/api/v1/projects/demo/members",
             headers=member.headers,
-            json={"user_id": acct.id, "role": role},
+            json={"username": acct.username, "role": role},
         )
         assert resp.status_code == 201 and resp.get_json()["role"] == role
     task_body = {"project": "demo", "title": "t", "prompt": "echo hi"}
@@ -93,7 +93,7 @@ def test_roles_are_enforced(client, app, member, project):
         client.post(
             "/api/v1/projects/demo/members",
             headers=dev.headers,
-            json={"user_id": outsider.id, "role": "viewer"},
+            json={"username": outsider.username, "role": "viewer"},
         ),
         403,
     )
@@ -170,7 +170,7 @@ def test_racing_writes_the_database_refuses_are_409s(client, member, app):
         6,
         lambda c, _: c.post(
             "/api/v1/projects/twin/members",
-            json={"user_id": bob.id, "role": "viewer"},
+            json={"username": bob.username, "role": "viewer"},
             headers=member.headers,
         ),
     )
@@ -188,7 +188,7 @@ def test_two_maintainers_stepping_down_at_once_leave_one(client, member, app):
     bob = account(app, client, "bob")
     client.post(
         "/api/v1/projects/duo/members",
-        json={"user_id": bob.id, "role": "maintainer"},
+        json={"username": bob.username, "role": "maintainer"},
         headers=member.headers,
     )
     who = [(member, member.id), (bob, bob.id)]

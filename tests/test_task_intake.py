@@ -245,7 +245,7 @@ def test_everything_else_reaches_the_flask_view(
     resp = client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": viewer.id, "role": "viewer"},
+        json={"username": viewer.username, "role": "viewer"},
     )
     assert resp.status_code == 201, resp.get_json()
     plain = {"project": "demo", "title": "t", "prompt": "p"}

@@ -54,7 +54,7 @@ def test_viewer_cannot_create(client, app, member, project):
     client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": viewer.id, "role": "viewer"},
+        json={"username": viewer.username, "role": "viewer"},
     )
     assert_problem(
         client.post(

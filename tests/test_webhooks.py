@@ -360,7 +360,7 @@ def test_rule_validation_and_roles(app, client, admin, member, project, gh):
     client.post(
         "/api/v1/projects/demo/members",
         headers=member.headers,
-        json={"user_id": viewer.id, "role": "developer"},
+        json={"username": viewer.username, "role": "developer"},
     )
     denied = client.post(
         "/api/v1/projects/demo/rules",

@@ -81,7 +81,8 @@ def _config(name: str) -> int:
     return int(current_app.config[f"SWITCHBOARD_{name}"])
 
 
-def _find_user(identifier: str) -> User | None:
+def find_user(identifier: str) -> User | None:
+    """The account a person names: by email when it has an `@`, else by username."""
     ident = identifier.strip().lower()
     column = User.email if "@" in ident else User.username
     return db.session.scalar(sa.select(User).where(column == ident))
@@ -105,7 +106,7 @@ def _issue(user: User, family_id: str) -> TokenPair:
 def login(identifier: str, password: str, totp_code: str | None = None) -> TokenPair:
     """Never says whether the account exists: unknown, inactive and wrong password look alike."""
     ip = context.current().ip
-    user = _find_user(identifier)
+    user = find_user(identifier)
     # one bucket per account, whether it is named by username or email (an unknown name: its own)
     account = f"user:{user.id}" if user else identifier.strip().lower()
     throttle.check(ip, account)

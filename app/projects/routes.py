@@ -98,9 +98,12 @@ class Members(MethodView):
     @blp.arguments(MemberAddSchema)
     @blp.response(201, MemberSchema)
     def post(self, data, key):
-        """Add a member or change their role (maintainer)."""
-        project = service.project_for(current_principal(), key, "maintainer")
-        member = service.set_member(project, data["user_id"], data["role"])
+        """Add a member by `username` or `email`, or change a member's role (by `user_id` too)
+        (maintainer)."""
+        principal = current_principal()
+        project = service.project_for(principal, key, "maintainer")
+        user_id = service.member_named(principal, project, data)
+        member = service.set_member(project, user_id, data["role"])
         return (
             _member(member, get_user(member.user_id)),
             201,

@@ -72,8 +72,20 @@ class MemberListSchema(ma.Schema):
 
 
 class MemberAddSchema(Schema):
-    user_id = Id(required=True)
+    """Exactly one of `username`, `email`, `user_id`."""
+
+    username = ma.fields.Str(validate=ma.validate.Length(1, 64))
+    email = ma.fields.Str(validate=ma.validate.Length(3, 320))
+    user_id = Id(
+        metadata={"description": "a current member's (to change the role); any user's for an admin"}
+    )
     role = ma.fields.Str(required=True, validate=ma.validate.OneOf(PROJECT_ROLES))
+
+    @ma.validates_schema
+    def _one_name(self, data, **_kwargs):  # type: ignore[no-untyped-def]
+        given = [f for f in ("username", "email", "user_id") if data.get(f) is not None]
+        if len(given) != 1:
+            raise ma.ValidationError("exactly one of username, email, user_id", "username")
 
 
 class ProjectStatsSchema(ma.Schema):

@@ -17,7 +17,7 @@ from app import events
 from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth import cache as auth_cache
-from app.auth.service import Principal
+from app.auth.service import Principal, find_user
 from app.config import allowed_networks, protected_dirs, workdir_roots
 from app.database import db, lock_rows
 from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -287,6 +287,25 @@ def _maintainers(project_id: int) -> int:
         )
         or 0
     )
+
+
+def member_named(principal: Principal, project: Project, data: dict[str, Any]) -> int:
+    """The user a maintainer adds, named by username or email, never by a guessed id (ids in a
+    row would list every account's name); an id names someone already a member (a role
+    change), or anyone for an administrator."""
+    user_id = data.get("user_id")
+    if user_id is not None:
+        if is_admin(principal) or db.session.get(ProjectMember, (project.id, user_id)):
+            return int(user_id)
+        raise ValidationFailed(
+            "Add a new member by username or email.",
+            {"user_id": ["for a current member only: name new members by username or email"]},
+        )
+    field = "email" if data.get("email") else "username"
+    user = find_user(data[field])
+    if user is None or not user.is_active:
+        raise ValidationFailed("Unknown user.", {field: ["no active user by that name"]})
+    return user.id
 
 
 def set_member(project: Project, user_id: int, role: str) -> ProjectMember:
