@@ -78,7 +78,8 @@ def render_markdown(spec: dict[str, Any]) -> str:
             auth = "public" if op.get("security") == [] else "token"
             if op.get("x-abilities"):
                 auth += " + " + ", ".join(op["x-abilities"])
-            summary = (op.get("summary") or op.get("description") or "").replace("|", "\\|")
+            summary = " ".join((op.get("summary") or op.get("description") or "").split())
+            summary = summary.replace("|", "\\|")  # one table row, whatever the docstring's lines
             lines.append(f"| {method} | `{path}` | {summary} | {auth} |")
         lines.append("")
     return "\n".join(lines)
