@@ -171,7 +171,7 @@ def test_per_user_stream_cap(client, member, project, app, monkeypatch):
 
 
 def test_subscriptions_are_released(client, member, project, app):
-    from app.live.sse import hub
+    from app.live.hub import hub
 
     with app.app_context():
         h = hub()

@@ -39,7 +39,7 @@ def in_thread(app: Any, path: str, headers: dict) -> tuple[threading.Thread, dic
 
 
 def waiters(app: Any, channel: str) -> int:
-    from app.live.sse import hub
+    from app.live.hub import hub
 
     with app.app_context():
         h = hub()

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 from app.activity import service
 from app.database import db
+from app.live.hub import hub
 from app.live.pubsub import activity_channel
-from app.live.sse import Event, hub, ping_interval
+from app.live.sse import Event, ping_interval
 
 
 def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | None]:

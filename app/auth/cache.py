@@ -4,7 +4,7 @@ costs one query, not three. `SWITCHBOARD_AUTH_CACHE_SECONDS` bounds how long (0:
 
 A change that matters (a user deactivated, a role changed, a token revoked, a membership
 changed) is forgotten at once by the process that made it and announced on Redis after its
-commit; every process hears the announcement through its one Redis listener (`sse.hub`) and
+commit; every process hears the announcement through its one Redis listener (`live.hub`) and
 forgets too. Should Redis lose an announcement, the few seconds bound what is served.
 """
 
@@ -74,7 +74,7 @@ def remembered() -> Remembered:
             if memory is None:
                 memory = Remembered(float(app.config["SWITCHBOARD_AUTH_CACHE_SECONDS"]))
                 if memory.seconds > 0:
-                    from app.live.sse import hub
+                    from app.live.hub import hub
 
                     # without Redis now, what is remembered is bounded by the seconds alone
                     # until the listener hears the channel (it keeps trying)

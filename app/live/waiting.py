@@ -5,7 +5,7 @@ with `304 Not Modified` for reads that did not change.
 from what the client has — its `?status=`, or the `If-None-Match` ETag of its last copy — and
 otherwise as soon as a change is announced on Redis (the same messages that drive the live
 streams), or with the current state when the wait is over. While it waits the request holds no
-database connection: one process's single Redis listener (`sse.hub`) wakes it.
+database connection: one process's single Redis listener (`live.hub`) wakes it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from werkzeug.http import generate_etag
 
 from app.database import db
 from app.extensions import QuerySchema
-from app.live.sse import Overflow, hub
+from app.live.hub import Overflow, hub
 
 T = TypeVar("T")
 #: the longest a read may wait, in seconds (proxies commonly cut idle requests at 60 s)

@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from app.database import db
 from app.live import access, pubsub
-from app.live.sse import Event, Parking, hub, ping_interval
+from app.live.hub import Parking, hub
+from app.live.sse import Event, ping_interval
 from app.runs import logs
 from app.runs.models import RUN_TERMINAL, Run, RunEvent
 from app.tasks.models import TASK_TERMINAL, Task
