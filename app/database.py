@@ -38,9 +38,35 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class _SQLAlchemy(SQLAlchemy):
+    def _teardown_session(self, exc: BaseException | None) -> None:
+        remove_session()
+
+
 #: Objects stay readable after commit without a reload query; code that needs the database's
 #: current values (another process may have changed them) refreshes explicitly.
-db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+db = _SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+
+_teardown_failures = 0
+
+
+def remove_session() -> None:
+    """End the current session, whatever its connection's state. When the database dropped the
+    connection, the ROLLBACK that closing sends fails: at a request's teardown that would escape
+    Flask after the answer was made (and the server would send its own HTML 500 instead), in a
+    worker it would end the process. The session is dropped either way; the first failure is
+    logged with its traceback, later ones in a line."""
+    global _teardown_failures
+    try:
+        db.session.remove()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            db.session.registry.clear()  # never hand the broken session out again
+        _teardown_failures += 1
+        if _teardown_failures == 1:
+            log.exception("ending a database session failed (the connection was lost)")
+        else:
+            log.warning("ending a database session failed again (%s): %s", _teardown_failures, exc)
 
 
 @sa.event.listens_for(Engine, "connect")

@@ -108,6 +108,22 @@ def app(tmp_instance: Path, database_url: str, redis_url: str) -> Iterator[Flask
 
     explode._public = True  # type: ignore[attr-defined]
     app.add_url_rule("/api/v1/_test/boom", "test_boom", explode)  # for the 500 test
+
+    def connection_dropped() -> Any:
+        """Answers, after the database ended this request's connection (PostgreSQL): the
+        teardown's ROLLBACK then fails."""
+        from flask import jsonify
+
+        from app.database import db
+
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        with db.engine.connect() as other:
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            other.commit()
+        return jsonify({"terminated": pid})
+
+    connection_dropped._public = True  # type: ignore[attr-defined]
+    app.add_url_rule("/api/v1/_test/connection-dropped", "test_dropped", connection_dropped)
     yield app
     with app.app_context():
         from app.database import db

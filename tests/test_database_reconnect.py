@@ -251,3 +251,57 @@ def test_a_webhook_delivered_while_the_database_is_away_is_refused_then_taken(ap
     for _ in range(2):
         assert deliver(client, payload, "issues", delivery="d-1").status_code in (200, 202)
     assert count(app, WebhookEvent) == 1
+
+
+def test_a_connection_lost_before_teardown_still_answers_problem_json_or_its_result(
+    app, client, admin
+):
+    """Faults issue, item 1: the database ended the request's connection after the view made its
+    answer; the session's ROLLBACK at teardown fails. Before, that escaped Flask and the server
+    sent its own HTML 500 (no problem+json, no X-Request-ID). Now the answer goes out, the
+    broken session is dropped, and the next request gets a working connection."""
+    for _ in range(3):
+        resp = client.get("/api/v1/_test/connection-dropped")
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        assert resp.is_json and resp.headers.get("X-Request-ID")
+        assert client.get("/api/v1/me", headers=admin.headers).status_code == 200
+
+
+def test_a_stream_whose_replay_meets_the_database_away_ends_with_its_last_chunk(
+    app, client, member, project, worker
+):
+    """Faults issue, item 2: a run's stream goes back to the database when it sees a gap; with
+    the database away that read fails. Before, the error escaped the stream (a traceback, and a
+    chunked body cut without its last chunk); now the stream ends cleanly and the client
+    resumes with Last-Event-ID."""
+    import http.client
+
+    from servers import LiveServer
+    from test_execution import create, wait_status
+    from test_live_streams import _frames
+
+    from app.live import pubsub
+
+    live = LiveServer(app)
+    try:
+        t = create(client, member, prompt="echo first; sleep 30; echo second")
+        run_id = wait_status(client, member, t["id"], "running")["latest_run_id"]
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=20)
+        conn.request("GET", f"/api/v1/runs/{run_id}/stream", headers=member.headers)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        frames = _frames(resp)
+        for frame in frames:
+            if frame.event == "log" and "first" in frame.data["text"]:
+                break
+        with database_away(app), app.app_context():
+            pubsub.run_log(run_id, 1_000_000, b"beyond: a gap, so the stream reads the database")
+            rest = list(frames)  # to the end of the body: an IncompleteRead before
+        assert all(f.event != "log" or "beyond" not in f.data["text"] for f in rest)
+        conn.close()
+        client.post(f"/api/v1/tasks/{t['id']}/cancel", headers=member.headers)
+    finally:
+        live.stop()
+    output = live.output()
+    assert "Traceback" not in output, output
+    assert "a stream ended: the database is unavailable" in output

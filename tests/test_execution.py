@@ -365,3 +365,75 @@ def test_a_failure_to_record_a_jobs_start_leaves_the_run_alone(app):
         g.job_started = unreachable
         job_hooks.job_started()
         assert "job_started" not in g  # asked once; the job's end does not try again
+
+
+def test_a_sigterm_hand_back_is_not_a_crash_and_keeps_max_attempts(
+    app, client, member, project, worker
+):
+    """Faults issue, item 6: a pool told to stop (SIGTERM) hands its runs back. Before, the run
+    read as a crash (`lost`, exit code 143) and the task's `max_attempts`, a field the user set,
+    was raised so that the retry would not count. Now the run says it was handed back, the
+    task's fields stay as set, and the next pool runs the new attempt."""
+    from servers import WorkerPool
+
+    t = create(
+        client,
+        member,
+        prompt='if [ "$SWITCHBOARD_ATTEMPT" = 1 ]; then sleep 600; fi;'
+        " echo attempt $SWITCHBOARD_ATTEMPT",
+    )
+    first = wait_status(client, member, t["id"], "running")["runs"][0]
+    wait_for(lambda: agent_pids(app, first["id"]))
+    worker.stop()  # SIGTERM to the pool: a warm shutdown
+    handed = task(client, member, t["id"])
+    assert handed["max_attempts"] == 1 and handed["status"] == "queued"
+    run = handed["runs"][0]
+    assert run["status"] == "lost" and run["exit_code"] is None
+    assert run["error_summary"].startswith("handed back")
+    again = WorkerPool(app)
+    try:
+        done = wait_status(client, member, t["id"], ("completed", "failed"), timeout=30)
+    finally:
+        again.stop()
+    assert [r["status"] for r in done["runs"]] == ["lost", "succeeded"]
+    assert done["max_attempts"] == 1 and done["attempts"] == 2
+
+
+def test_a_killed_workers_agent_does_not_do_its_work_twice(app, client, member, worker, tmp_path):
+    """Faults issue, item 4: the worker process running a quiet agent is killed (-9). Before,
+    its agent lived on and did its work (the marker) while the run waited for its lease to
+    expire, and the retry did it again. Now the supervisor, which sees the exit at once, ends
+    the agent and retries the run at once: the work is done once, by the retry."""
+    client.post(
+        "/api/v1/projects",
+        headers=member.headers,
+        json={"key": "wd", "name": "WD", "workdir": str(tmp_path), "default_agent": "shell"},
+    )
+    t = client.post(
+        "/api/v1/tasks",
+        headers=member.headers,
+        json={
+            "project": "wd",
+            "title": "quiet",
+            "prompt": "echo start; sleep 3; echo $SWITCHBOARD_ATTEMPT >> marker; echo done",
+            "max_attempts": 2,
+        },
+    ).get_json()
+    first = wait_status(client, member, t["id"], "running")["runs"][0]
+    wait_for(lambda: agent_pids(app, first["id"]))
+    os.kill(int(first["executor"].rsplit(":", 1)[1]), signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def retried() -> bool:
+        runs = task(client, member, t["id"])["runs"]
+        return len(runs) == 2 and runs[1]["started_at"] is not None
+
+    wait_for(retried, timeout=10, interval=0.05)
+    print(f"retry started {time.monotonic() - killed_at:.2f} s after the kill")
+    assert time.monotonic() - killed_at < 5  # within 2 s here; a loaded CI machine gets leeway
+    assert agent_pids(app, first["id"]) == []  # ended with its worker
+    done = wait_status(client, member, t["id"], ("completed", "failed"), timeout=20)
+    runs = done["runs"]
+    assert [r["status"] for r in runs] == ["lost", "succeeded"]
+    assert "worker process died" in runs[0]["error_summary"]
+    assert (tmp_path / "marker").read_text() == "2\n"  # the work, once

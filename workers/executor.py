@@ -35,10 +35,13 @@ from workers.run_driver import DB_RETRY_S, RunDriver, shutdown_requested
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: a run interrupted because its worker was told to stop (SIGTERM): queued again, not counted
+HANDED_BACK = "handed back: its worker shut down; queued again (not counted as an attempt)"
 
 
-def executor_name() -> str:
-    return f"pool:{socket.gethostname()}:{os.getpid()}"
+def executor_name(pid: int | None = None) -> str:
+    """How a pool worker process (this one, or `pid` of this host) signs the runs it holds."""
+    return f"pool:{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def _loop_done(ws: workspace.Workspace, marker: str | None) -> bool:
@@ -243,11 +246,12 @@ def _finish(driver: RunDriver, outcome: str | None, code: int, extra: dict[str, 
             **extra,
         )
     elif outcome == "shutdown":
+        # a hand-back, not a crash: the agent was stopped by us (its exit code says only
+        # that), and the new attempt does not count against the task's max_attempts
         runs.finish(
             run_id,
             "lost",
-            exit_code=code,
-            summary="worker shut down while running; queued again",
+            summary=HANDED_BACK,
             executor=me,
             requeue=True,
             **extra,

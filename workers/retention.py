@@ -13,7 +13,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from flask import Flask
 
-from app.database import db
+from app.database import db, remove_session
 from app.projects.models import Project
 from app.queues import get_redis
 from app.runs.models import RUN_TERMINAL, Run
@@ -107,4 +107,4 @@ def sweep_once(app: Flask) -> int | None:
             db.session.rollback()
             return None
         finally:
-            db.session.remove()
+            remove_session()

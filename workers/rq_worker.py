@@ -18,7 +18,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from sqlalchemy.orm import configure_mappers
 
-from app.database import db, keep_autocommit_connection
+from app.database import keep_autocommit_connection, remove_session
 from app.live import pubsub
 from app.queues import ALL_QUEUES, get_redis
 from workers import orphans
@@ -71,7 +71,7 @@ class AppWorker(SimpleWorker):
             try:
                 return super().execute_job(job, queue)
             finally:
-                db.session.remove()
+                remove_session()
 
     # RQ records a job's start in two round trips before the job runs: its execution
     # (`prepare_execution`), then the job's state (`prepare_job_execution`). Here both are

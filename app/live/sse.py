@@ -27,9 +27,9 @@ from flask import Response, current_app, g, request
 from app.auth import cache as auth_cache
 from app.auth import service as auth_service
 from app.auth.guard import check_abilities, current_principal, required_abilities
-from app.database import db
+from app.database import database_unavailable, db
 from app.errors import DomainError, ServiceUnavailable, TooManyRequests
-from app.live import access
+from app.live import access, alive
 from app.live.hub import Overflow, Parking, hub
 from app.queues import get_redis
 
@@ -89,14 +89,16 @@ process_streams = ProcessStreams()
 
 
 class StreamSlot:
-    """A user's open stream, counted in Redis so the cap holds across processes; each slot
-    expires unless refreshed, so a crashed process cannot leak slots."""
+    """A user's open stream, counted in Redis so the cap holds across processes. Each slot is
+    marked with its process (`alive`): the slots of a process that died are dropped when the
+    next is taken, once its heartbeat is gone (seconds); each also expires unless refreshed."""
 
     def __init__(self, user_id: int, cap: int, ttl: int) -> None:
         self.redis = get_redis()
         self.key = f"sb:streams:{user_id}"
-        self.member = uuid.uuid4().hex
+        self.member = f"{alive.heartbeat.me(self.redis)}|{uuid.uuid4().hex}"
         self.ttl = ttl
+        self._drop_the_dead()
         now = time.time()
         pipe = self.redis.pipeline()
         pipe.zremrangebyscore(self.key, "-inf", now)
@@ -107,6 +109,14 @@ class StreamSlot:
         if count > cap:
             self.redis.zrem(self.key, self.member)
             raise TooManyRequests(f"At most {cap} streams may be open at once.", retry_after=5)
+
+    def _drop_the_dead(self) -> None:
+        """Give back the slots of processes whose heartbeat is gone (killed with -9)."""
+        held = [m.decode() for m in self.redis.zrange(self.key, 0, -1)]
+        owners = {m.split("|", 1)[0] for m in held if "|" in m}
+        dead = owners - alive.living(self.redis, owners)
+        if dead:
+            self.redis.zrem(self.key, *[m for m in held if m.split("|", 1)[0] in dead])
 
     def refresh(self) -> None:
         with contextlib.suppress(redis.RedisError):
@@ -203,6 +213,14 @@ def sse(events: Iterator[Event | bytes | None], still_allowed: Callable[[], obje
                 else:
                     yield event.encode()  # type: ignore[union-attr]
         except Overflow:
+            return
+        except Exception as exc:
+            # the stream ends with its last chunk, not cut off: the client resumes with
+            # Last-Event-ID (the database away is a fault to ride out, not a bug to report)
+            if database_unavailable(exc):
+                log.warning("a stream ended: the database is unavailable (%s)", type(exc).__name__)
+            else:
+                log.exception("a stream failed; it ends and its client resumes")
             return
         finally:
             _watches.remove(watch)

@@ -53,6 +53,23 @@ def expire_leases() -> int:
     return len(expired)
 
 
+def executor_gone(executor: str, summary: str) -> int:
+    """An executor is known to be dead (its supervisor saw its process exit): its runs are lost
+    now, and retried as their tasks allow, instead of when their leases run out (the lease
+    stays the backstop for a host that died whole). Its agents must be ended first."""
+    held = list(
+        db.session.scalars(
+            sa.select(Run.id).where(
+                Run.executor == executor, Run.status.in_(("assigned", "running", "waiting"))
+            )
+        )
+    )
+    for run_id in held:
+        log.warning("run %s: %s", run_id, summary)
+        runs.finish(run_id, "lost", summary=summary, executor=executor)
+    return len(held)
+
+
 def time_out_external() -> int:
     now = utcnow()
     rows = db.session.execute(
@@ -72,8 +89,11 @@ def time_out_external() -> int:
     return count
 
 
-def requeue_lost_jobs() -> int:
-    cutoff = utcnow() - REQUEUE_AFTER
+def requeue_lost_jobs(older_than: timedelta = REQUEUE_AFTER) -> int:
+    """Queue again the queued runs whose jobs Redis no longer has. The sweep waits
+    `REQUEUE_AFTER` (a busy queue's job may be on its way); when Redis is known to have come
+    back empty, the worker pool asks at once (`older_than` zero)."""
+    cutoff = utcnow() - older_than
     rows = db.session.execute(
         sa.select(Run.id, Task.priority)
         .join(Task, Task.id == Run.task_id)

@@ -24,7 +24,7 @@ from app import input_bounds
 from app.agents.registry import known_agents
 from app.auth import service as auth
 from app.auth import throttle, tokens
-from app.database import db
+from app.database import remove_session
 from app.errors import PROBLEM_TYPE_BASE, DomainError
 from app.ratelimits import hit_write_limit, principal_key
 from app.request_hooks import rate_limit_headers, request_id
@@ -76,7 +76,7 @@ class TaskIntake:
                 self.app.logger.exception("unhandled error on POST %s (rid=%s)", PATH, rid)
                 answer = _internal_error(self.app, rid)
             finally:
-                db.session.remove()
+                remove_session()
         if answer is None:
             return self.wsgi_app(environ, start_response)
         status, headers, payload = answer

@@ -91,9 +91,10 @@ def run_finished(run: Run, *, requeue: bool = False) -> None:
     task = db.session.get(Task, run.task_id)
     if task is None or task.latest_run_id != run.id:
         return
-    if requeue or (run.status in RETRYABLE and task.attempts < task.max_attempts):
+    counted = task.attempts - task.attempts_not_counted
+    if requeue or (run.status in RETRYABLE and counted < task.max_attempts):
         if requeue:
-            task.max_attempts += 1  # this attempt does not count against the task
+            task.attempts_not_counted += 1  # handed back: this attempt does not count
         new_attempt(
             task,
             reason=f"attempt {run.attempt} {run.status}: {run.error_summary or ''}".strip(": "),
@@ -226,7 +227,8 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
     path of a run's end (`runs.pg_fastpath`) writes only then."""
     retryable = ", ".join(f"'{s}'" for s in sorted(RETRYABLE))
     return f"""{task}.latest_run_id = {run_id}
-     AND ({status} NOT IN ({retryable}) OR {task}.attempts >= {task}.max_attempts)
+     AND ({status} NOT IN ({retryable})
+          OR {task}.attempts - {task}.attempts_not_counted >= {task}.max_attempts)
      AND {project}.max_concurrent_runs IS NULL
      AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks b ON b.id = d.task_id
                      WHERE d.depends_on_id = {task}.id AND b.status = 'blocked')

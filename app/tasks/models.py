@@ -34,6 +34,9 @@ class Task(db.Model):
     timeout_s: Mapped[int | None]
     max_attempts: Mapped[int] = mapped_column(default=1)
     attempts: Mapped[int] = mapped_column(default=0)
+    #: attempts that do not count against `max_attempts` (the user's field, never changed for
+    #: this): runs handed back by a worker that stopped, retries a person asked for
+    attempts_not_counted: Mapped[int] = mapped_column(default=0, server_default="0")
     loop: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     config: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     source: Mapped[str] = mapped_column(sa.String(16), default="api")

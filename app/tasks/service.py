@@ -448,7 +448,7 @@ def retry_task(task: Task) -> Run:
         db.session.rollback()
         raise Conflict(f"Task {task.id} was retried or changed meanwhile.")
     new = lifecycle.new_attempt(task, reason="retried by a person")
-    task.max_attempts = max(task.max_attempts, task.attempts)
+    task.attempts_not_counted += 1  # a person asked for it: it does not use up an attempt
     audit.record(
         "task.retry",
         target_type="task",

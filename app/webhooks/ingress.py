@@ -21,7 +21,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 
-from app.database import database_unavailable, db
+from app.database import database_unavailable, db, remove_session
 from app.errors import DomainError
 from app.request_hooks import request_id
 from app.webhooks import receiving
@@ -67,7 +67,7 @@ class WebhookIngress:
                     db.session.rollback()
                 return self.wsgi_app(environ, start_response)
             finally:
-                db.session.remove()
+                remove_session()
         rid = request_id(headers.get("X-Request-ID", ""))
         payload = (
             json.dumps(
