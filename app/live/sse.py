@@ -96,9 +96,10 @@ class StreamSlot:
     def __init__(self, user_id: int, cap: int, ttl: int) -> None:
         self.redis = get_redis()
         self.key = f"sb:streams:{user_id}"
-        self.member = f"{alive.heartbeat.me(self.redis)}|{uuid.uuid4().hex}"
+        me = alive.heartbeat.me(self.redis)
+        self.member = f"{me}|{uuid.uuid4().hex}"
         self.ttl = ttl
-        self._drop_the_dead()
+        self._drop_the_dead(me)
         now = time.time()
         pipe = self.redis.pipeline()
         pipe.zremrangebyscore(self.key, "-inf", now)
@@ -110,10 +111,11 @@ class StreamSlot:
             self.redis.zrem(self.key, self.member)
             raise TooManyRequests(f"At most {cap} streams may be open at once.", retry_after=5)
 
-    def _drop_the_dead(self) -> None:
-        """Give back the slots of processes whose heartbeat is gone (killed with -9)."""
+    def _drop_the_dead(self, me: str) -> None:
+        """Give back the slots of processes whose heartbeat is gone (killed with -9); this
+        process is alive whatever Redis says (it may have lost the key a moment ago)."""
         held = [m.decode() for m in self.redis.zrange(self.key, 0, -1)]
-        owners = {m.split("|", 1)[0] for m in held if "|" in m}
+        owners = {m.split("|", 1)[0] for m in held if "|" in m} - {me}
         dead = owners - alive.living(self.redis, owners)
         if dead:
             self.redis.zrem(self.key, *[m for m in held if m.split("|", 1)[0] in dead])
