@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+import redis
 from flask import Flask, g
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
@@ -176,7 +177,12 @@ class AppWorker(SimpleWorker):
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
             for channel, text in g.pop("job_end_messages", None) or ():
                 pipe.publish(channel, text)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.ConnectionError as exc:
+                # Redis went away as the job ended: the run's end is in the database already;
+                # only RQ's record of the job and the live notices are lost (streams replay)
+                log.warning("job %s ended; RQ could not record it (Redis: %s)", job.id, exc)
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """A state already written (or queued in a pipeline) is not written again on its own."""
