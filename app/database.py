@@ -54,8 +54,8 @@ def remove_session() -> None:
     """End the current session, whatever its connection's state. When the database dropped the
     connection, the ROLLBACK that closing sends fails: at a request's teardown that would escape
     Flask after the answer was made (and the server would send its own HTML 500 instead), in a
-    worker it would end the process. The session is dropped either way; the first failure is
-    logged with its traceback, later ones in a line."""
+    worker it would end the process. The session is dropped either way; a lost connection is
+    logged in a line (the first, then every hundredth), anything else with its traceback."""
     global _teardown_failures
     try:
         db.session.remove()
@@ -63,10 +63,14 @@ def remove_session() -> None:
         with contextlib.suppress(Exception):
             db.session.registry.clear()  # never hand the broken session out again
         _teardown_failures += 1
-        if _teardown_failures == 1:
-            log.exception("ending a database session failed (the connection was lost)")
-        else:
-            log.warning("ending a database session failed again (%s): %s", _teardown_failures, exc)
+        if not database_unavailable(exc):
+            log.exception("ending a database session failed")
+        elif _teardown_failures == 1 or _teardown_failures % 100 == 0:
+            log.warning(
+                "ending a database session failed: the connection was lost (%d so far): %s",
+                _teardown_failures,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            )
 
 
 @sa.event.listens_for(Engine, "connect")

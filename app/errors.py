@@ -207,6 +207,13 @@ def domain_error(error: DomainError) -> Response:
     return resp
 
 
+#: the answer when the database was lost after a write was sent: it may have been kept
+OUTCOME_UNKNOWN = (
+    "The database connection was lost after this request's change was sent: it may have been "
+    "made. Look before sending it again, or send it again with the same Idempotency-Key."
+)
+
+
 def unexpected_error(error: Exception) -> Response:
     from app.database import database_unavailable, write_sent
 
@@ -226,6 +233,16 @@ def unexpected_error(error: Exception) -> Response:
             f"{away} is unavailable; nothing was changed. Try again shortly.",
             "service_unavailable",
         )
+        resp.headers["Retry-After"] = "1"
+        return resp
+    if away == "The database":  # and a write was sent: neither "nothing changed" nor a bug
+        current_app.logger.warning(
+            "outcome unknown on %s %s: the database was lost after a write: %s",
+            request.method,
+            request.path,
+            error,
+        )
+        resp = problem(500, "Internal Server Error", OUTCOME_UNKNOWN, "outcome_unknown")
         resp.headers["Retry-After"] = "1"
         return resp
     if _lost_a_race(error):

@@ -3,10 +3,21 @@ write), and the same count for the task fast path that answers before Flask."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
 from flask import Flask, current_app, g, request
 from flask_limiter import ApplicationLimit, Limiter
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter, RateLimiter
 
 from app.view_marks import is_webhook_receiver
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _principal_key() -> str:
@@ -57,6 +68,28 @@ limiter = Limiter(
 )
 
 
+#: what counts while Redis is away: this process's memory, as flask-limiter's own fallback does
+_memory = MovingWindowRateLimiter(MemoryStorage())
+#: after Redis failed, counts stay in memory this long before Redis is asked again
+REDIS_RETRY_S = 2.0
+_redis_away_until = 0.0
+
+
+def counted(call: Callable[[RateLimiter], T]) -> T:
+    """`call` made on the limiter's strategy (Redis), or on this process's memory while Redis
+    is away: counting that is not the view's own (failed logins, the task fast path's writes)
+    must not turn a Redis outage into 500s."""
+    global _redis_away_until
+    if time.monotonic() >= _redis_away_until:
+        try:
+            return call(limiter.limiter)
+        except (redis.RedisError, OSError) as exc:
+            if _redis_away_until == 0.0 or time.monotonic() - _redis_away_until > 60:
+                log.warning("rate limit counts are kept in memory while Redis is away (%s)", exc)
+            _redis_away_until = time.monotonic() + REDIS_RETRY_S
+    return call(_memory)
+
+
 def hit_write_limit(principal_key: str) -> tuple[int, int, int] | None:
     """Count one write against `principal_key`'s write limit exactly as the limiter's application
     limit does (same storage keys), for a path that answers before Flask: (limit, remaining,
@@ -65,10 +98,14 @@ def hit_write_limit(principal_key: str) -> tuple[int, int, int] | None:
 
     item = parse(_write_limit())
     args = (RATE_LIMIT_PREFIX, principal_key, "write")
-    if not limiter.limiter.hit(item, *args):
-        return None
-    reset, remaining = limiter.limiter.get_window_stats(item, *args)
-    return item.amount, remaining, int(reset + 1)
+
+    def hit(strategy: RateLimiter) -> tuple[int, int, int] | None:
+        if not strategy.hit(item, *args):
+            return None
+        reset, remaining = strategy.get_window_stats(item, *args)
+        return item.amount, remaining, int(reset + 1)
+
+    return counted(hit)
 
 
 def limiter_storage_uri(redis_url: str) -> str:

@@ -1,4 +1,5 @@
-"""Counting authentication failures (per client IP and per account) with flask-limiter's storage.
+"""Counting authentication failures (per client IP and per account) with flask-limiter's storage
+(this process's memory while Redis is away).
 
 Failures, not attempts, are counted: a user who types the right password is never slowed down by
 their own successful logins, while guessing is refused once the window's allowance is spent.
@@ -12,7 +13,7 @@ from flask import current_app
 from limits import parse
 
 from app.errors import TooManyRequests
-from app.ratelimits import limiter
+from app.ratelimits import counted
 
 
 def _item(setting: str):  # type: ignore[no-untyped-def]
@@ -34,8 +35,12 @@ def check(ip: str | None, account: str | None = None) -> None:
         return
     for setting, key in _keys(ip, account):
         item = _item(setting)
-        if not limiter.limiter.test(item, key):
-            reset, _remaining = limiter.limiter.get_window_stats(item, key)
+        reset = counted(
+            lambda s, item=item, key=key: (
+                None if s.test(item, key) else s.get_window_stats(item, key)[0]
+            )
+        )
+        if reset is not None:
             raise TooManyRequests(
                 "Too many failed authentication attempts; try again later.",
                 retry_after=int(reset - time.time()),
@@ -46,4 +51,5 @@ def failed(ip: str | None, account: str | None = None) -> None:
     if not current_app.config.get("RATELIMIT_ENABLED", True):
         return
     for setting, key in _keys(ip, account):
-        limiter.limiter.hit(_item(setting), key)
+        item = _item(setting)
+        counted(lambda s, item=item, key=key: s.hit(item, key))

@@ -24,8 +24,8 @@ from app import input_bounds
 from app.agents.registry import known_agents
 from app.auth import service as auth
 from app.auth import throttle, tokens
-from app.database import remove_session
-from app.errors import PROBLEM_TYPE_BASE, DomainError
+from app.database import database_unavailable, remove_session
+from app.errors import OUTCOME_UNKNOWN, PROBLEM_TYPE_BASE, DomainError
 from app.ratelimits import hit_write_limit, principal_key
 from app.request_hooks import rate_limit_headers, request_id
 from app.tasks import pg_fastpath
@@ -70,11 +70,20 @@ class TaskIntake:
                 answer = self._create(environ, token, body, rid)
             except (DomainError, pg_fastpath.NotWritten):
                 answer = None  # the view answers refusals, and tries what failed unwritten
-            except Exception:
+            except Exception as exc:
                 # perhaps written (a connection lost after the write was sent): not the view,
-                # which would create it again; the answer it gives any unexpected error
-                self.app.logger.exception("unhandled error on POST %s (rid=%s)", PATH, rid)
-                answer = _internal_error(self.app, rid)
+                # which would create it again; the answer the view gives in that case
+                if database_unavailable(exc):
+                    self.app.logger.warning(
+                        "outcome unknown on POST %s (rid=%s): the database was lost: %s",
+                        PATH,
+                        rid,
+                        exc,
+                    )
+                    answer = _internal_error(self.app, rid, unknown=True)
+                else:
+                    self.app.logger.exception("unhandled error on POST %s (rid=%s)", PATH, rid)
+                    answer = _internal_error(self.app, rid)
             finally:
                 remove_session()
         if answer is None:
@@ -142,17 +151,26 @@ class TaskIntake:
         return schema
 
 
-def _internal_error(app: Flask, rid: str) -> tuple[str, list[tuple[str, str]], bytes]:
-    """The problem `errors.unexpected_error` answers, for an error met before Flask."""
+def _internal_error(
+    app: Flask, rid: str, *, unknown: bool = False
+) -> tuple[str, list[tuple[str, str]], bytes]:
+    """The problem `errors.unexpected_error` answers, for an error met before Flask (`unknown`:
+    the database was lost after the write was sent)."""
+    code = "outcome_unknown" if unknown else "internal_error"
+    detail = (
+        OUTCOME_UNKNOWN
+        if unknown
+        else "Something went wrong on our side. Quote the request id when reporting it."
+    )
     payload = _json_bytes(
         app,
         {
-            "type": PROBLEM_TYPE_BASE + "internal_error",
+            "type": PROBLEM_TYPE_BASE + code,
             "title": "Internal Server Error",
             "status": 500,
-            "detail": "Something went wrong on our side. Quote the request id when reporting it.",
+            "detail": detail,
             "instance": PATH,
-            "code": "internal_error",
+            "code": code,
             "request_id": rid,
         },
     )
@@ -162,6 +180,8 @@ def _internal_error(app: Flask, rid: str) -> tuple[str, list[tuple[str, str]], b
         ("X-Request-ID", rid),
         ("Cache-Control", "no-store"),
     ]
+    if unknown:
+        headers.append(("Retry-After", "1"))
     return "500 INTERNAL SERVER ERROR", headers, payload
 
 
