@@ -5,6 +5,8 @@ whole API is customised in one place. The database is `app.database`, Redis and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import flask_smorest
 import marshmallow as ma
 from flask import Flask
@@ -42,6 +44,29 @@ class Blueprint(flask_smorest.Blueprint):
     """One place to customise every blueprint of the API."""
 
     ARGUMENTS_PARSER = RequestParser()
+
+    def register_views_in_doc(self, api, app, spec, *, name, parameters):  # type: ignore[no-untyped-def]
+        super().register_views_in_doc(
+            api, app, _NamingOperations(spec), name=name, parameters=parameters
+        )
+
+
+class _NamingOperations:
+    """The spec, for a blueprint writing its paths: each operation gets an `operationId` from
+    its method and view class (`getTaskById`, `postTasks`), so generated clients have functions
+    with names, not `post_api_v1_auth_login`."""
+
+    def __init__(self, spec: Any) -> None:
+        self._spec = spec
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._spec, attr)
+
+    def path(self, *, rule: Any, operations: dict[str, Any], **kwargs: Any) -> Any:
+        view = rule.endpoint.rsplit(".", 1)[-1]
+        for method, operation in operations.items():
+            operation.setdefault("operationId", method + view)
+        return self._spec.path(rule=rule, operations=operations, **kwargs)
 
 
 class Schema(ma.Schema):

@@ -36,6 +36,22 @@ def test_spec_lists_every_route(client, app):
     assert len(documented) >= 20
 
 
+def test_every_operation_has_a_unique_operation_id(client):
+    """Generated clients name their functions after it (`getTaskById`, not
+    `get_api_v1_tasks_task_id`); a duplicate would make two functions one."""
+    spec = client.get("/api/v1/openapi.json").get_json()
+    ids = [
+        op.get("operationId")
+        for ops in spec["paths"].values()
+        for method, op in ops.items()
+        if method in ("get", "post", "put", "patch", "delete")
+    ]
+    assert None not in ids
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    by_path = spec["paths"]["/api/v1/tasks/{task_id}"]
+    assert by_path["get"]["operationId"] == "getTaskById"
+
+
 def test_security_is_documented(client):
     spec = client.get("/api/v1/openapi.json").get_json()
     assert set(spec["components"]["securitySchemes"]) == {"bearerAuth", "apiKey"}
