@@ -193,7 +193,8 @@ class Receiver(MethodView):
 def event_view(event):  # type: ignore[no-untyped-def]
     """The event as the caller may see it: only their projects' matches, tasks and errors."""
     principal = current_principal()
-    matches = service.event_matches(principal, event.id)
+    ids = projects.visible_project_ids(principal)  # once, for the matches and the error
+    matches = service.event_matches(ids, event.id)
     keys = projects.project_keys({m.project_id for m in matches})
     # a copy: the event itself is never changed for a reader
     fields = {c.key: getattr(event, c.key) for c in WebhookEvent.__mapper__.column_attrs}
@@ -207,7 +208,7 @@ def event_view(event):  # type: ignore[no-untyped-def]
         for m in matches
     ]
     fields["tasks"] = [m.task_id for m in matches if m.task_id is not None]
-    fields["error"] = service.error_for(principal, event, matches)
+    fields["error"] = service.error_for(ids, event, matches)
     return fields
 
 

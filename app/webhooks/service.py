@@ -71,10 +71,9 @@ def event_for(principal: Principal, event_id: int) -> WebhookEvent:
     return event
 
 
-def event_matches(principal: Principal, event_id: int) -> list[EventMatch]:
-    """The event's matches in the projects the principal can read (all, for an admin)."""
+def event_matches(ids: list[int] | None, event_id: int) -> list[EventMatch]:
+    """The event's matches in the projects `ids` (the reader's; None: all, for an admin)."""
     stmt = sa.select(EventMatch).where(EventMatch.event_id == event_id).order_by(EventMatch.id)
-    ids = projects.visible_project_ids(principal)
     if ids is not None:
         stmt = stmt.where(EventMatch.project_id.in_(ids))
     return list(db.session.scalars(stmt))
@@ -85,13 +84,12 @@ _PART = re.compile(r"(?:; |, )(?=rule \d+ \(|task #\d+ )")
 _ABOUT = re.compile(r"^(?:rule (\d+) \(|task #(\d+) )")
 
 
-def error_for(principal: Principal, event: WebhookEvent, matches: list[EventMatch]) -> str | None:
-    """The event's error as the principal may read it: an admin all of it, anyone else the
-    parts about their projects' rules and tasks (other projects' rule names, task ids and
-    template errors are theirs)."""
-    if event.error is None or projects.visible_project_ids(principal) is None:
+def error_for(ids: list[int] | None, event: WebhookEvent, matches: list[EventMatch]) -> str | None:
+    """The event's error as a reader of projects `ids` may see it: an admin (None) all of it,
+    anyone else the parts about their projects' rules and tasks (other projects' rule names,
+    task ids and template errors are theirs)."""
+    if event.error is None or ids is None:
         return event.error
-    ids = set(projects.visible_project_ids(principal) or ())
     rules = set(
         db.session.scalars(
             sa.select(Rule.id).where(Rule.project_id.in_(ids), Rule.source_id == event.source_id)
