@@ -6,6 +6,22 @@ threads per process; no monkey-patching. Logs go to stdout.
 
 import multiprocessing
 import os
+import sys
+
+from app.config import ConfigError, Settings
+
+
+def _refuse_bad_settings() -> None:
+    """One line naming the setting to fix, before gunicorn starts: a worker that cannot build
+    the app would otherwise print a traceback each time gunicorn boots it."""
+    try:
+        Settings.from_env().resolve()
+    except ConfigError as exc:
+        sys.stderr.write(f"switchboard: {exc}\n")
+        sys.exit(1)
+
+
+_refuse_bad_settings()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -21,7 +37,9 @@ threads = _env_int("GUNICORN_THREADS", 16)
 # every open stream is a connection: gunicorn stops accepting at this many per process
 worker_connections = _env_int("GUNICORN_WORKER_CONNECTIONS", max(1000, 2 * threads))
 timeout = _env_int("GUNICORN_TIMEOUT", 60)
-graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+# streams and long-polls end at SIGTERM (app.live.sse.stop_streams): what is left is requests
+# in flight; platforms kill at 30 s
+graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 15)
 keepalive = _env_int("GUNICORN_KEEPALIVE", 5)
 max_requests = _env_int("GUNICORN_MAX_REQUESTS", 10000)
 max_requests_jitter = _env_int("GUNICORN_MAX_REQUESTS_JITTER", 1000)
@@ -42,15 +60,21 @@ if os.environ.get("GUNICORN_CONTROL_SOCKET"):
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Make the dummy password hash, freeze start-up objects out of the collector's way, and
-    start every gthread thread before serving. Left to start on demand, each thread is
-    created by the worker's main loop, which must then win the GIL against hundreds of busy
-    stream threads per start: with hundreds of clients arriving at once that main loop stalls
-    past gunicorn's watchdog."""
+    """End streams on SIGTERM, make the dummy password hash, freeze start-up objects out of the
+    collector's way, and start every gthread thread before serving. Left to start on demand,
+    each thread is created by the worker's main loop, which must then win the GIL against
+    hundreds of busy stream threads per start: with hundreds of clients arriving at once that
+    main loop stalls past gunicorn's watchdog."""
     import gc
+    import signal
     import threading
 
     from app.auth.passwords import dummy_hash
+    from app.live.sse import on_stop_signal
+
+    # SIGTERM: open streams are told to reconnect elsewhere, then gunicorn's own stop runs
+    signal.signal(signal.SIGTERM, on_stop_signal(signal.getsignal(signal.SIGTERM)))
+    signal.siginterrupt(signal.SIGTERM, False)
 
     dummy_hash()  # the first login of an unknown account must take as long as any other
     # the app built at start-up lives as long as the worker: full collections need not walk it

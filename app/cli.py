@@ -1,4 +1,4 @@
-"""The app's commands: Flask's CLI for this app (`db upgrade`, …) plus users, bootstrap, the
+"""The app's commands: Flask's CLI for this app (`db upgrade`, …) plus users, release, the
 API docs, and `tasks create` (a client of a running server). The `switchboard` command adds to
 them the commands that start processes (`workers.cli`)."""
 
@@ -18,9 +18,14 @@ from app.tasks.models import PRIORITIES, TASK_TERMINAL
 
 
 def _create_app() -> Flask:
+    """The app, or one line saying which setting to fix (a traceback buries it)."""
     from app import create_app
+    from app.config import ConfigError
 
-    return create_app()
+    try:
+        return create_app()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=FlaskGroup, create_app=_create_app)
@@ -30,7 +35,7 @@ def main() -> None:
 
 def register_commands(app: Flask) -> None:
     app.cli.add_command(users)
-    app.cli.add_command(bootstrap)
+    app.cli.add_command(release)
 
 
 # -- users -------------------------------------------------------------------------------------
@@ -93,32 +98,52 @@ def users_list() -> None:
         click.echo(f"{user.id}\t{user.username}\t{user.email or '-'}\t{user.role}\t{state}")
 
 
-# -- bootstrap ---------------------------------------------------------------------------------
+# -- release -----------------------------------------------------------------------------------
 
 
 @click.command()
 @with_appcontext
-def bootstrap() -> None:
-    """Upgrade the database and create the first admin if there is none."""
+def release() -> None:
+    """The release phase of every deploy (the Procfile's `release:`): upgrade the database,
+    then create the first admin from SWITCHBOARD_ADMIN_* if no admin exists. Safe to repeat.
+
+    In production it never makes up a password (a release log is no place for one): with no
+    admin and no SWITCHBOARD_ADMIN_PASSWORD it fails, saying what to set."""
+    import sqlalchemy as sa
     from flask_migrate import upgrade
 
     from app import context
+    from app.database import db
     from app.users import service
 
-    upgrade()
     cfg = current_app.config
-    with context.acting_as(context.ActionContext(via="cli")):
-        created = service.ensure_admin(
-            cfg["SWITCHBOARD_ADMIN_USERNAME"] or "admin",
-            cfg["SWITCHBOARD_ADMIN_PASSWORD"] or None,
-            cfg["SWITCHBOARD_ADMIN_EMAIL"] or None,
-        )
+    try:
+        upgrade()
+        with context.acting_as(context.ActionContext(via="cli")):
+            created = service.ensure_admin(
+                cfg["SWITCHBOARD_ADMIN_USERNAME"] or "admin",
+                cfg["SWITCHBOARD_ADMIN_PASSWORD"] or None,
+                cfg["SWITCHBOARD_ADMIN_EMAIL"] or None,
+                may_generate=cfg["SWITCHBOARD_ENV"] != "production",
+            )
+    except sa.exc.OperationalError as exc:
+        where = db.engine.url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise click.ClickException(
+            f"cannot reach the database at {where} (DATABASE_URL): {reason}"
+        ) from None
+    except service.AdminPasswordMissing:
+        raise click.ClickException(
+            "no admin exists yet: set SWITCHBOARD_ADMIN_USERNAME and SWITCHBOARD_ADMIN_PASSWORD "
+            "and release again (or run `switchboard users create NAME --admin`)"
+        ) from None
     if created:
         user, generated = created
         click.echo(f"created admin user {user.username!r}")
         if generated:
             bar = "=" * 64
             click.echo(f"{bar}\n  admin password (shown once): {generated}\n{bar}")
+    click.echo("release: database up to date")
 
 
 @main.command("api-docs")

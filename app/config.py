@@ -19,9 +19,6 @@ from typing import Any
 
 from app.agents.registry import custom_agents
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_INSTANCE = PROJECT_ROOT / "instance"
-
 
 class ConfigError(RuntimeError):
     """A setting is missing or wrong: the server refuses to start rather than run insecurely."""
@@ -53,7 +50,9 @@ def normalise_database_url(url: str) -> str:
 
 
 def instance_path() -> Path:
-    return Path(os.environ.get("SWITCHBOARD_INSTANCE_PATH") or DEFAULT_INSTANCE)
+    """`SWITCHBOARD_INSTANCE_PATH`, else `instance/` under the working directory: never under the
+    installed package (site-packages), which a deploy replaces and may not be writable."""
+    return Path(os.environ.get("SWITCHBOARD_INSTANCE_PATH") or Path.cwd() / "instance").absolute()
 
 
 def embedded_redis_socket(instance: Path) -> Path:

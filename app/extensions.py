@@ -5,6 +5,7 @@ whole API is customised in one place. The database is `app.database`, Redis and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import flask_smorest
@@ -17,6 +18,8 @@ from app.database import db
 from app.errors import ProblemSchema
 from app.input_bounds import RequestParser
 
+#: packaged with the app (package data), so `switchboard db upgrade` works after `pip install .`
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 migrate = Migrate()
 sock = Sock()
 
@@ -87,8 +90,6 @@ api = Api()
 
 
 def init_extensions(app: Flask) -> None:
-    from app.config import PROJECT_ROOT
-
     db.init_app(app)
-    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"), compare_type=True)
+    migrate.init_app(app, db, directory=str(MIGRATIONS), compare_type=True)
     sock.init_app(app)

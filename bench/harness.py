@@ -298,7 +298,7 @@ class Server:
             self._start(str(BIN / "switchboard"), "embedded-redis")
             self.env["REDIS_URL"] = f"unix://{self.instance / 'redis.sock'}"
         subprocess.run(
-            [str(BIN / "switchboard"), "bootstrap"],
+            [str(BIN / "switchboard"), "release"],
             env=self.env,
             check=True,
             capture_output=True,

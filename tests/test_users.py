@@ -171,16 +171,38 @@ def test_cli_users_create_and_list(app, client):
     assert dup.exit_code != 0 and "already exists" in dup.output
 
 
-def test_bootstrap_creates_admin_once(app, client, monkeypatch):
+def test_release_creates_admin_once(app, client, monkeypatch):
     monkeypatch.setitem(app.config, "SWITCHBOARD_ADMIN_USERNAME", "boss")
     monkeypatch.setitem(app.config, "SWITCHBOARD_ADMIN_PASSWORD", "")
     runner = app.test_cli_runner()
-    first = runner.invoke(args=["bootstrap"])
+    first = runner.invoke(args=["release"])
     assert first.exit_code == 0, first.output
     password = first.output.split("admin password (shown once): ")[1].split()[0]
     login(client, "boss", password)
-    second = runner.invoke(args=["bootstrap"])
+    second = runner.invoke(args=["release"])
     assert second.exit_code == 0 and "password" not in second.output
+
+
+def test_release_in_production_never_makes_up_a_password(app, client, monkeypatch):
+    monkeypatch.setitem(app.config, "SWITCHBOARD_ENV", "production")
+    monkeypatch.setitem(app.config, "SWITCHBOARD_ADMIN_USERNAME", "boss")
+    monkeypatch.setitem(app.config, "SWITCHBOARD_ADMIN_PASSWORD", "")
+    runner = app.test_cli_runner()
+    refused = runner.invoke(args=["release"])
+    assert refused.exit_code == 1
+    assert "SWITCHBOARD_ADMIN_PASSWORD" in refused.output
+    assert "password (shown once)" not in refused.output
+    no_admin = client.post(
+        "/api/v1/auth/login", json={"username": "boss", "password": "anything at all"}
+    )
+    assert no_admin.status_code == 401
+    monkeypatch.setitem(app.config, "SWITCHBOARD_ADMIN_PASSWORD", "the-config-var-password")
+    done = runner.invoke(args=["release"])
+    assert done.exit_code == 0, done.output
+    assert "the-config-var-password" not in done.output
+    login(client, "boss", "the-config-var-password")
+    again = runner.invoke(args=["release"])  # every deploy runs it
+    assert again.exit_code == 0 and "created" not in again.output
 
 
 def test_two_admins_demoting_each_other_at_once_leave_one(client, admin, app):

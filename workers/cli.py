@@ -1,7 +1,7 @@
 """The `switchboard` command: the app's commands (`app.cli`) plus those that start processes —
 the worker pool, the embedded Redis, and `dev`.
 
-`switchboard dev` is what `make run` calls: migrate, bootstrap the admin, then run the embedded
+`switchboard dev` is what `make run` calls: migrate, create the first admin, then run the embedded
 Redis (when REDIS_URL is unset), the web server and a worker under honcho in the foreground.
 """
 
@@ -19,8 +19,8 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from app.cli import bootstrap, main
-from app.config import PROJECT_ROOT, embedded_redis_socket, instance_path
+from app.cli import main, release
+from app.config import embedded_redis_socket, instance_path
 from workers.process import die_with_parent
 
 # -- worker ------------------------------------------------------------------------------------
@@ -136,10 +136,21 @@ def embedded_redis() -> None:
     sys.exit(server.wait())
 
 
+#: the source checkout `switchboard dev` runs from (its Procfile.dev, wsgi.py, gunicorn.conf.py)
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
 @main.command("dev")
 def dev() -> None:
     """What `make run` runs: migrate, create the admin, then web + worker (+ Redis) in honcho."""
+    if not (SOURCE_ROOT / "Procfile.dev").exists():
+        raise click.ClickException(
+            "switchboard dev runs from a source checkout (make run); an installed server runs "
+            "its Procfile: switchboard release, then web and worker"
+        )
     env = os.environ
+    # every process below works in SOURCE_ROOT: they must share this one instance directory
+    env["SWITCHBOARD_INSTANCE_PATH"] = str(instance_path())
     procs = ["web", "worker"]
     if not env.get("REDIS_URL"):
         inst = instance_path()
@@ -155,11 +166,11 @@ def dev() -> None:
     app = create_app()
     with app.app_context():
         ctx = click.get_current_context()
-        ctx.invoke(bootstrap)
+        ctx.invoke(release)
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     honcho = str(bin_dir / "honcho")
     click.echo(f"Switchboard on http://127.0.0.1:{env['PORT']}/api/v1/docs (Ctrl-C stops all)")
-    os.chdir(PROJECT_ROOT)
+    os.chdir(SOURCE_ROOT)
     os.execvpe(honcho, [honcho, "-f", "Procfile.dev", "start", *procs], env)

@@ -178,6 +178,16 @@ class Subscription:
                 items.append(item)
         return items
 
+    def cut(self) -> None:
+        """Its client must reconnect (Redis went away, or the process is stopping): a waiting
+        thread wakes, and its next `get` raises `Overflow`."""
+        with self.lock:
+            self.overflowed = True
+            self.parked = None
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+            self.wake.set()
+
     def close(self) -> None:
         if self.watch is not None:
             self.watch.detach(self)
@@ -205,6 +215,9 @@ class Hub:
 
     def subscribe(self, channels: list[str], timeout: float = 5.0) -> Subscription:
         sub = Subscription(self, list(channels))
+        if stopping():  # a stopping process takes no new followers: they go elsewhere
+            sub.cut()
+            return sub
         sub.watch = access.current()  # the stream this thread steps: it nudges `sub`
         if sub.watch is not None:
             sub.watch.attach(sub)
@@ -254,6 +267,12 @@ class Hub:
                         del self.subscribers[ch]
         self.changes.put(None)
 
+    def cut_all(self) -> None:
+        with self.lock:
+            members = [sub for subs in self.subscribers.values() for sub in subs]
+        for sub in members:
+            sub.cut()
+
     def channel_count(self) -> int:
         with self.lock:
             return len(self.subscribers)
@@ -277,13 +296,8 @@ class Hub:
                 failures += 1
                 if failures == 1:
                     log.warning("stream hub lost Redis (%s); reconnecting", exc)
+                self.cut_all()
                 with self.lock:
-                    for members in self.subscribers.values():
-                        for sub in members:
-                            sub.overflowed = True
-                            with contextlib.suppress(queue.Full):
-                                sub.queue.put_nowait(None)
-                            sub.wake.set()
                     callbacks = [c for cs in self.callbacks.values() for c in cs]
                 for callback in callbacks:  # messages may have been missed meanwhile
                     with contextlib.suppress(Exception):
@@ -357,6 +371,22 @@ class Hub:
 
 _hubs: dict[str, Hub] = {}
 _hubs_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def stopping() -> bool:
+    """Whether this process is stopping (SIGTERM): its followers are sent elsewhere."""
+    return _stopping.is_set()
+
+
+def stop_following() -> None:
+    """The process is stopping: every stream and long-poll waiting on a hub returns now, as
+    when Redis goes away, and new ones are cut at once."""
+    _stopping.set()
+    with _hubs_lock:
+        hubs = list(_hubs.values())
+    for each in hubs:
+        each.cut_all()
 
 
 def hub() -> Hub:

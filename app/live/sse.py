@@ -30,7 +30,7 @@ from app.auth.guard import check_abilities, current_principal, required_abilitie
 from app.database import database_unavailable, db
 from app.errors import DomainError, ServiceUnavailable, TooManyRequests
 from app.live import access, alive
-from app.live.hub import Overflow, Parking, hub
+from app.live.hub import Overflow, Parking, hub, stop_following, stopping
 from app.queues import get_redis
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,9 @@ def sse(events: Iterator[Event | bytes | None], still_allowed: Callable[[], obje
                     return
                 if event is done:
                     return
+                if stopping():
+                    yield RECONNECT
+                    return
                 if event is None:
                     slot.refresh()
                     yield b":ping\n\n"
@@ -215,6 +218,8 @@ def sse(events: Iterator[Event | bytes | None], still_allowed: Callable[[], obje
                 else:
                     yield event.encode()  # type: ignore[union-attr]
         except Overflow:
+            if stopping():
+                yield RECONNECT
             return
         except Exception as exc:
             # the stream ends with its last chunk, not cut off: the client resumes with
@@ -238,6 +243,31 @@ def sse(events: Iterator[Event | bytes | None], still_allowed: Callable[[], obje
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp
+
+
+#: the last frame of a stream whose process is stopping: come back soon, to another process
+#: (EventSource reconnects by itself after `retry` ms, sending Last-Event-ID)
+RECONNECT = b"retry: 500\n: server restarting; reconnect with Last-Event-ID\n\n"
+
+
+def stop_streams() -> None:
+    """SIGTERM (a deploy or a scale-down): every open stream of this process ends within a
+    moment with `RECONNECT`, and every long-poll answers with what it has, so the process exits
+    in seconds instead of at the platform's kill."""
+    stop_following()
+    _watches.heard({"missed": True})  # streams between a task's runs wait on no hub: wake them
+
+
+def on_stop_signal(previous: Callable[..., Any]) -> Callable[..., None]:
+    """A SIGTERM handler that ends the streams (in a thread: a signal handler must not wait on
+    their locks), then does what `previous` (the server's own handler) did."""
+
+    def handler(signum: int, frame: Any) -> None:
+        threading.Thread(target=stop_streams, name="stop-streams", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    return handler
 
 
 def _access_ended(watch: access.Watch) -> bytes | None:

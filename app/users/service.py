@@ -280,15 +280,27 @@ def reset_totp(user_id: int) -> User:
     return user
 
 
+class AdminPasswordMissing(Exception):
+    """No admin exists, no password was given, and none may be generated (production)."""
+
+
 def ensure_admin(
-    username: str | None, password: str | None, email: str | None = None
+    username: str | None,
+    password: str | None,
+    email: str | None = None,
+    *,
+    may_generate: bool = True,
 ) -> tuple[User, str | None] | None:
-    """First start: create an admin when none exists. Returns it and any generated password."""
+    """First start: create an admin when none exists. Returns it and any generated password.
+    A generated password must be shown to someone, which a production release log must not do:
+    there `may_generate` is False and a missing password raises `AdminPasswordMissing`."""
     exists = db.session.scalar(sa.select(User.id).where(User.role == "admin").limit(1))
     if exists is not None:
         return None
     generated = None
     if not password:
+        if not may_generate:
+            raise AdminPasswordMissing
         generated = password = secrets.token_urlsafe(18)
     user = create_user(username or "admin", password, email=email, role="admin")
     return user, generated
