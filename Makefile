@@ -4,15 +4,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench clean
+.PHONY: run test lint fmt bench clean requirements
 
-$(STAMP): pyproject.toml
+# the runtime pins of requirements.txt (what a deploy installs) constrain the dev venv too
+$(STAMP): pyproject.toml requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Switchboard needs Python 3.11 or newer (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	grep -v '^\.$$' requirements.txt > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+## Pin the runtime dependencies again (after changing pyproject.toml): rewrites requirements.txt.
+requirements:
+	rm -rf .venv-pins && $(PYTHON) -m venv .venv-pins
+	.venv-pins/bin/python -m pip install --quiet .
+	{ sed -n '/^#/p;/^#/!q' requirements.txt; .venv-pins/bin/python -m pip freeze --exclude switchboard; \
+	  printf '%s\n' '# the app itself: the `switchboard` command and its packaged migrations' '.'; } \
+	  > requirements.new && mv requirements.new requirements.txt && rm -rf .venv-pins
 
 ## Run the server (web + worker, embedded Redis unless REDIS_URL is set) in the foreground.
 run: $(STAMP)
