@@ -38,7 +38,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from app.extensions import api, init_extensions
     from app.input_bounds import register_converters
     from app.logs import configure_logging
-    from app.openapi import openapi_config, register_docs_assets
+    from app.openapi import (
+        ProblemResponses,
+        SharedEnums,
+        openapi_config,
+        register_docs_assets,
+        shared_enums,
+    )
 
     settings = Settings.from_env()
     for key, value in (config or {}).items():
@@ -64,7 +70,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     request_hooks.register(app)
     init_extensions(app)
     ratelimits.init_app(app)
-    api.init_app(app)
+    plugins = [SharedEnums(shared_enums()), ProblemResponses()]
+    api.init_app(app, spec_kwargs={"extra_plugins": plugins})
     register_error_handlers(app)
     register_docs_assets(app)
 

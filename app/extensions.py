@@ -5,6 +5,7 @@ whole API is customised in one place. The database is `app.database`, Redis and 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ class Api(flask_smorest.Api):
     """Our API: problem+json instead of flask-smorest's default error payload."""
 
     ERROR_SCHEMA = ProblemSchema
+    #: no catch-all `default` response: every problem an operation may answer is documented by
+    #: status (`openapi.ProblemResponses`), so a generated client raises on anything else
+    DEFAULT_ERROR_RESPONSE_NAME = None
 
     def _register_responses(self) -> None:
         """Document every error response as application/problem+json."""
@@ -36,6 +40,9 @@ class Api(flask_smorest.Api):
             super()._register_responses()  # type: ignore[misc]
         finally:
             del self.DEFAULT_RESPONSE_CONTENT_TYPE
+
+    def _register_pagination_header(self) -> None:
+        """Not ours: lists page with cursors (`app.pagination`), not flask-smorest's pages."""
 
     def handle_http_exception(self, error):  # type: ignore[override]
         from app.errors import http_error
@@ -55,9 +62,8 @@ class Blueprint(flask_smorest.Blueprint):
 
 
 class _NamingOperations:
-    """The spec, for a blueprint writing its paths: each operation gets an `operationId` from
-    its method and view class (`getTaskById`, `postTasks`), so generated clients have functions
-    with names, not `post_api_v1_auth_login`."""
+    """The spec, for a blueprint writing its paths: each operation gets an `operationId` in one
+    convention (`operation_id`), so a generated client has functions with names."""
 
     def __init__(self, spec: Any) -> None:
         self._spec = spec
@@ -68,8 +74,29 @@ class _NamingOperations:
     def path(self, *, rule: Any, operations: dict[str, Any], **kwargs: Any) -> Any:
         view = rule.endpoint.rsplit(".", 1)[-1]
         for method, operation in operations.items():
-            operation.setdefault("operationId", method + view)
+            operation.setdefault("operationId", operation_id(method, view))
         return self._spec.path(rule=rule, operations=operations, **kwargs)
+
+
+#: views named for an item: `TaskById` is the task `{task_id}`
+_ITEM = re.compile(r"By(Id|Key|Name)$")
+_ITEM_VERBS = {"get": "get", "patch": "update", "put": "set", "delete": "delete"}
+
+
+def operation_id(method: str, view: str) -> str:
+    """`listTasks`, `createTask`, `getTask`, `updateTask`, `deleteTask`, `setSecret`; an action
+    view is its verb then its object (`TaskCancel` → `cancelTask`). A view names its own with
+    `@blp.doc(operationId=…)` where this reads badly."""
+    noun = _ITEM.sub("", view)
+    plural = noun.endswith("s") and not noun.endswith("ss")
+    if method in ("patch", "put", "delete") or (method == "get" and noun != view):
+        return _ITEM_VERBS[method] + noun
+    if method == "get":
+        return ("list" if plural else "get") + noun
+    if plural:  # POST to a collection
+        return "create" + (noun[:-3] + "y" if noun.endswith("ies") else noun[:-1])
+    words = re.findall(r"[A-Z][a-z0-9]*", noun)
+    return words[-1].lower() + "".join(words[:-1])
 
 
 class Schema(ma.Schema):

@@ -6,8 +6,10 @@ come from the swagger-ui-bundle package, so the interactive docs work without in
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
+from apispec import APISpec, BasePlugin
 from flask import Blueprint, Flask, send_from_directory
 
 from app import __version__
@@ -35,6 +37,110 @@ def openapi_config() -> dict[str, Any]:
             "components": {"securitySchemes": SECURITY_SCHEMES},
         },
     }
+
+
+def shared_enums() -> dict[str, tuple[str, ...]]:
+    """The enums the API uses in more than one place, by the name a client knows them by."""
+    from app.projects.models import PROJECT_ROLES
+    from app.runs.models import RUN_STATUSES
+    from app.subscriptions.models import EVENTS
+    from app.tasks.models import PRIORITIES, TASK_STATUSES
+    from app.users.models import ROLES
+    from app.webhooks.models import EVENT_STATES
+
+    return {
+        "Priority": PRIORITIES,
+        "TaskStatus": TASK_STATUSES,
+        "RunStatus": RUN_STATUSES,
+        "Role": ROLES,
+        "ProjectRole": PROJECT_ROLES,
+        "WebhookEventState": EVENT_STATES,
+        "SubscriptionEventType": (*EVENTS, "*"),
+    }
+
+
+class SharedEnums(BasePlugin):
+    """An enum used in many places is declared once, as a named schema, and referred to: a
+    generated client then has one `Priority` (not one per field, and three for a nullable
+    one). Runs after the marshmallow plugin, on what it made of each schema and parameter."""
+
+    def __init__(self, enums: dict[str, tuple[str, ...]]) -> None:
+        self.enums = enums
+        self.by_values = {frozenset(values): name for name, values in enums.items()}
+
+    def init_spec(self, spec: APISpec) -> None:
+        for name, values in self.enums.items():
+            spec.components.schema(name, {"type": "string", "enum": list(values)})
+
+    def _shared(self, prop: dict[str, Any]) -> dict[str, Any]:
+        if prop.get("type") == "array" and isinstance(prop.get("items"), dict):
+            return {**prop, "items": self._shared(prop["items"])}
+        enum = prop.get("enum")
+        name = self.by_values.get(frozenset(v for v in enum if v is not None)) if enum else None
+        if name is None:
+            return prop
+        ref = {"$ref": f"#/components/schemas/{name}"}
+        kept = {k: v for k, v in prop.items() if k in ("description", "default")}
+        if None in enum or "null" in (prop.get("type") or ()):
+            return {"anyOf": [ref, {"type": "null"}], **kept}
+        return {**ref, **kept}
+
+    def schema_helper(self, name: str, definition: dict, **kwargs: Any) -> dict | None:
+        properties = definition.get("properties")
+        if not properties:
+            return None
+        return {"properties": {k: self._shared(v) for k, v in properties.items()}}
+
+    def operation_helper(
+        self, path: str | None = None, operations: dict | None = None, **kwargs: Any
+    ) -> None:
+        for operation in (operations or {}).values():
+            for parameter in operation.get("parameters", ()):
+                if isinstance(parameter, dict) and isinstance(parameter.get("schema"), dict):
+                    parameter["schema"] = self._shared(parameter["schema"])
+
+
+#: rate limits (429) and the database or Redis away (503) apply to every operation but these
+_NOT_LIMITED = {"receiveWebhook"}
+_ALWAYS_UP = {"getHealth", "getVersion"}
+
+
+def problem_statuses(path: str, method: str, operation: dict[str, Any]) -> list[int]:
+    """The problem+json statuses an operation may answer, by what it is: authenticated (401,
+    403), addressing a resource by path or by a `project` filter (404), writing (400 and 413
+    for the body, 409 conflicts with the resource's state, 422), rate limited (429), needing
+    the database (503)."""
+    statuses = []
+    op_id = operation.get("operationId", "")
+    params = {p.get("name") for p in operation.get("parameters", ()) if isinstance(p, dict)}
+    if operation.get("security") != []:
+        statuses += [401, 403]
+        if method != "get":
+            statuses += [409, 422]
+    elif method != "get":  # a public write checks a credential of its own (password, signature)
+        statuses += [401, 422]
+    if method != "get":
+        statuses += [400, 413]
+    if "{" in path or "project" in params:
+        statuses.append(404)
+    if op_id not in _NOT_LIMITED:
+        statuses.append(429)
+    if op_id not in _ALWAYS_UP:
+        statuses.append(503)
+    return sorted(set(statuses))
+
+
+class ProblemResponses(BasePlugin):
+    """Every problem an operation may answer is documented by its status (`problem_statuses`),
+    as problem+json: a generated client gets typed errors, and raises on anything else."""
+
+    def operation_helper(
+        self, path: str | None = None, operations: dict | None = None, **kwargs: Any
+    ) -> None:
+        for method, operation in (operations or {}).items():
+            responses = operation.setdefault("responses", {})
+            for status in problem_statuses(path or "", method, operation):
+                responses.setdefault(str(status), HTTPStatus(status).name)
 
 
 def register_docs_assets(app: Flask) -> None:

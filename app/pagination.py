@@ -41,7 +41,7 @@ def decode_cursor(token: str) -> Any:
         raise ValueError("invalid cursor") from exc
 
 
-class CursorField(ma.fields.Field):
+class CursorField(ma.fields.String):
     """Decodes the opaque cursor into the last id seen; a tampered cursor is a 422. An empty
     one is the first page: clients that loop on `cursor={next_cursor or ""}` start with it."""
 

@@ -56,6 +56,7 @@ class StreamToken(MethodView):
     @requires()
     @blp.arguments(StreamTokenRequestSchema)
     @blp.response(201, StreamTokenSchema)
+    @blp.doc(operationId="createStreamToken")
     def post(self, data):
         """A token for `?stream_token=` on streams under `path`, valid for 60 s (for
         EventSource, which cannot send headers)."""

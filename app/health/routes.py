@@ -10,6 +10,7 @@ from app.auth.guard import public
 from app.database import db
 from app.errors import ServiceUnavailable
 from app.extensions import Blueprint
+from app.health.schemas import HealthSchema, ReadySchema, VersionSchema
 from app.queues import get_redis
 
 blp = Blueprint("health", __name__, url_prefix="/api/v1", description="Health and version")
@@ -18,7 +19,7 @@ blp = Blueprint("health", __name__, url_prefix="/api/v1", description="Health an
 @blp.route("/health")
 class Health(MethodView):
     @public
-    @blp.response(200)
+    @blp.response(200, HealthSchema)
     def get(self):
         """Liveness: the process answers. Touches neither the database nor Redis."""
         return {"status": "ok"}
@@ -51,7 +52,7 @@ def _workspace_disk() -> dict[str, object]:
 @blp.route("/health/ready")
 class Ready(MethodView):
     @public
-    @blp.response(200)
+    @blp.response(200, ReadySchema)
     def get(self):
         """Readiness: the database and Redis answer (503 naming what failed)."""
         failures = [
@@ -78,7 +79,7 @@ class Ready(MethodView):
 @blp.route("/version")
 class Version(MethodView):
     @public
-    @blp.response(200)
+    @blp.response(200, VersionSchema)
     def get(self):
         """Server version and API version."""
         return {"version": __version__, "api": "v1"}

@@ -71,6 +71,7 @@ class ProjectByKey(MethodView):
 class ProjectStats(MethodView):
     @requires("projects:read")
     @blp.response(200, ProjectStatsSchema)
+    @blp.doc(operationId="getProjectStats")
     def get(self, key):
         """Tasks and runs by status, and log bytes stored (viewer)."""
         return service.stats(service.project_for(current_principal(), key))

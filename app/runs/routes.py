@@ -118,6 +118,7 @@ class RunLog(MethodView):
     @requires("runs:start")
     @blp.arguments(LogAppendSchema)
     @blp.response(200, LogAppendResponseSchema)
+    @blp.doc(operationId="appendRunLog")
     def post(self, data, run_id):
         """Append to the log of a run I execute (external executors). Resending bytes already
         stored is harmless; a gap is 409 with `expected_offset`."""
@@ -160,6 +161,7 @@ class RunEvents(MethodView):
     @requires("runs:report")
     @blp.arguments(EventReportSchema)
     @blp.response(201, EventSchema)
+    @blp.doc(operationId="appendRunEvents")
     def post(self, data, run_id):
         """Report an event on an active run (developer, or the run's own token: how an agent
         tells Switchboard what it does). The project's secret values in it are masked."""
@@ -196,6 +198,7 @@ class RunHeartbeat(MethodView):
     @requires("runs:start")
     @blp.arguments(ExecutorSchema)
     @blp.response(200, HeartbeatResponseSchema)
+    @blp.doc(operationId="sendRunHeartbeat")
     def post(self, data, run_id):
         """Renew the lease of a run I execute; says whether a stop was requested."""
         run = _held(run_for(run_id, "developer"), data["executor"])

@@ -133,6 +133,7 @@ class UserById(MethodView):
 class UserResetTotp(MethodView):
     @requires("admin")
     @blp.response(200, UserSchema)
+    @blp.doc(operationId="resetUserTotp")
     def post(self, user_id):
         """Turn a user's TOTP off, e.g. after a lost phone (admin)."""
         return service.reset_totp(user_id)

@@ -96,6 +96,7 @@ class SourceProjects(MethodView):
     @blp.arguments(SourceGrantCreateSchema)
     @blp.response(201, SourceGrantSchema)
     @blp.alt_response(200, schema=SourceGrantSchema, description="It was granted already")
+    @blp.doc(operationId="grantSourceToProject")
     def post(self, data, name):
         """Grant the source to a project (admin)."""
         source = sources.get_source(name)
@@ -112,6 +113,7 @@ class SourceProjects(MethodView):
 class SourceProject(MethodView):
     @requires("admin")
     @blp.response(204)
+    @blp.doc(operationId="revokeSourceFromProject")
     def delete(self, name, key):
         """Take the source back from a project (admin): the project's rules on it stay, and
         match nothing until it is granted again."""
@@ -165,6 +167,7 @@ class Receiver(MethodView):
             },
         },
     )
+    @blp.doc(operationId="receiveWebhook")
     def post(self, name):
         """Take a delivery: verify its signature, store it once, acknowledge at once (matching
         runs on the `events` queue). No credential: the signature is the authentication."""

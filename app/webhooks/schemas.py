@@ -99,16 +99,21 @@ class WebhookEventSchema(WebhookEventSummarySchema):
     tasks = ma.fields.List(ma.fields.Int(), metadata={"description": "ids of the tasks created"})
 
 
+def _globs(description: str) -> ma.fields.Raw:
+    """A glob or a list of globs (checked by `ConditionsSchema._globs`)."""
+    glob = {"type": "string", "minLength": 1, "maxLength": 200}
+    one_of = [glob, {"type": "array", "items": glob}]
+    return ma.fields.Raw(metadata={"description": description, "anyOf": one_of})
+
+
 class ConditionsSchema(Schema):
-    repository = ma.fields.Raw(
-        metadata={"description": "glob or list of globs on `owner/repo`", "type": "string"}
-    )
-    label = ma.fields.Raw(metadata={"description": "glob or list of globs", "type": "string"})
+    repository = _globs("glob or list of globs on `owner/repo`")
+    label = _globs("glob or list of globs")
     command = ma.fields.Str(
         validate=ma.validate.Length(1, 100),
         metadata={"description": "e.g. `/agent`: a comment line starting with it"},
     )
-    branch = ma.fields.Raw(metadata={"description": "glob or list of globs", "type": "string"})
+    branch = _globs("glob or list of globs")
     ignore_bots = ma.fields.Bool(metadata={"description": "default true"})
 
     @ma.validates_schema
