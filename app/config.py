@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from app.agents.registry import custom_agents
 
@@ -115,6 +116,11 @@ class Settings:
     DATABASE_URL: str = ""
     #: Redis URL (`redis://`, `rediss://` or `unix://`). Default: the embedded Redis socket.
     REDIS_URL: str = ""
+    #: With a `rediss://` REDIS_URL: verify the server's certificate. `false` for a provider
+    #: whose Redis presents a self-signed certificate (Heroku Redis); better, give its CA below.
+    REDIS_TLS_VERIFY: bool = True
+    #: With a `rediss://` REDIS_URL: a CA file (PEM) to verify the server's certificate with.
+    REDIS_CA_FILE: str = ""
     #: Port gunicorn binds (`make run` binds 127.0.0.1:PORT).
     PORT: int = 8000
     #: Access JWT lifetime in seconds.
@@ -220,6 +226,8 @@ class Settings:
             SECRET_KEY=env("SECRET_KEY", ""),
             DATABASE_URL=env("DATABASE_URL", ""),
             REDIS_URL=env("REDIS_URL", ""),
+            REDIS_TLS_VERIFY=_bool("SWITCHBOARD_REDIS_TLS_VERIFY", d.REDIS_TLS_VERIFY),
+            REDIS_CA_FILE=env("SWITCHBOARD_REDIS_CA_FILE", ""),
             PORT=_int("PORT", d.PORT),
             ACCESS_TOKEN_TTL=_int("SWITCHBOARD_ACCESS_TOKEN_TTL", d.ACCESS_TOKEN_TTL),
             REFRESH_TOKEN_TTL=_int("SWITCHBOARD_REFRESH_TOKEN_TTL", d.REFRESH_TOKEN_TTL),
@@ -309,6 +317,7 @@ class Settings:
         self.DATABASE_URL = normalise_database_url(self.DATABASE_URL)
         if not self.REDIS_URL:
             self.REDIS_URL = f"unix://{embedded_redis_socket(instance)}"
+        self.REDIS_URL = redis_tls_url(self.REDIS_URL, self.REDIS_TLS_VERIFY, self.REDIS_CA_FILE)
         if not self.WORKSPACE_ROOT:
             self.WORKSPACE_ROOT = str(instance / "workspaces")
         if not self.WORKDIR_ROOTS:
@@ -356,6 +365,22 @@ class Settings:
             "JSON_SORT_KEYS": False,
             "RATELIMIT_ENABLED": self.RATE_LIMIT_ENABLED,
         }
+
+
+def redis_tls_url(url: str, verify: bool, ca_file: str) -> str:
+    """The TLS settings written into a `rediss://` URL, which every Redis client of ours (the
+    app, the hub, the rate limiter, RQ) builds its connection from."""
+    if not url.startswith("rediss://"):
+        return url
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if ca_file:
+        if not Path(ca_file).is_file():
+            raise ConfigError(f"SWITCHBOARD_REDIS_CA_FILE {ca_file!r} is not a file")
+        query.setdefault("ssl_ca_certs", ca_file)
+    if not verify:
+        query.setdefault("ssl_cert_reqs", "none")
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def retry_schedule(raw: str) -> list[float]:
