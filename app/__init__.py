@@ -22,6 +22,7 @@ MODULES = (
     "activity",
     "webhooks",
     "subscriptions",
+    "machines",
 )
 #: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
 LISTENING = ("tasks", "webhooks", "subscriptions")

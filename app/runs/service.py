@@ -44,9 +44,11 @@ def list_runs(
     task_id: int | None = None,
     status: str | None = None,
     executor: str | None = None,
+    executor_is: str | None = None,
     cursor: int | None = None,
     limit: int = 50,
 ) -> Page[Run]:
+    """`executor`: runs whose executor starts with it (`pool:`); `executor_is`: exactly it."""
     stmt = sa.select(Run)
     if project_ids is not None:
         stmt = stmt.where(Run.project_id.in_(project_ids))
@@ -56,6 +58,8 @@ def list_runs(
         stmt = stmt.where(Run.status == status)
     if executor:
         stmt = stmt.where(Run.executor.startswith(executor))
+    if executor_is:
+        stmt = stmt.where(Run.executor == executor_is)
     return paginate(stmt, Run.id, cursor=cursor, limit=limit)
 
 
