@@ -81,6 +81,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     for name in MODULES:
         module = importlib.import_module(f"app.{name}.routes")
         api.register_blueprint(module.blp)
+        if hasattr(module, "ws_blp"):  # WebSocket routes: outside the OpenAPI document
+            app.register_blueprint(module.ws_blp)
     for name in LISTENING:
         importlib.import_module(f"app.{name}.listeners").connect()
 

@@ -194,6 +194,35 @@ class Subscription:
         self.hub.unsubscribe(self)
 
 
+class Forwarding(Subscription):
+    """A subscription whose messages are handed to `deliver` in the listener's thread, for a
+    connection written to directly (a machine's WebSocket): no thread waits for them. `cut`
+    tells the connection to go (Redis went away, or the process is stopping)."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        channels: list[str],
+        deliver: Callable[[dict[str, Any]], None],
+        on_cut: Callable[[], None],
+    ) -> None:
+        super().__init__(hub, channels)
+        self.deliver, self.on_cut = deliver, on_cut
+
+    def offer(self, item: dict[str, Any]) -> None:
+        try:
+            self.deliver(item)
+        except Exception:
+            log.exception("forwarding a message on %s failed", item.get("channel"))
+
+    def cut(self) -> None:
+        super().cut()
+        try:
+            self.on_cut()
+        except Exception:
+            log.exception("ending a forwarded connection failed")
+
+
 class Hub:
     """The process's single Redis pub/sub listener."""
 
@@ -213,8 +242,15 @@ class Hub:
 
     # -- client side -----------------------------------------------------------------------------
 
-    def subscribe(self, channels: list[str], timeout: float = 5.0) -> Subscription:
-        sub = Subscription(self, list(channels))
+    def subscribe(
+        self, channels: list[str], timeout: float = 5.0, *, forward: Any = None
+    ) -> Subscription:
+        """A subscription to `channels`, listening when this returns. `forward`: a
+        `(deliver, on_cut)` pair to hand messages to instead of queueing them (`Forwarding`)."""
+        if forward is not None:
+            sub: Subscription = Forwarding(self, list(channels), *forward)
+        else:
+            sub = Subscription(self, list(channels))
         if stopping():  # a stopping process takes no new followers: they go elsewhere
             sub.cut()
             return sub

@@ -48,6 +48,16 @@ def control_channel(run_id: int) -> str:
     return f"{namespace()}:run:{run_id}:control"
 
 
+def machine_channel(machine_id: int) -> str:
+    """What the server says to a machine, heard by the process holding its WebSocket."""
+    return f"{namespace()}:machine:{machine_id}"
+
+
+def to_machine(machine_id: int, message: dict[str, Any]) -> None:
+    """`{"frame": {...}}` to send it, `{"close": reason}` to end its connection."""
+    publish(machine_channel(machine_id), message)
+
+
 def activity_channel() -> str:
     return f"{namespace()}:activity"
 

@@ -1,9 +1,12 @@
-from flask import request
+from flask import Blueprint as FlaskBlueprint
+from flask import current_app, g, request
 from flask.views import MethodView
 
 from app.auth.guard import current_principal, public, requires
-from app.extensions import Blueprint
-from app.machines import service
+from app.extensions import Blueprint, sock
+from app.live.sse import process_streams
+from app.machines import protocol, service
+from app.machines.connection import Connection
 from app.machines.schemas import (
     MachineCountsSchema,
     MachineListSchema,
@@ -189,3 +192,41 @@ class MachineRuns(MethodView):
             cursor=args.get("cursor"),
             limit=args["limit"],
         ).response()
+
+
+# -- the control channel (a WebSocket: outside the OpenAPI document, see docs/machines.md) -------
+
+ws_blp = FlaskBlueprint("machines_ws", __name__)
+
+
+@ws_blp.record_once
+def _limit_frames(state) -> None:  # type: ignore[no-untyped-def]
+    state.app.config.setdefault(
+        "SOCK_SERVER_OPTIONS", {"max_message_size": protocol.MAX_FRAME_BYTES}
+    )
+
+
+@ws_blp.before_request
+def _before_the_handshake() -> None:
+    """A channel holds a web thread: it counts as a stream against the process's cap (503
+    before the handshake). No permessage-deflate: a frame inflates before its size is
+    checked, so a small compressed frame could fill the memory."""
+    g.channel_slot = process_streams.take(current_app.config["SWITCHBOARD_STREAMS_PER_PROCESS"])
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+@ws_blp.teardown_request
+def _give_the_slot_back(_exc: BaseException | None) -> None:
+    give_back = g.pop("channel_slot", None)
+    if give_back is not None:
+        give_back()
+
+
+def _channel(ws) -> None:  # type: ignore[no-untyped-def]
+    """`WS /api/v1/machines/connect`: a machine's control channel (credential in the first
+    frame; docs/machines.md)."""
+    Connection(ws, current_app._get_current_object()).serve()  # type: ignore[attr-defined]
+
+
+_channel._public = True  # type: ignore[attr-defined]
+sock.route("/api/v1/machines/connect", bp=ws_blp)(_channel)

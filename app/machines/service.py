@@ -18,6 +18,7 @@ from app.auth.service import Principal
 from app.auth.tokens import digest, new_opaque
 from app.database import db
 from app.errors import Conflict, NotFound, Unauthorized
+from app.live import pubsub
 from app.machines.models import CREDENTIAL_PREFIX, ENROLL_PREFIX, Machine, MachineToken
 from app.runs import sweep
 from app.timeutil import utcnow
@@ -148,6 +149,7 @@ def register(data: dict[str, Any]) -> tuple[Machine, str]:
         "enrolled_with": row.id,
     }
     if existing is not None:  # replaced (or a retired name reused): the same row, a new life
+        pubsub.to_machine(existing.id, {"close": "replaced by a new registration"})
         for key, value in facts.items():
             setattr(existing, key, value)
         existing.draining = False
@@ -241,6 +243,7 @@ def set_draining(machine: Machine, draining: bool) -> Machine:
         action = "machine.drain" if draining else "machine.undrain"
         audit.record(action, target_type="machine", target_id=machine.id)
     db.session.commit()
+    pubsub.to_machine(machine.id, {"frame": {"type": "drain" if draining else "undrain"}})
     return machine
 
 
@@ -253,6 +256,7 @@ def decommission(machine: Machine) -> Machine:
     machine.credential_hash = digest(new_opaque(CREDENTIAL_PREFIX))  # nothing can match it
     audit.record("machine.decommission", target_type="machine", target_id=machine.id)
     db.session.commit()
+    pubsub.to_machine(machine.id, {"close": "decommissioned"})
     sweep.executor_gone(executor_name(machine), f"machine {machine.name} was decommissioned")
     db.session.commit()
     return machine

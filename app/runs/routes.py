@@ -179,18 +179,7 @@ class RunStop(MethodView):
 
 
 def _held(run, executor: str):  # type: ignore[no-untyped-def]
-    if run.executor != executor:
-        raise Conflict(f"Run {run.id} is not held by {executor!r}.", executor=run.executor)
-    if run.status in RUN_TERMINAL:
-        raise Conflict(f"Run {run.id} already ended ({run.status}).")
-    if run.status == "assigned":
-        runs.mark_running(
-            run,
-            pid=None,
-            agent_version=None,
-            lease_s=current_app.config["SWITCHBOARD_LEASE_SECONDS"],
-        )
-    return run
+    return runs.held(run, executor, current_app.config["SWITCHBOARD_LEASE_SECONDS"])
 
 
 @blp.route("/<int:run_id>/heartbeat")

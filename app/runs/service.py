@@ -204,6 +204,31 @@ def add_events(run: Run, events: list[tuple[str, dict[str, Any]]]) -> list[dict[
     return out
 
 
+def add_event_at(run: Run, seq: int, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+    """An executor's event numbered by the executor (it resends after a reconnect): stored when
+    it is the next one, None when it is stored already; a gap is 409 with the next `seq`."""
+    if seq <= run.event_count:
+        return None
+    if seq != run.event_count + 1:
+        raise Conflict(
+            f"Run {run.id} expects event {run.event_count + 1}, not {seq}.",
+            expected_seq=run.event_count + 1,
+        )
+    return add_events(run, [(kind, data)])[0]
+
+
+def held(run: Run, executor: str, lease_s: int) -> Run:
+    """`run`, if `executor` holds it and it is active (409 otherwise); its start is written on
+    the executor's first report when the executor did not say it started."""
+    if run.executor != executor:
+        raise Conflict(f"Run {run.id} is not held by {executor!r}.", executor=run.executor)
+    if run.status in RUN_TERMINAL:
+        raise Conflict(f"Run {run.id} already ended ({run.status}).")
+    if run.status == "assigned":
+        mark_running(run, pid=None, agent_version=None, lease_s=lease_s)
+    return run
+
+
 def report_event(run: Run, kind: str, data: dict[str, Any]) -> dict[str, Any]:
     """An event an agent (or a developer) reports on an active run, its project's secret
     values masked as in the agent's output."""
