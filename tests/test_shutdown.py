@@ -123,3 +123,30 @@ def test_sigterm_ends_streams_and_long_polls_at_once_and_clients_resume(
         second.stop()  # the stream ends with it
         resumed.thread.join(timeout=5)
         resumed.conn.close()
+
+
+def test_an_idle_worker_pool_stops_at_once_on_sigterm(app):
+    """Platforms kill what is still running a few seconds after SIGTERM (honcho after 5 s):
+    an idle pool stops within a second or two (it took 10-60 s: RQ's command thread waited
+    out its 60 s poll before the process could exit)."""
+    from rq import Worker
+    from servers import WorkerPool
+
+    from app.queues import get_redis
+
+    pool = WorkerPool(app, processes=2)
+    try:
+        with app.app_context():
+            conn = get_redis()
+        deadline = time.monotonic() + 30
+        while Worker.count(connection=conn) < 3:
+            assert time.monotonic() < deadline, pool.output()
+            time.sleep(0.05)
+        time.sleep(1.5)  # every process is idle, waiting for work
+        stopped = time.monotonic()
+        pool.proc.send_signal(signal.SIGTERM)
+        pool.proc.wait(timeout=10)
+        took = time.monotonic() - stopped
+    finally:
+        pool.stop()
+    assert took < 3, (took, pool.output())

@@ -191,6 +191,16 @@ class AppWorker(SimpleWorker):
         super().set_state(state, pipeline)
         self._state_written = state
 
+    def subscribe(self) -> None:
+        """RQ's command channel, heard by a thread that looks up every second (RQ's asks it to
+        wait 60 s for a message). Since redis-py 8.2, stopping that thread waits for it to look
+        up: an idle worker took up to a minute to stop on SIGTERM, past every platform's kill."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
     def request_stop(self, signum: Any, frame: Any) -> None:
         """Warm shutdown: tell the running job to stop its agent (its run is queued again)."""
         shutdown_requested.set()
