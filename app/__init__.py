@@ -25,7 +25,7 @@ MODULES = (
     "machines",
 )
 #: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
-LISTENING = ("tasks", "webhooks", "subscriptions")
+LISTENING = ("tasks", "webhooks", "subscriptions", "machines")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

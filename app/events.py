@@ -93,6 +93,12 @@ lease_expired = Event(
     listens, to end the agents a dead worker left on its host.""",
 )
 
+machine_run_queued = Event(
+    "machine-run-queued",
+    """A run of a task that runs on machines (`machine:…`, `labels:…`) was queued (kwargs: run,
+    task): an eligible machine with a free slot may take it now, in this transaction.""",
+)
+
 project_capacity_changed = Event(
     "project-capacity-changed",
     """A project's concurrency cap changed (kwargs: project_id): queued runs may fit now.""",

@@ -37,7 +37,12 @@ def registered(client, admin):
     token = client.post("/api/v1/machine-tokens", headers=admin.headers, json={"uses": 3})
     reg = client.post(
         "/api/v1/machines/register",
-        json={"enrollment_token": token.get_json()["token"], "name": "box", "labels": ["linux"]},
+        json={
+            "enrollment_token": token.get_json()["token"],
+            "name": "box",
+            "labels": ["linux"],
+            "agents": {"shell": "bash 5.2"},
+        },
     )
     assert reg.status_code == 201, reg.get_json()
     return reg.get_json()
@@ -279,3 +284,127 @@ def test_sigterm_tells_machines_to_reconnect(registered, app):
         assert time.monotonic() - stopped < 10
     finally:
         live.stop()
+
+
+# -- scheduling: the server assigns queued runs to machines ----------------------------------
+
+
+def _task(client, member, target, **fields):
+    resp = client.post(
+        "/api/v1/tasks",
+        headers=member.headers,
+        json={"project": "demo", "title": "t", "prompt": "echo hi", "target": target, **fields},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+def test_a_labelled_task_is_assigned_run_and_completed(
+    app, client, member, project, registered, live2
+):
+    put = client.put(
+        "/api/v1/projects/demo/secrets/API_TOKEN", headers=member.headers, json={"value": "s3cr3t"}
+    )
+    assert put.status_code in (200, 201), put.get_json()
+    peer = Peer(live2, registered["machine_id"], registered["credential"])
+    task = _task(client, member, "labels:linux")
+    assign = peer.expect("assign")["run"]
+    assert assign["run_id"] == task["latest_run_id"] and assign["prompt"] == "echo hi"
+    assert assign["agent"] == "shell" and assign["project"] == "demo"
+    assert assign["env"]["API_TOKEN"] == "s3cr3t"
+    assert assign["env"]["SWITCHBOARD_RUN_TOKEN"].startswith("sbr_")
+    run_id = assign["run_id"]
+    run = client.get(f"/api/v1/runs/{run_id}", headers=member.headers).get_json()
+    assert run["status"] == "assigned" and run["executor"] == "machine:box"
+    peer.send(type="accept", run_id=run_id)
+    peer.send(type="started", run_id=run_id, pid=7, agent_version="bash 5.2")
+    peer.send(type="log", run_id=run_id, offset=0, text="hi\n")
+    peer.expect("ack", run_id=run_id)
+    # the run's token works for its own run while it runs
+    token = {"Authorization": f"Bearer {assign['env']['SWITCHBOARD_RUN_TOKEN']}"}
+    report = client.post(
+        f"/api/v1/runs/{run_id}/events", headers=token, json={"type": "note", "data": {}}
+    )
+    assert report.status_code == 201, report.get_json()
+    peer.send(type="finished", run_id=run_id, status="succeeded", exit_code=0, log_size=3)
+    peer.expect("ack", run_id=run_id, finished=True)
+    done = client.get(f"/api/v1/tasks/{task['id']}", headers=member.headers).get_json()
+    assert done["status"] == "completed"
+    peer.close()
+
+
+def test_without_an_eligible_machine_the_task_waits_saying_why(
+    app, client, member, project, registered, live2
+):
+    gpu = _task(client, member, "labels:gpu")
+    assert gpu["status"] == "queued"
+    detail = client.get(f"/api/v1/tasks/{gpu['id']}", headers=member.headers).get_json()
+    assert detail["status_reason"] == "waiting: no machine has labels gpu"
+    offline = _task(client, member, "machine:box")
+    detail = client.get(f"/api/v1/tasks/{offline['id']}", headers=member.headers).get_json()
+    assert detail["status_reason"] == "waiting: no online machine among the machine box"
+    peer = Peer(live2, registered["machine_id"], registered["credential"])
+    assert peer.expect("assign")["run"]["run_id"] == offline["latest_run_id"]  # on connect
+    detail = client.get(f"/api/v1/tasks/{offline['id']}", headers=member.headers).get_json()
+    assert detail["status_reason"] is None
+    missing_agent = _task(client, member, "labels:linux", agent="claude")
+    detail = client.get(f"/api/v1/tasks/{missing_agent['id']}", headers=member.headers).json
+    assert (
+        detail["status_reason"]
+        == "waiting: agent claude is not installed on the machines with labels linux"
+    )
+    peer.close()
+
+
+def test_bad_targets_are_422(client, member, project):
+    for target in ("labels:", "labels:Has Space", "machine:", "machine:-x", "somewhere"):
+        resp = client.post(
+            "/api/v1/tasks",
+            headers=member.headers,
+            json={"project": "demo", "title": "t", "prompt": "x", "target": target},
+        )
+        assert resp.status_code == 422, (target, resp.get_json())
+
+
+def test_slots_are_respected_and_a_freed_slot_takes_the_next(
+    app, client, member, project, registered, live2
+):
+    peer = Peer(live2, registered["machine_id"], registered["credential"])  # one slot
+    first = _task(client, member, "labels:linux", priority="low")
+    second = _task(client, member, "labels:linux", priority="urgent")
+    got = peer.expect("assign")["run"]["run_id"]
+    assert got == first["latest_run_id"]  # the only one queued when the slot was free
+    assert peer.receive(timeout=0.5) is None  # the slot is taken: nothing more
+    peer.send(type="accept", run_id=got)
+    peer.send(type="finished", run_id=got, status="succeeded", exit_code=0, log_size=0)
+    nxt = peer.expect("assign")["run"]["run_id"]
+    assert nxt == second["latest_run_id"]
+    peer.close()
+
+
+def test_an_offer_missed_is_made_again_and_one_not_taken_goes_back(
+    app, client, member, project, registered, live2
+):
+    from app.machines import scheduling
+    from app.machines.models import Machine
+
+    peer = Peer(live2, registered["machine_id"], registered["credential"])
+    task = _task(client, member, "machine:box")
+    first = peer.expect("assign")["run"]
+    peer.close()  # gone before accepting
+    again = Peer(live2, registered["machine_id"], registered["credential"])
+    offer = again.expect("assign")["run"]  # offered again on reconnect, with a new token
+    assert offer["run_id"] == first["run_id"]
+    assert offer["env"]["SWITCHBOARD_RUN_TOKEN"] != first["env"]["SWITCHBOARD_RUN_TOKEN"]
+    again.close()
+    with app.app_context():  # the machine is gone for good: its offer expires
+        machine = db.session.get(Machine, registered["machine_id"])
+        machine.last_heartbeat_at = utcnow() - timedelta(minutes=5)
+        db.session.get(Run, offer["run_id"]).lease_expires_at = utcnow() - timedelta(seconds=1)
+        db.session.commit()
+        assert scheduling.sweep()["offers_reclaimed"] == 1
+    run = client.get(f"/api/v1/runs/{offer['run_id']}", headers=member.headers).get_json()
+    assert run["status"] == "queued" and run["executor"] is None
+    detail = client.get(f"/api/v1/tasks/{task['id']}", headers=member.headers).get_json()
+    assert detail["attempts"] == 1 and len(detail["runs"]) == 1  # no attempt spent
+    assert detail["status_reason"] == "waiting: no online machine among the machine box"

@@ -24,7 +24,7 @@ from app.database import db
 from app.errors import DomainError
 from app.live import pubsub
 from app.live.hub import Subscription, hub, stopping
-from app.machines import protocol, reports, service
+from app.machines import models, protocol, reports, scheduling, service
 from app.machines.models import Machine
 from app.timeutil import utcnow
 
@@ -63,7 +63,12 @@ class Connection:
 
     def _deliver(self, message: dict[str, Any]) -> None:
         """In the hub's thread: a frame to send, or the end of this connection."""
-        if "frame" in message:
+        if "sealed_env" in message:  # an assignment: its environment opened here
+            with self.app.app_context():
+                frame = scheduling.open_assignment(message)
+            with contextlib.suppress(ConnectionClosed):
+                self.send(frame)
+        elif "frame" in message:
             with contextlib.suppress(ConnectionClosed):
                 self.send(dict(message["frame"]))
         elif message.get("takeover") not in (None, self.id):
@@ -122,7 +127,7 @@ class Connection:
                     "type": "welcome",
                     "machine_id": machine.id,
                     "name": machine.name,
-                    "heartbeat_s": service.HEARTBEAT_S,
+                    "heartbeat_s": models.HEARTBEAT_S,
                     "lease_s": self.app.config["SWITCHBOARD_LEASE_SECONDS"],
                     "draining": machine.draining,
                     "runs": reports.resume(machine, [r["run_id"] for r in frame["resume"]]),
@@ -139,10 +144,19 @@ class Connection:
         self.send(welcome)
         if stopping():
             self._cut()
+            return True
+        with self.app.app_context():
+            try:
+                machine = db.session.get(Machine, self.machine_id)
+                if machine is not None:
+                    scheduling.reoffer(machine)  # offers it may have missed while away
+                scheduling.schedule_now()  # what waits for it
+            finally:
+                db.session.remove()
         return True
 
     def _loop(self) -> None:
-        silence = service.HEARTBEAT_S * service.ONLINE_INTERVALS
+        silence = models.HEARTBEAT_S * models.ONLINE_INTERVALS
         while True:
             raw = self.ws.receive(timeout=silence)
             if raw is None:

@@ -6,7 +6,7 @@ for its own credential (`sbk_…`, rotatable) when it registers. Only digests ar
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +18,13 @@ from app.timeutil import UTCDateTime, utcnow
 ENROLL_PREFIX = "sbm_"
 CREDENTIAL_PREFIX = "sbk_"
 MACHINE_STATES = ("online", "offline", "draining", "decommissioned")
+#: a machine's name and labels (a task's `target` names them too)
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+LABEL_PATTERN = r"[a-z0-9][a-z0-9._:-]{0,62}"
+#: seconds between a machine's heartbeats (told to it in `welcome`)
+HEARTBEAT_S = 5
+#: a machine is online while its last heartbeat is at most this many intervals old
+ONLINE_INTERVALS = 3
 
 
 class MachineToken(db.Model):
@@ -67,3 +74,20 @@ class Machine(db.Model):
     #: an admin's choice: finish the runs it has, take no new ones
     draining: Mapped[bool] = mapped_column(default=False)
     decommissioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+def executor_name(machine: Machine) -> str:
+    """What a run on this machine records as its executor."""
+    return f"machine:{machine.name}"
+
+
+def state(machine: Machine, now: datetime) -> str:
+    """The one rule for a machine's state: derived when asked, never a flag that goes stale."""
+    if machine.decommissioned_at is not None:
+        return "decommissioned"
+    if machine.draining:
+        return "draining"
+    beat = machine.last_heartbeat_at
+    if beat is not None and now - beat <= timedelta(seconds=HEARTBEAT_S * ONLINE_INTERVALS):
+        return "online"
+    return "offline"

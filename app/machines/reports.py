@@ -18,9 +18,8 @@ from flask import current_app
 from app.database import db
 from app.errors import Conflict, NotFound
 from app.live import pubsub
-from app.machines import protocol
-from app.machines.models import Machine
-from app.machines.service import executor_name
+from app.machines import protocol, scheduling
+from app.machines.models import Machine, executor_name
 from app.runs import service as runs
 from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, status_in
 from app.timeutil import utcnow
@@ -69,9 +68,10 @@ def heartbeat(machine: Machine, frame: dict[str, Any]) -> Frames:
     if frame.get("agents") is not None:
         machine.agents = frame["agents"]
     executor = executor_name(machine)
+    # the runs it took (an offer not yet accepted keeps its own short lease)
     db.session.execute(
         sa.update(Run)
-        .where(Run.executor == executor, status_in(RUN_ACTIVE))
+        .where(Run.executor == executor, status_in({"running", "waiting"}))
         .values(lease_expires_at=now + timedelta(seconds=_lease_s()))
         .execution_options(synchronize_session=False)
     )
@@ -85,14 +85,18 @@ def heartbeat(machine: Machine, frame: dict[str, Any]) -> Frames:
         )
     )
     db.session.commit()
+    if frame.get("free_slots"):
+        scheduling.schedule_now()  # what waits for a slot (a cap freed elsewhere, a retry)
     grace = int(current_app.config["SWITCHBOARD_STOP_GRACE_SECONDS"])
     return [{"type": "stop", "run_id": run_id, "grace_s": grace} for run_id in stops]
 
 
 def accept(machine: Machine, frame: dict[str, Any]) -> Frames:
+    """The machine takes the run: it is `running` from now (preparing its workspace, then its
+    agent), its lease renewed by the machine's heartbeats."""
     run = _run(machine, frame["run_id"])
     if run.status == "assigned":
-        runs.renew_lease(run.id, run.executor or "", _lease_s())
+        runs.mark_running(run, pid=None, agent_version=None, lease_s=_lease_s())
     return []
 
 
@@ -111,6 +115,7 @@ def reject(machine: Machine, frame: dict[str, Any]) -> Frames:
 
 
 def started(machine: Machine, frame: dict[str, Any]) -> Frames:
+    """Its agent started: its pid and version (the run is running since `accept`)."""
     run = _run(machine, frame["run_id"])
     if run.status == "assigned":
         runs.mark_running(
@@ -119,6 +124,10 @@ def started(machine: Machine, frame: dict[str, Any]) -> Frames:
             agent_version=frame.get("agent_version"),
             lease_s=_lease_s(),
         )
+    elif run.status in RUN_ACTIVE:
+        run.pid = frame.get("pid")
+        run.agent_version = frame.get("agent_version") or run.agent_version
+        db.session.commit()
     return []
 
 
@@ -178,6 +187,7 @@ def finished(machine: Machine, frame: dict[str, Any]) -> Frames:
         **facts,
         **extra,
     )
+    scheduling.schedule_now()  # its slot is free
     return [{"type": "ack", "run_id": run.id, "finished": True}]
 
 

@@ -7,6 +7,7 @@ from app.extensions import Blueprint, sock
 from app.live.sse import process_streams
 from app.machines import protocol, service
 from app.machines.connection import Connection
+from app.machines.models import executor_name
 from app.machines.schemas import (
     MachineCountsSchema,
     MachineListSchema,
@@ -188,7 +189,7 @@ class MachineRuns(MethodView):
         machine = service.get_machine(machine_id)
         return runs.list_runs(
             projects.visible_project_ids(current_principal()),
-            executor_is=service.executor_name(machine),
+            executor_is=executor_name(machine),
             cursor=args.get("cursor"),
             limit=args["limit"],
         ).response()

@@ -19,32 +19,20 @@ from app.auth.tokens import digest, new_opaque
 from app.database import db
 from app.errors import Conflict, NotFound, Unauthorized
 from app.live import pubsub
-from app.machines.models import CREDENTIAL_PREFIX, ENROLL_PREFIX, Machine, MachineToken
+from app.machines import models, scheduling
+from app.machines.models import (
+    CREDENTIAL_PREFIX,
+    ENROLL_PREFIX,
+    Machine,
+    MachineToken,
+    executor_name,
+)
 from app.runs import sweep
 from app.timeutil import utcnow
 
-#: seconds between a machine's heartbeats (told to it in `welcome`)
-HEARTBEAT_S = 5
-#: a machine is online while its last heartbeat is at most this many intervals old
-ONLINE_INTERVALS = 3
-
-
-def executor_name(machine: Machine) -> str:
-    """What a run on this machine records as its executor."""
-    return f"machine:{machine.name}"
-
 
 def state(machine: Machine, now: datetime | None = None) -> str:
-    """The one rule for a machine's state."""
-    if machine.decommissioned_at is not None:
-        return "decommissioned"
-    if machine.draining:
-        return "draining"
-    beat = machine.last_heartbeat_at
-    now = now or utcnow()
-    if beat is not None and now - beat <= timedelta(seconds=HEARTBEAT_S * ONLINE_INTERVALS):
-        return "online"
-    return "offline"
+    return models.state(machine, now or utcnow())
 
 
 # -- enrollment tokens -------------------------------------------------------------------------
@@ -233,6 +221,7 @@ def update(machine: Machine, data: dict[str, Any]) -> Machine:
         machine.slots = data["slots"]
     audit.record("machine.update", target_type="machine", target_id=machine.id, payload=data)
     db.session.commit()
+    scheduling.schedule_now()  # more slots, or labels that runs wait for
     return machine
 
 
@@ -244,6 +233,8 @@ def set_draining(machine: Machine, draining: bool) -> Machine:
         audit.record(action, target_type="machine", target_id=machine.id)
     db.session.commit()
     pubsub.to_machine(machine.id, {"frame": {"type": "drain" if draining else "undrain"}})
+    if not draining:
+        scheduling.schedule_now()
     return machine
 
 

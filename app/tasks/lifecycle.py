@@ -19,6 +19,7 @@ from app.live import pubsub
 from app.projects.models import Project
 from app.queues import get_queue
 from app.runs.models import Run
+from app.tasks import limits
 from app.tasks.models import PRIORITY_RANK, TASK_TERMINAL, Task, TaskDependency
 from app.timeutil import utcnow
 
@@ -72,6 +73,8 @@ def new_attempt(task: Task, *, reason: str | None = None) -> Run:
     note_task(task)
     if task.target == POOL_TARGET:
         dispatch(task.project_id)
+    elif limits.for_machines(task.target):
+        events.machine_run_queued.send(run=run, task=task)
     return run
 
 
@@ -238,8 +241,10 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
 
 def dispatch_at_creation(target: str, cap: int | None) -> bool | None:
     """Whether a new task's first run goes to the worker pool's queue as it is created: True
-    (a pool task, no cap), False (another target: an executor claims it), None (a capped
-    project: `dispatch` counts the busy runs)."""
+    (a pool task, no cap), False (an external executor claims it), None (a capped project:
+    `dispatch` counts the busy runs; or a machine's task: the ordinary path schedules it)."""
+    if limits.for_machines(target):
+        return None  # the machines' scheduler takes it, in the creation's transaction
     if target != POOL_TARGET:
         return False
     return True if cap is None else None

@@ -31,7 +31,11 @@ class TaskCreateSchema(Schema):
     )
     target = ma.fields.Str(
         load_default="pool",
-        metadata={"description": "`pool` (the server's workers) or `external` (claimed over REST)"},
+        validate=ma.validate.Length(1, 200),
+        metadata={
+            "description": "`pool` (the server's workers), `external` (claimed over REST), "
+            "`machine:<name>` (that machine) or `labels:<a>,<b>` (any machine with all of them)"
+        },
     )
     priority = ma.fields.Str(load_default="normal", validate=ma.validate.OneOf(PRIORITIES))
     depends_on = ma.fields.List(

@@ -250,10 +250,9 @@ def refusal(agent: str, target: str, agents: Collection[str]) -> ValidationFaile
             "Unknown agent.",
             {"agent": [f"unknown agent {agent!r}; known: {', '.join(sorted(agents))}"]},
         )
-    if target not in limits.TARGETS:
-        return ValidationFailed(
-            "Unknown target.", {"target": [f"one of {', '.join(limits.TARGETS)}"]}
-        )
+    wrong = limits.target_refusal(target)
+    if wrong is not None:
+        return ValidationFailed("Unknown target.", {"target": [wrong]})
     return None
 
 

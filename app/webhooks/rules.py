@@ -52,8 +52,9 @@ def _check_rule(project: Project, data: dict[str, Any]) -> dict[str, Any]:
         if agent and agent not in known_agents():
             errors["task.agent"] = [f"unknown agent {agent!r}"]
         target = task.get("target")
-        if target and target not in limits.TARGETS:
-            errors["task.target"] = [f"one of {', '.join(limits.TARGETS)}"]
+        wrong = limits.target_refusal(target) if target else None
+        if wrong is not None:
+            errors["task.target"] = [wrong]
         values["task"] = {k: v for k, v in task.items() if v is not None}
     if errors:
         raise ValidationFailed("The rule is not valid.", errors)
