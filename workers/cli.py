@@ -80,6 +80,90 @@ def worker(processes: int | None, queues: str | None, burst: bool, child: bool) 
     Supervisor(app, count, names).run()
 
 
+# -- machine: a host of your own running agents for a server (no app, no database) ------------
+
+
+DEFAULT_STATE_DIR = Path("~/.config/switchboard")
+
+
+@main.group("machine")
+def machine_group() -> None:
+    """Run agents on this host for a Switchboard server (docs/machines.md)."""
+
+
+@machine_group.command("register")
+@click.option("--server", required=True, envvar="SWITCHBOARD_SERVER", help="The server's URL.")
+@click.option("--token", required=True, envvar="SWITCHBOARD_ENROLLMENT_TOKEN", help="sbm_…")
+@click.option("--name", default=None, help="Default: this host's name.")
+@click.option("--labels", default="", help="Comma-separated, e.g. linux,gpu.")
+@click.option("--slots", type=click.IntRange(1, 256), default=1, help="Runs at once.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR)
+def machine_register(
+    server: str, token: str, name: str | None, labels: str, slots: int, state_dir: Path
+) -> None:
+    """Register this host with an enrollment token; its credential is kept in --state-dir."""
+    from workers import machine
+
+    state_dir = state_dir.expanduser()
+    try:
+        state = machine.register(
+            server,
+            token,
+            state_dir,
+            name=name,
+            labels=[x.strip() for x in labels.split(",") if x.strip()],
+            slots=slots,
+            custom_agents=os.environ.get("SWITCHBOARD_AGENTS"),
+        )
+    except machine.MachineError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"registered machine {state['name']} (id {state['machine_id']}); "
+        f"its credential is in {state_dir / machine.STATE_FILE}"
+    )
+
+
+@machine_group.command("run")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR)
+@click.option(
+    "--sandbox",
+    type=click.Choice(["auto", "bwrap", "none"]),
+    envvar="SWITCHBOARD_SANDBOX",
+    default="auto",
+    help="Run agents under bubblewrap (auto: when it works here).",
+)
+@click.option(
+    "--env-passthrough",
+    envvar="SWITCHBOARD_AGENT_ENV_PASSTHROUGH",
+    default="",
+    help="Names of this host's variables agents also get (e.g. ANTHROPIC_API_KEY).",
+)
+@click.option(
+    "--allow-local-repos", is_flag=True, hidden=True, envvar="SWITCHBOARD_ALLOW_LOCAL_REPOS"
+)
+def machine_run(
+    state_dir: Path, sandbox: str, env_passthrough: str, allow_local_repos: bool
+) -> None:
+    """Connect to the server and run the agents it assigns (SIGTERM: finish them and stop;
+    a second SIGTERM stops them)."""
+    import logging
+
+    from workers import machine
+    from workers.sandbox import SandboxUnavailable
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        machine.run(
+            state_dir.expanduser(),
+            sandbox_setting=sandbox,
+            passthrough=[x.strip() for x in env_passthrough.split(",") if x.strip()],
+            allow_local_repos=allow_local_repos,
+            custom_agents=os.environ.get("SWITCHBOARD_AGENTS"),
+        )
+    except (machine.MachineError, SandboxUnavailable) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 # -- dev launcher (outside the app: it only prepares and hands over to honcho) -----------------
 
 
