@@ -99,6 +99,12 @@ machine_run_queued = Event(
     task): an eligible machine with a free slot may take it now, in this transaction.""",
 )
 
+run_stop_requested = Event(
+    "run-stop-requested",
+    """A person asked a held run to stop (kwargs: run): its executor is told (the worker pool
+    hears the run's control channel; a machine, its own).""",
+)
+
 project_capacity_changed = Event(
     "project-capacity-changed",
     """A project's concurrency cap changed (kwargs: project_id): queued runs may fit now.""",

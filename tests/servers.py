@@ -98,10 +98,11 @@ class LiveServer(Background):
     """A real gunicorn serving the test database and Redis, for what the test client cannot
     show: sockets, threads, streaming to a browser."""
 
-    def __init__(self, app: Flask, **extra: str) -> None:
+    def __init__(self, app: Flask, port: int | None = None, **extra: str) -> None:
+        """`port`: a port of its own, or the one a stopped server had (a restart)."""
         import sys
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(app.config["SWITCHBOARD_INSTANCE_PATH"]) / f"web-{self.port}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()

@@ -338,6 +338,7 @@ def test_rq_records_a_runs_job_as_started_once_the_agent_runs(client, member, pr
         job = Job.fetch(job_id(t["latest_run_id"]), connection=conn)
         wait_for(lambda: job.get_status(refresh=True) == "started", timeout=5)
         assert job.id in StartedJobRegistry("runs-default", connection=conn).get_job_ids()
+        job.refresh()  # fetched maybe before the start was recorded: its worker too
         assert job.worker_name
     wait_status(client, member, t["id"], "completed")
     with app.app_context():

@@ -134,7 +134,7 @@ def test_state_is_derived_from_heartbeats_and_admin_choices(app, client, admin, 
     url = f"/api/v1/machines/{reg['machine_id']}"
     with app.app_context():
         machine = db.session.get(Machine, reg["machine_id"])
-        machine.last_heartbeat_at = utcnow()
+        machine.last_heartbeat_at, machine.connection = utcnow(), "its-connection"
         db.session.commit()
     assert client.get(url, headers=member.headers).get_json()["state"] == "online"
     online = client.get("/api/v1/machines?state=online", headers=member.headers).get_json()
@@ -142,6 +142,11 @@ def test_state_is_derived_from_heartbeats_and_admin_choices(app, client, admin, 
     with app.app_context():
         machine = db.session.get(Machine, reg["machine_id"])
         machine.last_heartbeat_at = utcnow() - timedelta(seconds=16)  # three intervals missed
+        db.session.commit()
+    assert client.get(url, headers=member.headers).get_json()["state"] == "offline"
+    with app.app_context():  # heard from lately, but its connection closed
+        machine = db.session.get(Machine, reg["machine_id"])
+        machine.last_heartbeat_at, machine.connection = utcnow(), None
         db.session.commit()
     assert client.get(url, headers=member.headers).get_json()["state"] == "offline"
 

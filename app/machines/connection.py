@@ -97,6 +97,16 @@ class Connection:
             if self.subscription is not None:
                 with self.app.app_context():
                     self.subscription.close()
+            if self.machine_id is not None:
+                with self.app.app_context():
+                    try:
+                        service.disconnected(self.machine_id, self.id)
+                    except Exception:  # the database away: its heartbeats stop all the same
+                        log.warning(
+                            "machine %s: could not record its disconnection", self.machine_id
+                        )
+                    finally:
+                        db.session.remove()
 
     def _authenticate(self) -> bool:
         raw = self.ws.receive(timeout=AUTH_TIMEOUT_S)
@@ -123,6 +133,7 @@ class Connection:
                 self.machine_id = machine.id
                 machine.client_version = frame.get("client_version") or machine.client_version
                 machine.last_heartbeat_at = utcnow()
+                machine.connection = self.id
                 welcome = {
                     "type": "welcome",
                     "machine_id": machine.id,

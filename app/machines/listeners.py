@@ -1,5 +1,6 @@
 """What the machines hear on the event bus: a run for machines was queued, so a machine with a
-free slot may take it at once (in the transaction that queued it)."""
+free slot may take it at once (in the transaction that queued it); a run on a machine is to
+stop, so its machine is told now (not at its next heartbeat)."""
 
 from __future__ import annotations
 
@@ -13,5 +14,10 @@ def _queued(*, run: Any, **_: Any) -> None:
     scheduling.schedule(only_run=run.id)
 
 
+def _stop_requested(*, run: Any, **_: Any) -> None:
+    scheduling.tell_stop(run)
+
+
 def connect() -> None:
     events.machine_run_queued.connect(_queued)
+    events.run_stop_requested.connect(_stop_requested)

@@ -71,6 +71,9 @@ class Machine(db.Model):
     #: the last heartbeat and its figures (free slots, CPU, memory, disk, load)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    #: the connection serving it now (its id), if one does: a closed one takes the machine
+    #: offline at once, unless a newer connection of it took over
+    connection: Mapped[str | None] = mapped_column(sa.String(32))
     #: an admin's choice: finish the runs it has, take no new ones
     draining: Mapped[bool] = mapped_column(default=False)
     decommissioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -82,12 +85,13 @@ def executor_name(machine: Machine) -> str:
 
 
 def state(machine: Machine, now: datetime) -> str:
-    """The one rule for a machine's state: derived when asked, never a flag that goes stale."""
+    """The one rule for a machine's state: derived when asked, never a flag that goes stale.
+    Online: connected (its connection closed takes it offline at once) and heard from lately
+    (a host that vanished without closing is offline after three missed heartbeats)."""
     if machine.decommissioned_at is not None:
         return "decommissioned"
     if machine.draining:
         return "draining"
     beat = machine.last_heartbeat_at
-    if beat is not None and now - beat <= timedelta(seconds=HEARTBEAT_S * ONLINE_INTERVALS):
-        return "online"
-    return "offline"
+    recent = beat is not None and now - beat <= timedelta(seconds=HEARTBEAT_S * ONLINE_INTERVALS)
+    return "online" if machine.connection is not None and recent else "offline"

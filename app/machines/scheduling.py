@@ -218,6 +218,22 @@ def schedule_now() -> list[tuple[int, int]]:
         raise
 
 
+def tell_stop(run: Run) -> None:
+    """A run on a machine is to stop: its machine hears it after commit (and again with each
+    heartbeat until the run ends)."""
+    executor = run.executor or ""
+    if not executor.startswith("machine:"):
+        return
+    machine_id = db.session.scalar(
+        sa.select(Machine.id).where(Machine.name == executor.removeprefix("machine:"))
+    )
+    if machine_id is None:
+        return
+    grace = int(current_app.config["SWITCHBOARD_STOP_GRACE_SECONDS"])
+    frame = {"type": "stop", "run_id": run.id, "grace_s": grace}
+    after_commit(lambda: pubsub.to_machine(machine_id, {"frame": frame}))
+
+
 def reoffer(machine: Machine) -> int:
     """A machine (re)connected: the runs offered to it and not yet accepted are offered again
     (the first offer may have gone to a connection that was closing), each with a new token."""

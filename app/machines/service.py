@@ -183,6 +183,18 @@ def rotate_credential(machine_id: int, credential: str) -> tuple[Machine, str]:
     return machine, fresh
 
 
+def disconnected(machine_id: int, connection: str) -> None:
+    """Its connection closed: offline now (not after three missed heartbeats), unless a newer
+    connection of it took over meanwhile. Its runs keep their leases: it may be back at once."""
+    db.session.execute(
+        sa.update(Machine)
+        .where(Machine.id == machine_id, Machine.connection == connection)
+        .values(connection=None)
+        .execution_options(synchronize_session=False)
+    )
+    db.session.commit()
+
+
 # -- what admins and users see and do ----------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import joinedload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
+from app import events
 from app.database import after_commit, db, on_postgresql
 from app.errors import Conflict, NotFound
 from app.live import pubsub
@@ -343,6 +344,7 @@ def request_stop(run: Run) -> Run:
         return finish(run.id, "cancelled", summary="stopped before it started")
     if run.stop_requested_at is None:
         run.stop_requested_at = utcnow()
+        events.run_stop_requested.send(run=run)
         db.session.commit()
     pubsub.request_stop(run.id)
     return run

@@ -48,6 +48,7 @@ def upgrade():
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('last_heartbeat_at', sa.DateTime(), nullable=True),
     sa.Column('heartbeat', sa.JSON(), nullable=False),
+    sa.Column('connection', sa.String(length=32), nullable=True),
     sa.Column('draining', sa.Boolean(), nullable=False),
     sa.Column('decommissioned_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['enrolled_with'], ['machine_tokens.id'], name=op.f('fk_machines_enrolled_with_machine_tokens'), ondelete='SET NULL'),
