@@ -397,6 +397,12 @@ def test_an_offer_missed_is_made_again_and_one_not_taken_goes_back(
     assert offer["run_id"] == first["run_id"]
     assert offer["env"]["SWITCHBOARD_RUN_TOKEN"] != first["env"]["SWITCHBOARD_RUN_TOKEN"]
     again.close()
+
+    def server_done_with_it() -> bool:  # its connection's thread has ended (it schedules too)
+        with app.app_context():
+            return db.session.get(Machine, registered["machine_id"]).connection is None
+
+    wait_for(server_done_with_it, timeout=10)
     with app.app_context():  # the machine is gone for good: its offer expires
         machine = db.session.get(Machine, registered["machine_id"])
         machine.last_heartbeat_at = utcnow() - timedelta(minutes=5)

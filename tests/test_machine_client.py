@@ -283,3 +283,26 @@ def test_sigterm_drains_the_machine(app, client, admin, member, project, live2, 
         assert waiting["status"] == "queued"
     finally:
         box.stop()
+
+
+def test_an_admin_drains_and_undrains_a_machine(
+    app, client, admin, member, project, live2, tmp_path
+):
+    box = MachineProcess(client, admin, live2, tmp_path, "m1")
+    try:
+        wait_for(lambda: _machine_online(client, member, "m1"), timeout=20)
+        machine_id = client.get("/api/v1/machines", headers=member.headers).json["data"][0]["id"]
+        first = _task(client, member, "sleep 1.5; echo first")
+        _until(client, member, first["id"], "running")
+        drained = client.post(f"/api/v1/machines/{machine_id}/drain", headers=admin.headers)
+        assert drained.json["state"] == "draining"
+        later = _task(client, member, "echo later")
+        done = _until(client, member, first["id"], {"completed", "failed"})
+        assert done["status"] == "completed", box.output()  # the running one finishes
+        waiting = client.get(f"/api/v1/tasks/{later['id']}", headers=member.headers).json
+        assert waiting["status"] == "queued" and "no online machine" in waiting["status_reason"]
+        client.post(f"/api/v1/machines/{machine_id}/undrain", headers=admin.headers)
+        resumed = _until(client, member, later["id"], {"completed", "failed"})
+        assert resumed["status"] == "completed", box.output()
+    finally:
+        box.stop()
