@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from helpers import wait_for
 from servers import LiveServer
 from simple_websocket import Client, ConnectionClosed
@@ -414,3 +415,35 @@ def test_an_offer_missed_is_made_again_and_one_not_taken_goes_back(
     detail = client.get(f"/api/v1/tasks/{task['id']}", headers=member.headers).get_json()
     assert detail["attempts"] == 1 and len(detail["runs"]) == 1  # no attempt spent
     assert detail["status_reason"] == "waiting: no online machine among the machine box"
+
+
+def test_machine_states_reach_the_activity_feed_and_subscriptions(
+    app, client, admin, registered, live2, monkeypatch
+):
+    """What admins watch: online, draining, offline, decommissioned, as activity entries of no
+    project and as outbound events of an installation-wide subscription."""
+    from test_subscriptions import LOOPBACK, deliveries, subscribe
+
+    from app.activity.models import Activity
+
+    monkeypatch.setitem(app.config, "SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", LOOPBACK)
+    sub = subscribe(client, admin, "http://127.0.0.1:9/hook", events=["machine.online", "*"])
+    peer = Peer(live2, registered["machine_id"], registered["credential"])
+    url = f"/api/v1/machines/{registered['machine_id']}"
+    client.post(f"{url}/drain", headers=admin.headers)
+    client.post(f"{url}/undrain", headers=admin.headers)
+    peer.close()
+    wait_for(lambda: client.get(url, headers=admin.headers).json["state"] == "offline")
+    client.delete(url, headers=admin.headers)
+
+    def kinds():
+        with app.app_context():
+            rows = db.session.scalars(sa.select(Activity).order_by(Activity.id)).all()
+            return [(r.kind, r.project_id, r.data["name"]) for r in rows]
+
+    expected = ["machine.online", "machine.draining", "machine.online", "machine.offline",
+                "machine.decommissioned"]  # fmt: skip
+    wait_for(lambda: [k for k, _, _ in kinds()] == expected)
+    assert {(p, n) for _, p, n in kinds()} == {(None, "box")}
+    sent = [d["event"] for d in deliveries(client, admin, sub["id"])]
+    assert sorted(sent) == sorted(expected)

@@ -26,7 +26,6 @@ from app.live import pubsub
 from app.live.hub import Subscription, hub, stopping
 from app.machines import models, protocol, reports, scheduling, service
 from app.machines.models import Machine
-from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +130,7 @@ class Connection:
                 return False
             try:
                 self.machine_id = machine.id
-                machine.client_version = frame.get("client_version") or machine.client_version
-                machine.last_heartbeat_at = utcnow()
-                machine.connection = self.id
+                service.connected(machine, self.id, frame.get("client_version"))
                 welcome = {
                     "type": "welcome",
                     "machine_id": machine.id,

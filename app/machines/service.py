@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from app.activity import service as activity
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.auth.tokens import digest, new_opaque
@@ -183,16 +184,38 @@ def rotate_credential(machine_id: int, credential: str) -> tuple[Machine, str]:
     return machine, fresh
 
 
+def connected(machine: Machine, connection: str, client_version: str | None) -> None:
+    """A connection of the machine authenticated: it is online (said in the activity feed when
+    it was not), and that connection is its own now (in the caller's transaction)."""
+    was = state(machine)
+    machine.client_version = client_version or machine.client_version
+    machine.last_heartbeat_at = utcnow()
+    machine.connection = connection
+    if was != state(machine):
+        _said(machine, "machine.online")
+
+
 def disconnected(machine_id: int, connection: str) -> None:
     """Its connection closed: offline now (not after three missed heartbeats), unless a newer
     connection of it took over meanwhile. Its runs keep their leases: it may be back at once."""
-    db.session.execute(
+    gone = db.session.execute(
         sa.update(Machine)
         .where(Machine.id == machine_id, Machine.connection == connection)
         .values(connection=None)
         .execution_options(synchronize_session=False)
-    )
+    ).rowcount
+    machine = db.session.get(Machine, machine_id) if gone else None
+    if machine is not None and machine.decommissioned_at is None and not machine.draining:
+        _said(machine, "machine.offline")
     db.session.commit()
+
+
+def _said(machine: Machine, kind: str) -> None:
+    """A machine's change of state, in the activity feed (an installation's, of no project:
+    admins see it) and so to the subscriptions that ask for it."""
+    activity.record(
+        None, kind, {"machine_id": machine.id, "name": machine.name, "labels": machine.labels}
+    )
 
 
 # -- what admins and users see and do ----------------------------------------------------------
@@ -243,6 +266,7 @@ def set_draining(machine: Machine, draining: bool) -> Machine:
         machine.draining = draining
         action = "machine.drain" if draining else "machine.undrain"
         audit.record(action, target_type="machine", target_id=machine.id)
+        _said(machine, "machine.draining" if draining else f"machine.{state(machine)}")
     db.session.commit()
     pubsub.to_machine(machine.id, {"frame": {"type": "drain" if draining else "undrain"}})
     if not draining:
@@ -258,6 +282,7 @@ def decommission(machine: Machine) -> Machine:
     machine.decommissioned_at = utcnow()
     machine.credential_hash = digest(new_opaque(CREDENTIAL_PREFIX))  # nothing can match it
     audit.record("machine.decommission", target_type="machine", target_id=machine.id)
+    _said(machine, "machine.decommissioned")
     db.session.commit()
     pubsub.to_machine(machine.id, {"close": "decommissioned"})
     sweep.executor_gone(executor_name(machine), f"machine {machine.name} was decommissioned")

@@ -57,6 +57,8 @@ def outbound_events(kind: str, data: dict[str, Any]) -> list[str]:
             return ["run.started"]
         if status in RUN_TERMINAL:
             return ["run.finished"]
+    if kind.startswith("machine."):
+        return [kind]
     return []
 
 

@@ -10,7 +10,18 @@ from app.database import db
 from app.timeutil import UTCDateTime, utcnow
 
 #: the events a subscription may ask for ("*" is all of them)
-EVENTS = ("task.created", "task.status", "task.finished", "run.started", "run.finished")
+EVENTS = (
+    "task.created",
+    "task.status",
+    "task.finished",
+    "run.started",
+    "run.finished",
+    # a machine's state changed (to an installation-wide subscription: they belong to no project)
+    "machine.online",
+    "machine.offline",
+    "machine.draining",
+    "machine.decommissioned",
+)
 DELIVERY_STATES = ("pending", "delivering", "delivered", "dead")
 
 
