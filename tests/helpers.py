@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from app.config import normalise_database_url
+from workers.process import child_pids
 
 #: the webhook secret of the `gh` source fixture
 GH_SECRET = "gh-webhook-secret-for-tests"
@@ -226,3 +227,14 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, theirs, …)."""
+    found, todo = set(), [pid]
+    while todo:
+        for child in child_pids(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

@@ -23,13 +23,12 @@ from pathlib import Path
 import pytest
 from helpers import (
     PrivateRedis,
+    descendants,
     drop_postgres_database,
     free_port,
     fresh_postgres_database,
     wait_for,
 )
-
-from workers.process import child_pids
 
 ROOT = Path(__file__).parent.parent
 ADMIN_PASSWORD = "config-var-admin-password"
@@ -64,16 +63,6 @@ def _call(base: str, method: str, path: str, body=None, token: str | None = None
         return exc.code, json.loads(exc.read() or b"null")
     except OSError:  # not listening (yet)
         return 0, None
-
-
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for child in child_pids(todo.pop()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _alive(pids: set[int]) -> set[int]:
@@ -206,7 +195,7 @@ def test_buildpack_release_and_procfile_serve_a_task_and_stop_within_10s(tmp_pat
         stream = conn.getresponse()
         assert stream.status == 200 and stream.read1(100).startswith(b": stream open")
 
-        everything = _descendants(honcho.pid) | {honcho.pid}
+        everything = descendants(honcho.pid) | {honcho.pid}
         stopped_at = time.monotonic()
         honcho.send_signal(signal.SIGTERM)
         honcho.wait(timeout=10)

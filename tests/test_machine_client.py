@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import descendants, wait_for
 from servers import FAKE_AGENTS, LiveServer
 from test_live_streams import _frames, _stream
 
@@ -244,7 +244,7 @@ def test_stop_reaches_the_remote_run_and_nothing_of_it_survives(
             return log["text"] == "working\n"
 
         wait_for(printed, timeout=15)
-        agent = _descendants(box.proc.pid)  # the agent's shell and its sleep
+        agent = descendants(box.proc.pid)  # the agent's shell and its sleep
         assert agent
         asked = time.monotonic()
         client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers)
@@ -256,16 +256,6 @@ def test_stop_reaches_the_remote_run_and_nothing_of_it_survives(
         assert not [pid for pid in agent if Path(f"/proc/{pid}").exists()]
     finally:
         box.stop()
-
-
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for child in child_pids(todo.pop()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def test_sigterm_drains_the_machine(app, client, admin, member, project, live2, tmp_path):
