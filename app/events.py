@@ -105,6 +105,13 @@ run_stop_requested = Event(
     hears the run's control channel; a machine, its own).""",
 )
 
+maintenance_sweep = Event(
+    "maintenance-sweep",
+    """The maintenance sweep begins (kwargs: none): a module with its own repairs does them now,
+    committing its own transactions (machines: offers not taken go back, what waits is assigned,
+    before expired leases are counted lost).""",
+)
+
 project_capacity_changed = Event(
     "project-capacity-changed",
     """A project's concurrency cap changed (kwargs: project_id): queued runs may fit now.""",

@@ -1,6 +1,7 @@
 """What the machines hear on the event bus: a run for machines was queued, so a machine with a
 free slot may take it at once (in the transaction that queued it); a run on a machine is to
-stop, so its machine is told now (not at its next heartbeat)."""
+stop, so its machine is told now (not at its next heartbeat); the maintenance sweep runs, so
+offers not taken go back and what waits is assigned."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def _stop_requested(*, run: Any, **_: Any) -> None:
     scheduling.tell_stop(run)
 
 
+def _sweep(**_: Any) -> None:
+    scheduling.sweep()
+
+
 def connect() -> None:
     events.machine_run_queued.connect(_queued)
+    events.maintenance_sweep.connect(_sweep)
     events.run_stop_requested.connect(_stop_requested)

@@ -18,9 +18,6 @@ from app.timeutil import UTCDateTime, utcnow
 ENROLL_PREFIX = "sbm_"
 CREDENTIAL_PREFIX = "sbk_"
 MACHINE_STATES = ("online", "offline", "draining", "decommissioned")
-#: a machine's name and labels (a task's `target` names them too)
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-LABEL_PATTERN = r"[a-z0-9][a-z0-9._:-]{0,62}"
 #: seconds between a machine's heartbeats (told to it in `welcome`)
 HEARTBEAT_S = 5
 #: a machine is online while its last heartbeat is at most this many intervals old

@@ -23,7 +23,6 @@ from rq.job import Job, JobStatus
 
 from app import events
 from app.database import db
-from app.machines import scheduling as machine_scheduling
 from app.queues import get_redis
 from app.runs import service as runs
 from app.runs.models import Run
@@ -147,9 +146,8 @@ def retention() -> dict[str, int]:
 
 
 def sweep() -> dict[str, int]:
+    events.maintenance_sweep.send()  # first: an offer a machine never took is not lost
     result = {
-        # offers a machine never took go back first: no agent ran, they are not lost
-        "offers_reclaimed": machine_scheduling.reclaim_unstarted(),
         "lost": expire_leases(),
         "timed_out": time_out_external(),
         "requeued": requeue_lost_jobs(),
@@ -159,6 +157,5 @@ def sweep() -> dict[str, int]:
         **deliveries.sweep(),
     }
     db.session.commit()
-    result["machine_runs_assigned"] = len(machine_scheduling.schedule_now())
     result.update(retention())
     return result

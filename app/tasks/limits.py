@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 
-from app.machines.models import LABEL_PATTERN, NAME_PATTERN
-
 TITLE_MAX = 300
 #: characters of a prompt, whoever writes it (a person, a script, a rule's template)
 PROMPT_MAX = 512 * 1024
@@ -18,6 +16,9 @@ DONE_MARKER_MAX = 500
 #: where a task runs: the server's worker pool, an executor that claims it over REST, one named
 #: machine, or any machine with all the labels
 TARGETS = ("pool", "external", "machine:<name>", "labels:<a>,<b>")
+#: a machine's name and a machine label (machines are registered under them)
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+LABEL_PATTERN = r"[a-z0-9][a-z0-9._:-]{0,62}"
 MACHINE_TARGET = "machine:"
 LABELS_TARGET = "labels:"
 LABELS_MAX = 16
