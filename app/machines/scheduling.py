@@ -149,8 +149,8 @@ def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
         .limit(BATCH)
     )
     if only_run is not None:
-        stmt = stmt.where(Run.id == only_run)
-    if not db.session.execute(stmt).first():
+        stmt = stmt.where(Run.id == only_run)  # it waits: it was just queued
+    elif not db.session.execute(stmt).first():
         return []  # nothing waits: no lock taken (heartbeats ask this often)
     _lock()
     waiting = db.session.execute(stmt).all()  # again, now that no other scheduler runs
@@ -303,10 +303,11 @@ def _assignment(run_id: int, token: str) -> dict[str, Any]:
     """The run's spec, to publish on the machine's channel once the assignment commits. Its
     environment (the project's secrets, the run's token) travels sealed with the server's
     secrets key: only a server process opens it, to write it to the machine's socket."""
-    run, task = db.session.execute(
-        sa.select(Run, Task).join(Task, Task.id == Run.task_id).where(Run.id == run_id)
-    ).one()
+    run = db.session.get(Run, run_id)  # in the session already when it was just queued
+    assert run is not None
+    task = db.session.get(Task, run.task_id)
     project = db.session.get(Project, run.project_id)
+    assert task is not None
     assert project is not None
     cfg = current_app.config
     env = {
