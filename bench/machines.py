@@ -202,8 +202,9 @@ def idle_swarm(args, database_url: str, count: int, seconds: float) -> None:  # 
     settings = {
         **NO_LIMITS,
         "WEB_CONCURRENCY": "2",
-        "GUNICORN_THREADS": str(count // 2 + 50),
-        "SWITCHBOARD_STREAMS_PER_PROCESS": str(count // 2 + 40),
+        # gunicorn does not split connections evenly between its processes: each can hold all
+        "GUNICORN_THREADS": str(count + 50),
+        "SWITCHBOARD_STREAMS_PER_PROCESS": str(count + 40),
     }
     with Server(database_url=database_url, redis_url=args.redis_url, **settings) as server:
         c = server.client()
