@@ -43,7 +43,6 @@ from simple_websocket import Client as WsClient
 
 from workers.process import child_pids
 
-
 #: a burst of hundreds of creations is the bench's, not an abuse to limit
 NO_LIMITS = {"SWITCHBOARD_RATE_LIMIT_ENABLED": "false"}
 
