@@ -140,13 +140,23 @@ def _clean(app: Flask) -> None:
         remembered().forget()  # the ids it remembers are about to be given out again
         db.session.remove()
         tables = [t for t in reversed(db.metadata.sorted_tables)]
-        with db.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                names = ", ".join(f'"{t.name}"' for t in tables)
-                conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-            else:
-                for table in tables:
-                    conn.execute(table.delete())
+        # a live server kept for a module may still be finishing the last test's work (a
+        # machine's connection closing): TRUNCATE can meet its locks in the other order, and
+        # PostgreSQL then ends one side as a deadlock. That side is ours: we try again.
+        for attempt in range(5):
+            try:
+                with db.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        names = ", ".join(f'"{t.name}"' for t in tables)
+                        conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+                    else:
+                        for table in tables:
+                            conn.execute(table.delete())
+                break
+            except sa.exc.OperationalError as exc:
+                if "deadlock" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2)
         get_redis().flushdb()
 
 

@@ -59,36 +59,34 @@ def resume(machine: Machine, run_ids: list[int]) -> Frames:
 
 
 def heartbeat(machine: Machine, frame: dict[str, Any]) -> Frames:
-    """The machine is alive: its figures are kept, its runs' leases renewed (one statement),
-    and a stop asked for any of them is said again (the live `stop` may have been missed)."""
+    """The machine is alive: its figures are kept, its runs' leases renewed and the stops asked
+    for them read back in one statement (a stop is said again: the live one may have been
+    missed). Scheduling is asked only when the machine has more free slots than it said last."""
     now = utcnow()
+    previous_free = (machine.heartbeat or {}).get("free_slots")
     figures = {k: v for k, v in frame.items() if k not in ("type", "agents") and v is not None}
     machine.last_heartbeat_at = now
     machine.heartbeat = figures
     if frame.get("agents") is not None:
         machine.agents = frame["agents"]
-    executor = executor_name(machine)
     # the runs it took (an offer not yet accepted keeps its own short lease)
-    db.session.execute(
+    renewed = db.session.execute(
         sa.update(Run)
-        .where(Run.executor == executor, status_in({"running", "waiting"}))
+        .where(Run.executor == executor_name(machine), status_in({"running", "waiting"}))
         .values(lease_expires_at=now + timedelta(seconds=_lease_s()))
+        .returning(Run.id, Run.stop_requested_at)
         .execution_options(synchronize_session=False)
-    )
-    stops = list(
-        db.session.scalars(
-            sa.select(Run.id).where(
-                Run.executor == executor,
-                status_in(RUN_ACTIVE),
-                Run.stop_requested_at.is_not(None),
-            )
-        )
-    )
+    ).all()
     db.session.commit()
-    if frame.get("free_slots"):
+    free = frame.get("free_slots") or 0
+    if free and (previous_free is None or free > previous_free):
         scheduling.schedule_now()  # what waits for a slot (a cap freed elsewhere, a retry)
     grace = int(current_app.config["SWITCHBOARD_STOP_GRACE_SECONDS"])
-    return [{"type": "stop", "run_id": run_id, "grace_s": grace} for run_id in stops]
+    return [
+        {"type": "stop", "run_id": run_id, "grace_s": grace}
+        for run_id, stop_requested_at in renewed
+        if stop_requested_at is not None
+    ]
 
 
 def accept(machine: Machine, frame: dict[str, Any]) -> Frames:
