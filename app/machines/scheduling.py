@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -185,8 +186,9 @@ def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
             continue
         if not _project_room(project_id, caps.get(project_id), busy):
             continue
-        # the least loaded (by share of its slots), then the one that waited longest
-        free.sort(key=lambda m: (load.get(executor_name(m), 0) / m.slots, m.id))
+        # the least loaded (by share of its slots); among equals any, by chance: short runs
+        # free their slots at once, and a fixed order sent most of them to the first machine
+        free.sort(key=lambda m: (load.get(executor_name(m), 0) / m.slots, random.random()))
         for machine in free:
             token = _assign(run_id, machine, now)
             if token is None:
