@@ -24,7 +24,7 @@ from app.database import db
 from app.errors import DomainError
 from app.live import pubsub
 from app.live.hub import Subscription, hub, stopping
-from app.machines import models, protocol, reports, scheduling, service
+from app.machines import heartbeats, models, protocol, reports, scheduling, service
 from app.machines.models import Machine
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class Connection:
         self.id = uuid.uuid4().hex
         self.lock = threading.Lock()
         self.machine_id: int | None = None
+        self.holder: reports.Holder | None = None
+        #: the free slots its last heartbeat said (more now: what waits may be assigned)
+        self.free_slots: int | None = None
         self.subscription: Subscription | None = None
 
     # -- writing -------------------------------------------------------------------------------
@@ -130,6 +133,7 @@ class Connection:
                 return False
             try:
                 self.machine_id = machine.id
+                self.holder = reports.Holder.of(machine)
                 service.connected(machine, self.id, frame.get("client_version"))
                 welcome = {
                     "type": "welcome",
@@ -179,17 +183,44 @@ class Connection:
                 self.error(str(exc))
                 self.close(protocol.CLOSE_POLICY, "malformed frame")
                 return
+            if frame["type"] == "heartbeat":
+                self._heartbeat(frame)
+                continue
             for answer in self._handle(frame):
                 self.send(answer)
 
+    def _heartbeat(self, frame: dict[str, Any]) -> None:
+        """Written with the other heartbeats this process receives (`heartbeats`); answered
+        from there."""
+        assert self.holder is not None
+        free = frame.get("free_slots") or 0
+        freed = bool(free) and (self.free_slots is None or free > self.free_slots)
+        self.free_slots = free
+        figures = {k: v for k, v in frame.items() if k not in ("type", "agents") and v is not None}
+        heartbeats.collector(self.app).add(
+            heartbeats.Beat(
+                self.holder.machine_id,
+                self.holder.executor,
+                figures,
+                frame.get("agents"),
+                freed,
+                answer=self._answer_beat,
+            )
+        )
+
+    def _answer_beat(self, frames: list[dict[str, Any]] | None) -> None:
+        if frames is None:
+            self.close(protocol.CLOSE_POLICY, "decommissioned")
+            return
+        with contextlib.suppress(ConnectionClosed):
+            for frame in frames:
+                self.send(frame)
+
     def _handle(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self.holder is not None
         with self.app.app_context():
             try:
-                machine = db.session.get(Machine, self.machine_id)
-                if machine is None or machine.decommissioned_at is not None:
-                    self.close(protocol.CLOSE_POLICY, "decommissioned")
-                    return []
-                return reports.HANDLERS[frame["type"]](machine, frame)
+                return reports.HANDLERS[frame["type"]](self.holder, frame)
             except protocol.FrameError as exc:  # about a run not its own: refused, kept open
                 db.session.rollback()
                 return [{"type": "error", "detail": str(exc)[:500], "frame": frame["type"]}]

@@ -39,6 +39,14 @@ def get_run(run_id: int, *, with_project: bool = False) -> Run:
     return run
 
 
+def get_run_and_task(run_id: int) -> tuple[Run, Task] | None:
+    """The run and its task in one query (a start or an end writes both)."""
+    row = db.session.execute(
+        sa.select(Run, Task).join(Task, Task.id == Run.task_id).where(Run.id == run_id)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
 def list_runs(
     project_ids: list[int] | None,
     *,
