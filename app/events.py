@@ -95,8 +95,9 @@ lease_expired = Event(
 
 machine_run_queued = Event(
     "machine-run-queued",
-    """A run of a task that runs on machines (`machine:…`, `labels:…`) was queued (kwargs: run,
-    task): an eligible machine with a free slot may take it now, in this transaction.""",
+    """A run of a task that runs on machines (`machine:…`, `labels:…`) was queued (kwargs:
+    run_id): an eligible machine with a free slot may take it now, in the current transaction
+    (the creation's, or one of its own after a creation's fast path committed).""",
 )
 
 run_stop_requested = Event(

@@ -24,7 +24,7 @@ from helpers import Account, account
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("target", ["pool", "external"])
+@pytest.mark.parametrize("target", ["pool", "external", "labels:linux"])
 def test_plain_creation_matches_the_flask_view(
     app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, target: str
 ) -> None:
@@ -73,6 +73,50 @@ def test_plain_creation_matches_the_flask_view(
         assert (job.func_name, job.args) == ("workers.jobs.execute_run", (f["latest_run_id"],))
     else:
         assert jobs == []
+
+
+@pytest.mark.postgres
+def test_a_machine_task_is_assigned_as_the_fast_path_creates_it(
+    app: Flask, client: FlaskClient, intake: Any, admin: Account, member: Account, project: dict
+) -> None:
+    """The fast path hands a machines' task to their scheduler as the view does: an online
+    machine with a free slot gets it at once, told on its channel with the run's spec."""
+    from app.database import db
+    from app.live import pubsub
+    from app.machines.models import Machine
+    from app.queues import get_redis
+    from app.timeutil import utcnow
+
+    token = client.post("/api/v1/machine-tokens", headers=admin.headers, json={})
+    reg = client.post(
+        "/api/v1/machines/register",
+        json={
+            "enrollment_token": token.get_json()["token"],
+            "name": "box",
+            "labels": ["linux"],
+            "agents": {"shell": None},
+            "slots": 1,
+        },
+    ).get_json()
+    with app.app_context():
+        machine = db.session.get(Machine, reg["machine_id"])
+        machine.connection, machine.last_heartbeat_at = "its-connection", utcnow()
+        db.session.commit()
+        listener = get_redis().pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(pubsub.machine_channel(reg["machine_id"]))
+    body = {"project": "demo", "title": "t", "prompt": "echo hi", "target": "labels:linux"}
+    first = post_task(client, member, body, False, intake).get_json()
+    second = post_task(client, member, body, False, intake).get_json()  # no slot left
+    run = client.get(f"/api/v1/runs/{first['latest_run_id']}", headers=member.headers).get_json()
+    assert (run["status"], run["executor"]) == ("assigned", "machine:box")
+    told = [m for _channel, m in hear(listener, 1)]
+    assert told[0]["frame"]["run"]["run_id"] == first["latest_run_id"]
+    assert told[0]["frame"]["run"]["prompt"] == "echo hi" and "sealed_env" in told[0]
+    waiting = client.get(f"/api/v1/tasks/{second['id']}", headers=member.headers).get_json()
+    assert waiting["status"] == "queued"
+    assert waiting["status_reason"] == (
+        "waiting: every slot of the machines with labels linux is busy"
+    )
 
 
 def asked(who: Account, bodies: list[dict]) -> list[Any]:

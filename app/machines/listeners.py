@@ -11,8 +11,8 @@ from app import events
 from app.machines import scheduling
 
 
-def _queued(*, run: Any, **_: Any) -> None:
-    scheduling.schedule(only_run=run.id)
+def _queued(*, run_id: int, **_: Any) -> None:
+    scheduling.schedule(only_run=run_id)
 
 
 def _stop_requested(*, run: Any, **_: Any) -> None:

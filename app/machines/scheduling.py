@@ -132,12 +132,20 @@ def _assign(run_id: int, machine: Machine, now: Any) -> str | None:
     return token if moved == 1 else None
 
 
-def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
-    """Assign what waits, in the current transaction (committed by the caller): (run, machine)
-    pairs. `only_run`: look at that run alone (a run just queued)."""
-    stmt = (
-        sa.select(Run.id, Run.project_id, Run.agent, Task.id, Task.target, Task.status_reason)
+def _waiting() -> sa.Select[Any]:
+    """Queued runs for machines, by priority then age, with what deciding needs."""
+    return (
+        sa.select(
+            Run.id,
+            Run.project_id,
+            Run.agent,
+            Task.id,
+            Task.target,
+            Task.status_reason,
+            Project.max_concurrent_runs,
+        )
         .join(Task, Task.id == Run.task_id)
+        .join(Project, Project.id == Run.project_id)
         .where(
             Run.status == "queued",
             Task.latest_run_id == Run.id,
@@ -149,26 +157,32 @@ def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
         .order_by(Task.priority_rank.desc(), Run.id)
         .limit(BATCH)
     )
+
+
+def schedule(only_run: int | None = None, *, explain: bool = False) -> list[tuple[int, int]]:
+    """Assign what waits, in the current transaction (committed by the caller): (run, machine)
+    pairs. `only_run`: look at that run alone (a run just queued; its `status_reason` says why
+    it waits). Otherwise the pass ends when no slot is left, unless `explain`: every waiting
+    run's `status_reason` is brought up to date (the sweep's pass; a machine's labels changed)."""
+    stmt = _waiting()
     if only_run is not None:
         stmt = stmt.where(Run.id == only_run)  # it waits: it was just queued
     elif not db.session.execute(stmt).first():
-        return []  # nothing waits: no lock taken (heartbeats ask this often)
+        return []  # nothing waits: no lock taken (each end of a run asks)
     _lock()
-    waiting = db.session.execute(stmt).all()  # again, now that no other scheduler runs
     now = utcnow()
     machines = list(db.session.scalars(sa.select(Machine).order_by(Machine.id)))
     usable = [m for m in machines if state(m, now) == "online"]
     load = _occupied([executor_name(m) for m in usable])
-    caps = dict(
-        db.session.execute(
-            sa.select(Project.id, Project.max_concurrent_runs).where(
-                Project.id.in_({w.project_id for w in waiting})
-            )
-        ).all()
-    )
+    room = sum(max(0, m.slots - load.get(executor_name(m), 0)) for m in usable)
+    thorough = explain or only_run is not None
+    if not room and not thorough:
+        return []  # every slot is busy: each waiting run said so when it was queued
     busy: dict[int, int] = {}
-    done: list[tuple[int, int]] = []
-    for run_id, project_id, agent, task_id, target, reason in waiting:
+    done: list[tuple[int, Machine, str]] = []
+    for run_id, project_id, agent, task_id, target, reason, cap in db.session.execute(stmt).all():
+        if not room and not thorough:
+            break
         free = [
             m
             for m in usable
@@ -184,7 +198,7 @@ def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
                     .execution_options(synchronize_session=False)
                 )
             continue
-        if not _project_room(project_id, caps.get(project_id), busy):
+        if not _project_room(project_id, cap, busy):
             continue
         # the least loaded (by share of its slots); among equals any, by chance: short runs
         # free their slots at once, and a fixed order sent most of them to the first machine
@@ -195,6 +209,7 @@ def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
                 continue
             load[executor_name(machine)] = load.get(executor_name(machine), 0) + 1
             busy[project_id] = busy.get(project_id, 0) + 1
+            room -= 1
             if reason:
                 db.session.execute(
                     sa.update(Task)
@@ -202,17 +217,24 @@ def schedule(only_run: int | None = None) -> list[tuple[int, int]]:
                     .values(status_reason=None)
                     .execution_options(synchronize_session=False)
                 )
-            message = _assignment(run_id, token)
-            after_commit(lambda m=machine.id, msg=message: pubsub.to_machine(m, msg))
-            done.append((run_id, machine.id))
+            done.append((run_id, machine, token))
             break
-    return done
+    _tell_assigned(done)
+    return [(run_id, machine.id) for run_id, machine, _token in done]
 
 
-def schedule_now() -> list[tuple[int, int]]:
+def _tell_assigned(done: list[tuple[int, Machine, str]]) -> None:
+    """Each assignment published on its machine's channel once committed."""
+    specs = _assignments({run_id: token for run_id, _machine, token in done})
+    for run_id, machine, _token in done:
+        message = specs[run_id]
+        after_commit(lambda m=machine.id, msg=message: pubsub.to_machine(m, msg))
+
+
+def schedule_now(*, explain: bool = False) -> list[tuple[int, int]]:
     """`schedule` in a transaction of its own (a slot was freed, a machine came online)."""
     try:
-        done = schedule()
+        done = schedule(explain=explain)
         db.session.commit()
         return done
     except Exception:
@@ -247,6 +269,7 @@ def reoffer(machine: Machine) -> int:
             )
         )
     )
+    renewed: dict[int, str] = {}
     for run_id in offered:
         token = tokens.new_run_token(run_id)
         moved = db.session.execute(
@@ -261,8 +284,8 @@ def reoffer(machine: Machine) -> int:
             .execution_options(synchronize_session=False)
         ).rowcount
         if moved:
-            message = _assignment(run_id, token)
-            after_commit(lambda m=machine.id, msg=message: pubsub.to_machine(m, msg))
+            renewed[run_id] = token
+    _tell_assigned([(run_id, machine, token) for run_id, token in renewed.items()])
     db.session.commit()
     return len(offered)
 
@@ -295,51 +318,75 @@ def sweep() -> dict[str, int]:
     """The maintenance sweep's part: offers not taken go back, and what waits is assigned."""
     reclaimed = reclaim_unstarted()
     db.session.commit()
-    return {"offers_reclaimed": reclaimed, "machine_runs_assigned": len(schedule_now())}
+    assigned = schedule_now(explain=True)
+    return {"offers_reclaimed": reclaimed, "machine_runs_assigned": len(assigned)}
 
 
 # -- the assignment, as the machine gets it ----------------------------------------------------
 
 
-def _assignment(run_id: int, token: str) -> dict[str, Any]:
-    """The run's spec, to publish on the machine's channel once the assignment commits. Its
-    environment (the project's secrets, the run's token) travels sealed with the server's
-    secrets key: only a server process opens it, to write it to the machine's socket."""
-    run = db.session.get(Run, run_id)  # in the session already when it was just queued
-    assert run is not None
-    task = db.session.get(Task, run.task_id)
-    project = db.session.get(Project, run.project_id)
-    assert task is not None
-    assert project is not None
+def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """Each run's spec, to publish on its machine's channel once the assignment commits (one
+    query for them all). Its environment (the project's secrets, the run's token) travels
+    sealed with the server's secrets key: only a server process opens it, to write it to the
+    machine's socket."""
+    if not tokens_by_run:
+        return {}
+    rows = db.session.execute(
+        sa.select(
+            Run.id,
+            Run.attempt,
+            Run.agent,
+            Task.id,
+            Task.prompt,
+            Task.timeout_s,
+            Task.loop,
+            Task.config,
+            Project.id,
+            Project.key,
+            Project.repo_url,
+            Project.default_branch,
+        )
+        .join(Task, Task.id == Run.task_id)
+        .join(Project, Project.id == Run.project_id)
+        .where(Run.id.in_(list(tokens_by_run)))
+    ).all()
     cfg = current_app.config
-    env = {
-        **vault.values_for(project.id),
-        "SWITCHBOARD_RUN_ID": str(run.id),
-        "SWITCHBOARD_TASK_ID": str(task.id),
-        "SWITCHBOARD_PROJECT": project.key,
-        "SWITCHBOARD_ATTEMPT": str(run.attempt),
-        "SWITCHBOARD_URL": cfg["SWITCHBOARD_PUBLIC_URL"],
-        "SWITCHBOARD_RUN_TOKEN": token,
-    }
-    timeout = task.timeout_s if task.timeout_s is not None else cfg["SWITCHBOARD_DEFAULT_TIMEOUT_S"]
-    frame = {
-        "type": "assign",
-        "run": {
-            "run_id": run.id,
-            "task_id": task.id,
-            "attempt": run.attempt,
-            "project": project.key,
-            "agent": run.agent,
-            "prompt": task.prompt,
-            "repo_url": project.repo_url,
-            "base_branch": project.default_branch,
-            "timeout_s": timeout,
-            "loop": task.loop,
-            "config": task.config,
-            "offer_s": OFFER_S,
-        },
-    }
-    return {"frame": frame, "sealed_env": vault.encrypt(json.dumps(env))}
+    default_timeout = cfg["SWITCHBOARD_DEFAULT_TIMEOUT_S"]
+    secrets: dict[int, dict[str, str]] = {}
+    specs = {}
+    for (run_id, attempt, agent, task_id, prompt, timeout_s, loop, config, project_id, key,
+         repo_url, base_branch) in rows:  # fmt: skip
+        if project_id not in secrets:
+            secrets[project_id] = vault.values_for(project_id)
+        env = {
+            **secrets[project_id],
+            "SWITCHBOARD_RUN_ID": str(run_id),
+            "SWITCHBOARD_TASK_ID": str(task_id),
+            "SWITCHBOARD_PROJECT": key,
+            "SWITCHBOARD_ATTEMPT": str(attempt),
+            "SWITCHBOARD_URL": cfg["SWITCHBOARD_PUBLIC_URL"],
+            "SWITCHBOARD_RUN_TOKEN": tokens_by_run[run_id],
+        }
+        frame = {
+            "type": "assign",
+            "run": {
+                "run_id": run_id,
+                "task_id": task_id,
+                "attempt": attempt,
+                "project": key,
+                "agent": agent,
+                "prompt": prompt,
+                "repo_url": repo_url,
+                "base_branch": base_branch,
+                "timeout_s": default_timeout if timeout_s is None else timeout_s,
+                "loop": loop,
+                "config": config,
+                "offer_s": OFFER_S,
+            },
+        }
+        specs[run_id] = {"frame": frame, "sealed_env": vault.encrypt(json.dumps(env))}
+    return specs
 
 
 def open_assignment(message: dict[str, Any]) -> dict[str, Any]:

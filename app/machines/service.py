@@ -256,7 +256,7 @@ def update(machine: Machine, data: dict[str, Any]) -> Machine:
         machine.slots = data["slots"]
     audit.record("machine.update", target_type="machine", target_id=machine.id, payload=data)
     db.session.commit()
-    scheduling.schedule_now()  # more slots, or labels that runs wait for
+    scheduling.schedule_now(explain=True)  # more slots, or labels that runs wait for
     return machine
 
 

@@ -74,7 +74,7 @@ def new_attempt(task: Task, *, reason: str | None = None) -> Run:
     if task.target == POOL_TARGET:
         dispatch(task.project_id)
     elif limits.for_machines(task.target):
-        events.machine_run_queued.send(run=run, task=task)
+        events.machine_run_queued.send(run_id=run.id)
     return run
 
 
@@ -241,10 +241,9 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
 
 def dispatch_at_creation(target: str, cap: int | None) -> bool | None:
     """Whether a new task's first run goes to the worker pool's queue as it is created: True
-    (a pool task, no cap), False (an external executor claims it), None (a capped project:
-    `dispatch` counts the busy runs; or a machine's task: the ordinary path schedules it)."""
-    if limits.for_machines(target):
-        return None  # the machines' scheduler takes it, in the creation's transaction
+    (a pool task, no cap), False (an external executor claims it, or the machines' scheduler
+    assigns it: `events.machine_run_queued`, which also applies a cap), None (a capped pool
+    project: `dispatch` counts the busy runs)."""
     if target != POOL_TARGET:
         return False
     return True if cap is None else None

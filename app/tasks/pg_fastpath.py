@@ -41,7 +41,7 @@ from app.combining import Combiner
 from app.database import autocommit, db, on_postgresql
 from app.live import pubsub
 from app.projects import service as projects
-from app.tasks import lifecycle, service
+from app.tasks import lifecycle, limits, service
 from app.tasks.models import PRIORITY_RANK, TaskQueueCount
 from app.timeutil import naive_utc, utcnow
 
@@ -542,3 +542,17 @@ def _after_commit(
             )
         if lifecycle.dispatch_at_creation(task["target"], None):
             lifecycle.enqueue(task["latest_run_id"], task["priority"])
+        elif limits.for_machines(task["target"]):
+            _offer_to_machines(task["latest_run_id"])
+
+
+def _offer_to_machines(run_id: int) -> None:
+    """A machine with a free slot may take the new run now (in a transaction of its own: the
+    creation is committed). Should that fail, the task is created all the same and waits for
+    the next scheduling pass (a freed slot, a machine's heartbeat, the sweep)."""
+    try:
+        events.machine_run_queued.send(run_id=run_id)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        log.exception("run %s was created; assigning it to a machine failed", run_id)
