@@ -96,8 +96,8 @@ lease_expired = Event(
 machine_run_queued = Event(
     "machine-run-queued",
     """A run of a task that runs on machines (`machine:…`, `labels:…`) was queued (kwargs:
-    run_id): an eligible machine with a free slot may take it now, in the current transaction
-    (the creation's, or one of its own after a creation's fast path committed).""",
+    run_id, committed): an eligible machine with a free slot may take it now, in the current
+    transaction, or (`committed`: a creation's fast path wrote it) in one of its own.""",
 )
 
 run_stop_requested = Event(

@@ -162,7 +162,7 @@ class Connection:
                 machine = db.session.get(Machine, self.machine_id)
                 if machine is not None:
                     scheduling.reoffer(machine)  # offers it may have missed while away
-                scheduling.schedule_now()  # what waits for it
+                scheduling.offer()  # what waits for it
             finally:
                 db.session.remove()
         return True

@@ -145,7 +145,7 @@ def write(beats: list[Beat], lease_s: int) -> Found:
         if stops is not None:
             stops.append((run_id, stop_requested_at))
     if any(b.freed and b.machine_id in alive for b in beats):
-        scheduling.schedule_now()  # what waits for a slot (a cap freed elsewhere, a retry)
+        scheduling.offer()  # what waits for a slot (a cap freed elsewhere, a retry)
     return found
 
 

@@ -1,5 +1,6 @@
 """What the machines hear on the event bus: a run for machines was queued, so a machine with a
-free slot may take it at once (in the transaction that queued it); a run on a machine is to
+free slot may take it at once (in the transaction that queued it, or in a pass of its own once
+it is committed); a run on a machine is to
 stop, so its machine is told now (not at its next heartbeat); the maintenance sweep runs, so
 offers not taken go back and what waits is assigned."""
 
@@ -11,8 +12,11 @@ from app import events
 from app.machines import scheduling
 
 
-def _queued(*, run_id: int, **_: Any) -> None:
-    scheduling.schedule(only_run=run_id)
+def _queued(*, run_id: int, committed: bool = False, **_: Any) -> None:
+    if committed:
+        scheduling.offer(run_id)
+    else:
+        scheduling.schedule(only_run=run_id)
 
 
 def _stop_requested(*, run: Any, **_: Any) -> None:

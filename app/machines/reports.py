@@ -206,7 +206,7 @@ def finished(holder: Holder, frame: dict[str, Any]) -> Frames:
             **facts,
             **extra,
         )
-    scheduling.schedule_now()  # its slot is free
+    scheduling.offer()  # its slot is free
     return [{"type": "ack", "run_id": run.id, "finished": True}]
 
 

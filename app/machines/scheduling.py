@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from app.auth import tokens
+from app.combining import Combiner
 from app.database import after_commit, db, on_postgresql
 from app.live import pubsub
 from app.machines.models import Machine, executor_name, state
@@ -159,37 +161,32 @@ def _waiting() -> sa.Select[Any]:
     )
 
 
-def schedule(only_run: int | None = None, *, explain: bool = False) -> list[tuple[int, int]]:
-    """Assign what waits, in the current transaction (committed by the caller): (run, machine)
-    pairs. `only_run`: look at that run alone (a run just queued; its `status_reason` says why
-    it waits). Otherwise the pass ends when no slot is left, unless `explain`: every waiting
-    run's `status_reason` is brought up to date (the sweep's pass; a machine's labels changed)."""
-    stmt = _waiting()
-    if only_run is not None:
-        stmt = stmt.where(Run.id == only_run)  # it waits: it was just queued
-    elif not db.session.execute(stmt).first():
-        return []  # nothing waits: no lock taken (each end of a run asks)
-    _lock()
-    now = utcnow()
-    machines = list(db.session.scalars(sa.select(Machine).order_by(Machine.id)))
-    usable = [m for m in machines if state(m, now) == "online"]
-    load = _occupied([executor_name(m) for m in usable])
-    room = sum(max(0, m.slots - load.get(executor_name(m), 0)) for m in usable)
-    thorough = explain or only_run is not None
-    if not room and not thorough:
-        return []  # every slot is busy: each waiting run said so when it was queued
-    busy: dict[int, int] = {}
-    done: list[tuple[int, Machine, str]] = []
-    for run_id, project_id, agent, task_id, target, reason, cap in db.session.execute(stmt).all():
-        if not room and not thorough:
-            break
+class _Pass:
+    """One scheduling pass, in the current transaction, under the schedulers' lock: the
+    machines as they are now, and what it assigned."""
+
+    def __init__(self) -> None:
+        _lock()
+        self.now = utcnow()
+        self.machines = list(db.session.scalars(sa.select(Machine).order_by(Machine.id)))
+        self.usable = [m for m in self.machines if state(m, self.now) == "online"]
+        self.load = _occupied([executor_name(m) for m in self.usable])
+        self.room = sum(max(0, m.slots - self.load.get(executor_name(m), 0)) for m in self.usable)
+        self.busy: dict[int, int] = {}
+        self.done: list[tuple[int, Machine, str]] = []
+
+    def place(self, row: Any) -> None:
+        """The run to the least loaded eligible machine with a free slot, or its task's
+        `status_reason` saying why it waits."""
+        run_id, project_id, agent, task_id, target, reason, cap = row
+        load = self.load
         free = [
             m
-            for m in usable
+            for m in self.usable
             if _eligible(target, agent, m) and load.get(executor_name(m), 0) < m.slots
         ]
         if not free:
-            why = _why_waiting(target, agent, machines, now)
+            why = _why_waiting(target, agent, self.machines, self.now)
             if why != reason:
                 db.session.execute(
                     sa.update(Task)
@@ -197,19 +194,19 @@ def schedule(only_run: int | None = None, *, explain: bool = False) -> list[tupl
                     .values(status_reason=why)
                     .execution_options(synchronize_session=False)
                 )
-            continue
-        if not _project_room(project_id, cap, busy):
-            continue
+            return
+        if not _project_room(project_id, cap, self.busy):
+            return
         # the least loaded (by share of its slots); among equals any, by chance: short runs
         # free their slots at once, and a fixed order sent most of them to the first machine
         free.sort(key=lambda m: (load.get(executor_name(m), 0) / m.slots, random.random()))
         for machine in free:
-            token = _assign(run_id, machine, now)
+            token = _assign(run_id, machine, self.now)
             if token is None:
                 continue
             load[executor_name(machine)] = load.get(executor_name(machine), 0) + 1
-            busy[project_id] = busy.get(project_id, 0) + 1
-            room -= 1
+            self.busy[project_id] = self.busy.get(project_id, 0) + 1
+            self.room -= 1
             if reason:
                 db.session.execute(
                     sa.update(Task)
@@ -217,22 +214,48 @@ def schedule(only_run: int | None = None, *, explain: bool = False) -> list[tupl
                     .values(status_reason=None)
                     .execution_options(synchronize_session=False)
                 )
-            done.append((run_id, machine, token))
-            break
-    _tell_assigned(done)
-    return [(run_id, machine.id) for run_id, machine, _token in done]
+            self.done.append((run_id, machine, token))
+            return
+
+    def told(self) -> list[tuple[int, int]]:
+        """Each assignment published on its machine's channel once committed."""
+        specs = _assignments({run_id: token for run_id, _machine, token in self.done})
+        for run_id, machine, _token in self.done:
+            message = specs[run_id]
+            after_commit(lambda m=machine.id, msg=message: pubsub.to_machine(m, msg))
+        return [(run_id, machine.id) for run_id, machine, _token in self.done]
 
 
-def _tell_assigned(done: list[tuple[int, Machine, str]]) -> None:
-    """Each assignment published on its machine's channel once committed."""
-    specs = _assignments({run_id: token for run_id, _machine, token in done})
-    for run_id, machine, _token in done:
-        message = specs[run_id]
-        after_commit(lambda m=machine.id, msg=message: pubsub.to_machine(m, msg))
+def schedule(
+    only_run: int | None = None, *, explain: bool = False, new_runs: Collection[int] = ()
+) -> list[tuple[int, int]]:
+    """Assign what waits, in the current transaction (committed by the caller): (run, machine)
+    pairs. `only_run`: that run alone (just queued in this transaction). Otherwise the pass
+    ends when no slot is left; then the runs in `new_runs` (just queued) not assigned have
+    their `status_reason` said, and with `explain` every waiting run has (the sweep's pass;
+    a machine's labels changed)."""
+    stmt = _waiting()
+    if only_run is not None:
+        stmt = stmt.where(Run.id == only_run)
+    elif not new_runs and not db.session.execute(stmt.limit(1)).first():
+        return []  # nothing waits: no lock taken (each end of a run asks)
+    work = _Pass()
+    thorough = explain or only_run is not None
+    if work.room or thorough:
+        for row in db.session.execute(stmt).all():
+            if not work.room and not thorough:
+                break
+            work.place(row)
+    placed = {run_id for run_id, _machine, _token in work.done}
+    left = set(new_runs) - placed
+    if left and not thorough:
+        for row in db.session.execute(_waiting().where(Run.id.in_(left))).all():
+            work.place(row)
+    return work.told()
 
 
 def schedule_now(*, explain: bool = False) -> list[tuple[int, int]]:
-    """`schedule` in a transaction of its own (a slot was freed, a machine came online)."""
+    """`schedule` in a transaction of its own (a machine came online, its labels changed)."""
     try:
         done = schedule(explain=explain)
         db.session.commit()
@@ -240,6 +263,33 @@ def schedule_now(*, explain: bool = False) -> list[tuple[int, int]]:
     except Exception:
         db.session.rollback()
         raise
+
+
+def offer(run_id: int | None = None) -> None:
+    """A slot was freed, or (`run_id`) a run was queued and committed: a scheduling pass, in a
+    transaction of its own, shared with the other threads of this process that ask meanwhile
+    (`app.combining`): under load one pass assigns what many ends of runs freed."""
+    try:
+        _scheduler().submit(run_id)
+    except Exception:  # the database away: the sweep assigns what waits
+        log.exception("a scheduling pass failed")
+
+
+def _settle(asked: list[int | None]) -> None:
+    try:
+        schedule(new_runs={run_id for run_id in asked if run_id is not None})
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+
+
+def _scheduler() -> Combiner[int | None]:
+    extensions = current_app.extensions
+    combiner = extensions.get("switchboard_machine_scheduler")
+    if combiner is None:
+        combiner = extensions.setdefault("switchboard_machine_scheduler", Combiner(_settle))
+    return combiner
 
 
 def tell_stop(run: Run) -> None:
@@ -285,7 +335,9 @@ def reoffer(machine: Machine) -> int:
         ).rowcount
         if moved:
             renewed[run_id] = token
-    _tell_assigned([(run_id, machine, token) for run_id, token in renewed.items()])
+    specs = _assignments(renewed)
+    for message in specs.values():
+        after_commit(lambda msg=message: pubsub.to_machine(machine.id, msg))
     db.session.commit()
     return len(offered)
 

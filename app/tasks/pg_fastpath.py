@@ -551,8 +551,6 @@ def _offer_to_machines(run_id: int) -> None:
     creation is committed). Should that fail, the task is created all the same and waits for
     the next scheduling pass (a freed slot, a machine's heartbeat, the sweep)."""
     try:
-        events.machine_run_queued.send(run_id=run_id)
-        db.session.commit()
+        events.machine_run_queued.send(run_id=run_id, committed=True)
     except Exception:
-        db.session.rollback()
         log.exception("run %s was created; assigning it to a machine failed", run_id)
