@@ -24,7 +24,7 @@ from flask import Flask
 from app.database import db
 from app.machines import scheduling
 from app.machines.models import Machine
-from app.runs.models import Run, status_in
+from app.runs.models import Run, held_by
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def write(beats: list[Beat], lease_s: int) -> Found:
     executors = {b.executor: b.machine_id for b in heard}
     renewed = db.session.execute(
         sa.update(Run)
-        .where(Run.executor.in_(list(executors) or [""]), status_in({"running", "waiting"}))
+        # an offer not yet accepted keeps its own short lease
+        .where(held_by(*executors, ""), Run.status != sa.literal_column("'assigned'"))
         .values(lease_expires_at=now + timedelta(seconds=lease_s))
         .returning(Run.executor, Run.id, Run.stop_requested_at)
         .execution_options(synchronize_session=False)

@@ -30,7 +30,7 @@ from app.database import after_commit, db, on_postgresql
 from app.live import pubsub
 from app.machines.models import Machine, executor_name, state
 from app.projects.models import Project
-from app.runs.models import Run, status_in
+from app.runs.models import Run, held_by, status_in
 from app.tasks import limits
 from app.tasks.lifecycle import OCCUPYING
 from app.tasks.models import Task
@@ -83,7 +83,7 @@ def _occupied(executors: list[str]) -> dict[str, int]:
         return {}
     rows = db.session.execute(
         sa.select(Run.executor, sa.func.count(Run.id))
-        .where(Run.executor.in_(executors), status_in(set(OCCUPYING)))
+        .where(held_by(*executors))
         .group_by(Run.executor)
     ).all()
     return {executor: count for executor, count in rows}
@@ -115,9 +115,7 @@ def _assign(run_id: int, machine: Machine, now: Any) -> str | None:
     executor = executor_name(machine)
     token = tokens.new_run_token(run_id)
     occupied = (
-        sa.select(sa.func.count(Run.id))
-        .where(Run.executor == executor, status_in(set(OCCUPYING)))
-        .scalar_subquery()
+        sa.select(sa.func.count(Run.id)).where(held_by(executor)).scalar_subquery()
     )
     moved = db.session.execute(
         sa.update(Run)

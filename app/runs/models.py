@@ -22,6 +22,9 @@ RUN_STATUSES = (
     "lost",
 )
 RUN_ACTIVE = frozenset({"queued", "assigned", "running", "waiting"})
+#: an executor holds the run (it occupies one of its slots)
+RUN_HELD = ("assigned", "running", "waiting")
+HELD_SQL = "status IN ('assigned', 'running', 'waiting')"
 RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "lost"})
 
 
@@ -65,6 +68,13 @@ class Run(db.Model):
     __table_args__ = (
         sa.Index("ix_runs_project_status", "project_id", "status"),
         sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
+        # the runs an executor holds now (a machine's busy slots, its leases): few rows
+        sa.Index(
+            "ix_runs_executor_held",
+            "executor",
+            postgresql_where=sa.text(HELD_SQL),
+            sqlite_where=sa.text(HELD_SQL),
+        ),
     )
 
 
@@ -107,6 +117,15 @@ def status_in(statuses: frozenset[str] | set[str] | tuple[str, ...]) -> sa.Colum
     PostgreSQL cannot answer it from the status index. Before the table's statistics existed it
     preferred that index, and found one run by reading every queued one."""
     return Run.status.in_([sa.literal_column(f"'{s}'") for s in sorted(statuses)]).is_(sa.true())
+
+
+def held_by(*executors: str) -> sa.ColumnElement[bool]:
+    """Runs the executors hold now, written (statuses as literals) so that PostgreSQL answers
+    it from `ix_runs_executor_held`, whatever the plan's parameters."""
+    return sa.and_(
+        Run.executor.in_(executors),
+        Run.status.in_([sa.literal_column(f"'{s}'") for s in RUN_HELD]),
+    )
 
 
 def status_in_sql(

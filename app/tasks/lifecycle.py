@@ -18,7 +18,7 @@ from app.database import after_commit, db
 from app.live import pubsub
 from app.projects.models import Project
 from app.queues import get_queue
-from app.runs.models import Run
+from app.runs.models import RUN_HELD, Run
 from app.tasks import limits
 from app.tasks.models import PRIORITY_RANK, TASK_TERMINAL, Task, TaskDependency
 from app.timeutil import utcnow
@@ -38,7 +38,7 @@ TASK_FOR_RUN = {
 }
 RETRYABLE = frozenset({"failed", "timed_out", "lost"})
 #: runs holding (or about to hold) a slot of the project's concurrency cap
-OCCUPYING = ("assigned", "running", "waiting")
+OCCUPYING = RUN_HELD
 POOL_TARGET = "pool"
 
 

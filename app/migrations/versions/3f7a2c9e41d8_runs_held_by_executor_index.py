@@ -1,0 +1,34 @@
+"""runs: a partial index of the runs an executor holds (a machine's busy slots, its leases)
+
+Revision ID: 3f7a2c9e41d8
+Revises: 64131941bb3a
+Create Date: 2026-12-07 18:10:00.000000
+
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+# revision identifiers, used by Alembic.
+revision = '3f7a2c9e41d8'
+down_revision = '64131941bb3a'
+branch_labels = None
+depends_on = None
+
+HELD = "status IN ('assigned', 'running', 'waiting')"
+
+
+def upgrade():
+    with op.batch_alter_table('runs', schema=None) as batch_op:
+        batch_op.create_index(
+            'ix_runs_executor_held',
+            ['executor'],
+            unique=False,
+            postgresql_where=sa.text(HELD),
+            sqlite_where=sa.text(HELD),
+        )
+
+
+def downgrade():
+    with op.batch_alter_table('runs', schema=None) as batch_op:
+        batch_op.drop_index('ix_runs_executor_held')
