@@ -33,7 +33,7 @@ from app.projects.models import Project
 from app.runs.models import Run, held_by, status_in
 from app.tasks import limits
 from app.tasks.lifecycle import OCCUPYING
-from app.tasks.models import Task
+from app.tasks.models import Task, in_machine_queue
 from app.timeutil import utcnow
 from app.vault import service as vault
 
@@ -114,12 +114,11 @@ def _assign(run_id: int, machine: Machine, now: Any) -> str | None:
     statement: the check and the write cannot be split by another scheduler); its token."""
     executor = executor_name(machine)
     token = tokens.new_run_token(run_id)
-    occupied = (
-        sa.select(sa.func.count(Run.id)).where(held_by(executor)).scalar_subquery()
-    )
+    occupied = sa.select(sa.func.count(Run.id)).where(held_by(executor)).scalar_subquery()
+    runs = Run.__table__  # a Core statement: the ORM's bulk update has nothing to add here
     moved = db.session.execute(
-        sa.update(Run)
-        .where(Run.id == run_id, Run.status == "queued", occupied < machine.slots)
+        sa.update(runs)
+        .where(runs.c.id == run_id, runs.c.status == "queued", occupied < machine.slots)
         .values(
             status="assigned",
             executor=executor,
@@ -127,13 +126,14 @@ def _assign(run_id: int, machine: Machine, now: Any) -> str | None:
             lease_expires_at=now + timedelta(seconds=OFFER_S),
             token_hash=tokens.digest(token),
         )
-        .execution_options(synchronize_session=False)
     ).rowcount
     return token if moved == 1 else None
 
 
 def _waiting() -> sa.Select[Any]:
-    """Queued runs for machines, by priority then age, with what deciding needs."""
+    """Queued runs for machines, by priority then the task's age, with what deciding needs:
+    read in the order of `ix_tasks_machine_queue` (the machines' queue is short, whatever
+    waits for the worker pool)."""
     return (
         sa.select(
             Run.id,
@@ -144,17 +144,11 @@ def _waiting() -> sa.Select[Any]:
             Task.status_reason,
             Project.max_concurrent_runs,
         )
-        .join(Task, Task.id == Run.task_id)
-        .join(Project, Project.id == Run.project_id)
-        .where(
-            Run.status == "queued",
-            Task.latest_run_id == Run.id,
-            sa.or_(
-                Task.target.startswith(limits.MACHINE_TARGET),
-                Task.target.startswith(limits.LABELS_TARGET),
-            ),
-        )
-        .order_by(Task.priority_rank.desc(), Run.id)
+        .select_from(Task)
+        .join(Run, Run.id == Task.latest_run_id)
+        .join(Project, Project.id == Task.project_id)
+        .where(in_machine_queue(), status_in({"queued"}))  # each run by its id
+        .order_by(Task.priority_rank.desc(), Task.id)
         .limit(BATCH)
     )
 

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.database import db
 from app.projects.models import Project
+from app.tasks.limits import LABELS_TARGET, MACHINE_TARGET
 from app.timeutil import UTCDateTime, utcnow
 
 PRIORITIES = ("low", "normal", "high", "urgent")
@@ -57,6 +58,28 @@ class Task(db.Model):
         sa.Index("ix_tasks_status_rank", "status", "priority_rank", "id"),
         sa.UniqueConstraint("creator_id", "idempotency_key", name="uq_tasks_idempotency"),
     )
+
+
+def in_machine_queue() -> sa.ColumnElement[bool]:
+    """The tasks the machines' scheduler looks at: queued, for machines (`limits.for_machines`).
+    Written with literals, so that a query holding it matches `ix_tasks_machine_queue`."""
+    return sa.and_(
+        Task.status == sa.literal_column("'queued'"),
+        sa.or_(
+            Task.target.like(sa.literal_column(f"'{MACHINE_TARGET}%'")),
+            Task.target.like(sa.literal_column(f"'{LABELS_TARGET}%'")),
+        ),
+    )
+
+
+# the machines' queue: their scheduler reads it often, and it is short whatever waits elsewhere
+sa.Index(
+    "ix_tasks_machine_queue",
+    Task.priority_rank,
+    Task.id,
+    postgresql_where=in_machine_queue(),
+    sqlite_where=in_machine_queue(),
+)
 
 
 class TaskDependency(db.Model):
