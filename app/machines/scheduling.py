@@ -14,6 +14,7 @@ While no machine can take a run its task stays `queued` with a `status_reason` s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -130,10 +131,11 @@ def _assign(run_id: int, machine: Machine, now: Any) -> str | None:
     return token if moved == 1 else None
 
 
+@functools.cache
 def _waiting() -> sa.Select[Any]:
     """Queued runs for machines, by priority then the task's age, with what deciding needs:
     read in the order of `ix_tasks_machine_queue` (the machines' queue is short, whatever
-    waits for the worker pool)."""
+    waits for the worker pool). Built once: building it cost as much as running it."""
     return (
         sa.select(
             Run.id,
