@@ -215,3 +215,64 @@ def test_only_admins_enroll(client, member):
     assert_problem(client.post("/api/v1/machine-tokens", headers=member.headers, json={}), 403)
     assert_problem(client.get("/api/v1/machine-tokens", headers=member.headers), 403)
     assert_problem(client.get("/api/v1/machines"), 401)
+
+
+def test_heartbeats_written_together_renew_leases_and_say_stops_again(
+    app, client, admin, member, project
+):
+    """One write for every machine a process heard from: figures kept, leases of the runs each
+    holds renewed (not an offer's, not another machine's), stops asked for said again."""
+    from app.machines import heartbeats
+
+    token = _token(client, admin, uses=2)["token"]
+    one = _register(client, token, name="one").get_json()
+    _register(client, token, name="two")
+    tasks = [create(client, member, prompt="x", target="external") for _ in range(3)]
+    soon = utcnow() + timedelta(seconds=2)
+    with app.app_context():
+        for task, (status, executor) in zip(
+            tasks,
+            [("running", "machine:one"), ("assigned", "machine:one"), ("running", "machine:two")],
+            strict=True,
+        ):
+            run = db.session.get(Run, task["latest_run_id"])
+            run.status, run.executor, run.lease_expires_at = status, executor, soon
+        db.session.get(Run, tasks[0]["latest_run_id"]).stop_requested_at = utcnow()
+        db.session.commit()
+        told: dict[str, list] = {}
+        beat = heartbeats.Beat(
+            one["machine_id"], "machine:one", {"free_slots": 1, "load": 0.5}, None, False,
+            answer=lambda frames: told.setdefault("one", frames),
+        )  # fmt: skip
+        found = heartbeats.write([beat], lease_s=60)
+        heartbeats.answer([beat], found, grace_s=7)
+        assert told["one"] == [{"type": "stop", "run_id": tasks[0]["latest_run_id"], "grace_s": 7}]
+        leases = {r.id: r.lease_expires_at for r in db.session.scalars(sa.select(Run)).all()}
+        assert leases[tasks[0]["latest_run_id"]] > soon + timedelta(seconds=30)  # renewed
+        assert leases[tasks[1]["latest_run_id"]] == soon  # an offer keeps its own
+        assert leases[tasks[2]["latest_run_id"]] == soon  # another machine's
+        machine = db.session.get(Machine, one["machine_id"])
+        assert machine.heartbeat == {"free_slots": 1, "load": 0.5}
+        assert machine.last_heartbeat_at is not None
+        db.session.remove()
+
+
+def test_attack_a_retired_machine_heartbeating_on_is_cut_off(app, client, admin, member):
+    """Decommissioned while its connection lived on (the close told on Redis went missing): its
+    next heartbeat writes nothing and closes the connection."""
+    from app.machines import heartbeats
+
+    reg = _register(client, _token(client, admin)["token"]).get_json()
+    gone = client.delete(f"/api/v1/machines/{reg['machine_id']}", headers=admin.headers)
+    assert gone.status_code == 200
+    answers: list = []
+    with app.app_context():
+        beat = heartbeats.Beat(
+            reg["machine_id"], "machine:gpu-1", {"free_slots": 2}, None, True,
+            answer=answers.append,
+        )  # fmt: skip
+        heartbeats.answer([beat], heartbeats.write([beat], lease_s=60), grace_s=7)
+        assert answers == [None]  # the connection is closed
+        machine = db.session.get(Machine, reg["machine_id"])
+        assert machine.last_heartbeat_at is None and machine.heartbeat == {}
+        db.session.remove()
