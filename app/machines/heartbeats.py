@@ -4,15 +4,16 @@ leases, the stops asked for those runs read back), however many machines it serv
 
 Written one by one, a heartbeat was a transaction of its own, and 500 idle machines beating
 every 5 s kept 35-45% of a core busy in the web processes. A heartbeat's effects have seconds
-of slack (a machine is online for three intervals after its last one; a lease runs for minutes;
-a stop is told live and only said again here), so a fraction of a second more changes nothing a
-user sees.
+of slack (a machine is online for three intervals after its last one, a lease runs three
+heartbeats, a stop is told live and only said again here), so half a second more changes
+nothing a user sees.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -76,7 +77,7 @@ class Collector:
             with self.lock:
                 while not self.pending:
                     self.lock.wait()
-            threading.Event().wait(FLUSH_S)  # the others that arrive meanwhile come along
+            time.sleep(FLUSH_S)  # the heartbeats that arrive meanwhile come along
             with self.lock:
                 beats, self.pending = list(self.pending.values()), {}
             try:

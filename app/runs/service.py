@@ -40,7 +40,11 @@ def get_run(run_id: int, *, with_project: bool = False) -> Run:
 
 
 def get_run_and_task(run_id: int) -> tuple[Run, Task] | None:
-    """The run and its task in one query (a start or an end writes both)."""
+    """The run and its task in one query (a start or an end writes both); on PostgreSQL read
+    by hand (`runs.pg_fastpath.read`)."""
+    if on_postgresql():
+        found = pg_fastpath.read(run_id)
+        return None if found is None else (found[0], found[1])
     row = db.session.execute(
         sa.select(Run, Task).join(Task, Task.id == Run.task_id).where(Run.id == run_id)
     ).one_or_none()
