@@ -238,3 +238,21 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def register_machine(client: Any, admin: Any, name: str = "box", **body: Any) -> dict:
+    """An enrollment token made by `admin`, and a machine registered with it (labels `linux`,
+    the `shell` agent, unless `body` says otherwise): its id and credential."""
+    token = client.post("/api/v1/machine-tokens", headers=admin.headers, json={"uses": 3})
+    reg = client.post(
+        "/api/v1/machines/register",
+        json={
+            "enrollment_token": token.get_json()["token"],
+            "name": name,
+            "labels": ["linux"],
+            "agents": {"shell": "bash 5.2"},
+            **body,
+        },
+    )
+    assert reg.status_code == 201, reg.get_json()
+    return reg.get_json()

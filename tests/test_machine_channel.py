@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from helpers import wait_for
+from helpers import register_machine, wait_for
 from servers import LiveServer
 from simple_websocket import Client, ConnectionClosed
 from test_execution import create
@@ -35,18 +35,7 @@ def live2(app):
 
 @pytest.fixture
 def registered(client, admin):
-    token = client.post("/api/v1/machine-tokens", headers=admin.headers, json={"uses": 3})
-    reg = client.post(
-        "/api/v1/machines/register",
-        json={
-            "enrollment_token": token.get_json()["token"],
-            "name": "box",
-            "labels": ["linux"],
-            "agents": {"shell": "bash 5.2"},
-        },
-    )
-    assert reg.status_code == 201, reg.get_json()
-    return reg.get_json()
+    return register_machine(client, admin)
 
 
 class Peer:

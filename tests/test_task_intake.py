@@ -20,7 +20,7 @@ from fastpaths import (
 )
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import Account, account
+from helpers import Account, account, register_machine
 
 
 @pytest.mark.postgres
@@ -87,17 +87,7 @@ def test_a_machine_task_is_assigned_as_the_fast_path_creates_it(
     from app.queues import get_redis
     from app.timeutil import utcnow
 
-    token = client.post("/api/v1/machine-tokens", headers=admin.headers, json={})
-    reg = client.post(
-        "/api/v1/machines/register",
-        json={
-            "enrollment_token": token.get_json()["token"],
-            "name": "box",
-            "labels": ["linux"],
-            "agents": {"shell": None},
-            "slots": 1,
-        },
-    ).get_json()
+    reg = register_machine(client, admin, slots=1)
     with app.app_context():
         machine = db.session.get(Machine, reg["machine_id"])
         machine.connection, machine.last_heartbeat_at = "its-connection", utcnow()
