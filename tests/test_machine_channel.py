@@ -328,6 +328,7 @@ def test_without_an_eligible_machine_the_task_waits_saying_why(
 ):
     gpu = _task(client, member, "labels:gpu")
     assert gpu["status"] == "queued"
+    assert gpu["status_reason"] == "waiting: no machine has labels gpu"  # the answer says why
     detail = client.get(f"/api/v1/tasks/{gpu['id']}", headers=member.headers).get_json()
     assert detail["status_reason"] == "waiting: no machine has labels gpu"
     offline = _task(client, member, "machine:box")

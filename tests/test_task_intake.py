@@ -102,6 +102,9 @@ def test_a_machine_task_is_assigned_as_the_fast_path_creates_it(
     told = [m for _channel, m in hear(listener, 1)]
     assert told[0]["frame"]["run"]["run_id"] == first["latest_run_id"]
     assert told[0]["frame"]["run"]["prompt"] == "echo hi" and "sealed_env" in told[0]
+    assert second["status_reason"] == (
+        "waiting: every slot of the machines with labels linux is busy"
+    )  # the answer says why, as the view's does
     waiting = client.get(f"/api/v1/tasks/{second['id']}", headers=member.headers).get_json()
     assert waiting["status"] == "queued"
     assert waiting["status_reason"] == (

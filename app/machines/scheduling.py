@@ -171,7 +171,8 @@ class _Pass:
 
     def place(self, row: Any) -> None:
         """The run to the least loaded eligible machine with a free slot, or its task's
-        `status_reason` saying why it waits."""
+        `status_reason` saying why it waits (also on the task if the session holds it: the
+        creation's answer says why)."""
         run_id, project_id, agent, task_id, target, reason, cap = row
         load = self.load
         free = [
@@ -186,7 +187,7 @@ class _Pass:
                     sa.update(Task)
                     .where(Task.id == task_id, Task.status == "queued")
                     .values(status_reason=why)
-                    .execution_options(synchronize_session=False)
+                    .execution_options(synchronize_session="evaluate")
                 )
             return
         if not _project_room(project_id, cap, self.busy):
@@ -206,7 +207,7 @@ class _Pass:
                     sa.update(Task)
                     .where(Task.id == task_id)
                     .values(status_reason=None)
-                    .execution_options(synchronize_session=False)
+                    .execution_options(synchronize_session="evaluate")
                 )
             self.done.append((run_id, machine, token))
             return

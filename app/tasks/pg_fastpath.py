@@ -42,7 +42,7 @@ from app.database import autocommit, db, on_postgresql
 from app.live import pubsub
 from app.projects import service as projects
 from app.tasks import lifecycle, limits, service
-from app.tasks.models import PRIORITY_RANK, TaskQueueCount
+from app.tasks.models import PRIORITY_RANK, Task, TaskQueueCount
 from app.timeutil import naive_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -543,14 +543,19 @@ def _after_commit(
         if lifecycle.dispatch_at_creation(task["target"], None):
             lifecycle.enqueue(task["latest_run_id"], task["priority"])
         elif limits.for_machines(task["target"]):
-            _offer_to_machines(task["latest_run_id"])
+            _offer_to_machines(task)
 
 
-def _offer_to_machines(run_id: int) -> None:
+def _offer_to_machines(task: dict[str, Any]) -> None:
     """A machine with a free slot may take the new run now (in a transaction of its own: the
-    creation is committed). Should that fail, the task is created all the same and waits for
-    the next scheduling pass (a freed slot, a machine's heartbeat, the sweep)."""
+    creation is committed); the answer says why the task waits if none does. Should that fail,
+    the task is created all the same and waits for the next scheduling pass (a freed slot, a
+    machine's heartbeat, the sweep)."""
+    run_id = task["latest_run_id"]
     try:
         events.machine_run_queued.send(run_id=run_id, committed=True)
+        task["status_reason"] = db.session.scalar(
+            sa.select(Task.status_reason).where(Task.id == task["id"])
+        )
     except Exception:
         log.exception("run %s was created; assigning it to a machine failed", run_id)
