@@ -23,6 +23,7 @@ MODULES = (
     "webhooks",
     "subscriptions",
     "machines",
+    "terminals",
 )
 #: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
 LISTENING = ("tasks", "webhooks", "subscriptions", "machines")

@@ -21,8 +21,13 @@ def test_spec_lists_every_route(client, app):
         for method in ops
         if method in ("get", "post", "put", "patch", "delete")
     }
-    # the machines' control channel is a WebSocket: docs/machines.md describes it
-    skip = {"/api/v1/openapi.json", "/api/v1/docs", "/api/v1/machines/connect"}
+    # WebSockets: docs/machines.md describes the machines' channel, docs/usage.md terminals
+    skip = {
+        "/api/v1/openapi.json",
+        "/api/v1/docs",
+        "/api/v1/machines/connect",
+        "/api/v1/runs/<int:run_id>/terminal",
+    }
     missing = []
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/v1/") or rule.rule in skip:

@@ -28,10 +28,12 @@ from app.runs import service as runs
 from app.runs.outcomes import Started, normalise_exit_code
 from app.runs.redaction import Redactor
 from app.tasks.models import Task
+from app.terminals import sizes
 from app.timeutil import utcnow
 from workers import agents, isolation, job_hooks, workspace
 from workers.process import AgentProcess
 from workers.run_driver import DB_RETRY_S, RunDriver, shutdown_requested
+from workers.terminal import Inbox, Names, Terminal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,12 +113,16 @@ def execute(run_id: int) -> str:
     marker = loop.get("done_marker") if loop else None
     # the run's token is masked too: a viewer of the log must not act as the run
     driver = RunDriver(run, task, agent, Redactor.of([*secrets.values(), token]))
+    size = sizes.DEFAULT if agent.in_terminal(task.tty) else None
+    inbox: Inbox | None = None
     outcome: str | None = None
     code = 0
     proc: AgentProcess | None = None
     try:
         for n in range(1, iterations + 1):
-            proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin)
+            proc = AgentProcess(argv, cwd=str(ws.path), env=env, stdin_data=stdin, terminal=size)
+            if size is not None:
+                inbox = _attachable(driver, proc, inbox)
             if n == 1:
                 driver.pending_start = Started(utcnow(), proc.pid, version)
                 # a loop's iterations need the run running
@@ -160,7 +166,23 @@ def execute(run_id: int) -> str:
         )
         raise
     finally:
+        if inbox is not None:
+            inbox.close()
         driver.close()
+
+
+def _attachable(driver: RunDriver, proc: AgentProcess, inbox: Inbox | None) -> Inbox:
+    """People's keystrokes and resizes reach `proc`'s terminal (a loop's next iteration takes
+    over the terminal of the one before, at its size)."""
+    if inbox is not None:
+        inbox.terminal.proc = proc
+        proc.resize(*inbox.terminal.size)
+        return inbox
+    terminal = Terminal(proc, sizes.DEFAULT)
+    driver.terminal = terminal
+    inbox = Inbox(current_app.config["SWITCHBOARD_REDIS_URL"], Names.of(driver.run_id), terminal)
+    inbox.start()
+    return inbox
 
 
 def _end(

@@ -9,10 +9,13 @@ renew its lease and check for stop requests. No Flask here: the machine client u
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import selectors
 import signal
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,31 +97,114 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
 SANDBOX_COMMANDS = frozenset({"bwrap"})
 
 
+#: what a terminal run's programs are told they talk to
+TERM = "xterm-256color"
+
+
+def set_terminal_size(fd: int, cols: int, rows: int) -> None:
+    """The size of the terminal on `fd`; the kernel tells its foreground programs (SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _claim_terminal() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """The child's new session takes its stdin, the terminal, as its controlling terminal: job
+    control, Ctrl-C and SIGWINCH reach the agent's foreground programs."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class AgentProcess:
     def __init__(
-        self, argv: list[str], *, cwd: str, env: dict[str, str], stdin_data: bytes | None
+        self,
+        argv: list[str],
+        *,
+        cwd: str,
+        env: dict[str, str],
+        stdin_data: bytes | None,
+        terminal: tuple[int, int] | None = None,
     ) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # its own process group: TERM/KILL reach every child. No preexec_fn: it would make
-            # every spawn a full fork (~10 ms for a worker's size instead of ~0.2 ms); agents
-            # orphaned by a killed worker are found by their environment (kill_tagged) instead.
-            start_new_session=True,
-        )
+        """`terminal`: (columns, rows) to run the agent in a pseudo-terminal of that size
+        (its input, output and errors; a prompt given is typed into it, then Enter), else pipes."""
+        #: the pseudo-terminal's master side (None: pipes); written by `type_in`
+        self.terminal_fd: int | None = None
+        self._typing = threading.Lock()
+        if terminal is None:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # its own process group: TERM/KILL reach every child. No preexec_fn: it would
+                # make every spawn a full fork (~10 ms for a worker's size instead of ~0.2 ms);
+                # agents orphaned by a killed worker are found by their environment
+                # (kill_tagged) instead.
+                start_new_session=True,
+            )
+            assert self.proc.stdout is not None
+            self._out = self.proc.stdout.fileno()
+        else:
+            master, slave = os.openpty()
+            try:
+                set_terminal_size(slave, *terminal)
+                self.proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env={**env, "TERM": env.get("TERM") or TERM},
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    # a session of its own, whose controlling terminal is this one: the full
+                    # fork preexec_fn costs is paid by terminal runs only
+                    start_new_session=True,
+                    preexec_fn=_claim_terminal,
+                )
+            except BaseException:
+                os.close(master)
+                raise
+            finally:
+                os.close(slave)
+            self.terminal_fd = self._out = master
         self.pid = self.proc.pid
         self.started = time.monotonic()
         self._eof = False
         self._selector = selectors.DefaultSelector()
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+        os.set_blocking(self._out, False)
+        self._selector.register(self._out, selectors.EVENT_READ)
         if stdin_data is not None:
-            threading.Thread(target=self._feed, args=(stdin_data,), daemon=True).start()
+            feed = self._type_prompt if terminal is not None else self._feed
+            threading.Thread(target=feed, args=(stdin_data,), daemon=True).start()
+
+    def type_in(self, data: bytes) -> bool:
+        """Keystrokes to the terminal (from any thread); False when there is none any more."""
+        with self._typing:
+            fd = self.terminal_fd
+            if fd is None:
+                return False
+            view = memoryview(data)
+            deadline = time.monotonic() + 5
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:  # the agent reads slower than people type: wait
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.005)
+                except OSError:
+                    return False
+            return True
+
+    def resize(self, cols: int, rows: int) -> bool:
+        with self._typing:
+            if self.terminal_fd is None:
+                return False
+            with contextlib.suppress(OSError):
+                set_terminal_size(self.terminal_fd, cols, rows)
+                return True
+            return False
+
+    def _type_prompt(self, data: bytes) -> None:
+        self.type_in(data.rstrip(b"\r\n") + b"\r")
 
     def _feed(self, data: bytes) -> None:
         """Write the prompt and close stdin, in a thread: a prompt larger than the pipe buffer
@@ -147,12 +233,14 @@ class AgentProcess:
             if not self._selector.select(remaining):
                 return
             try:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+                chunk = os.read(self._out, 65536)
             except BlockingIOError:
                 continue
+            except OSError:  # a terminal whose every program has closed it (EIO)
+                chunk = b""
             if not chunk:
                 self._eof = True
-                self._selector.unregister(self.proc.stdout)
+                self._selector.unregister(self._out)
                 return
             on_output(chunk)
 
@@ -202,6 +290,11 @@ class AgentProcess:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._selector.close()
+        with self._typing:
+            if self.terminal_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.terminal_fd)
+                self.terminal_fd = None
         for stream in (self.proc.stdout, self.proc.stdin):
             if stream is not None:
                 with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ from app.runs.redaction import Redactor
 from app.tasks.models import Task
 from workers import job_hooks
 from workers.process import AgentProcess
+from workers.terminal import Terminal
 
 log = logging.getLogger("workers.executor")
 T = TypeVar("T")
@@ -87,6 +88,8 @@ class RunDriver:
         # the database is away (a restart, a failover): writes wait until then, the agent goes on
         self.db_retry_at = 0.0
         self.db_down_since: float | None = None
+        #: a terminal run's terminal: its notes (take-overs, resizes) become the run's events
+        self.terminal: Terminal | None = None
 
     def write_start(self) -> bool:
         """Write the agent's start (assigned → running) if it is still pending; False when the
@@ -177,6 +180,12 @@ class RunDriver:
     def note(self, kind: str, data: dict[str, Any]) -> None:
         self._add_events([(kind, data)])
 
+    def take_terminal_notes(self) -> None:
+        """What happened at the run's terminal, as the run's events (this driver numbers them)."""
+        notes = self.terminal.notes if self.terminal is not None else None
+        while notes is not None and not notes.empty():
+            self.note(*notes.get_nowait())
+
     def _add_events(self, events: list[Event]) -> None:
         """Live subscribers get events at once, numbered as they will be stored (this executor
         is the run's only writer of events while it holds the lease); the database gets them
@@ -196,6 +205,7 @@ class RunDriver:
 
     def settle(self) -> None:
         """The agent is done: publish what was held back and parse an unfinished last line."""
+        self.take_terminal_notes()
         if self.redactor is not None:
             rest = self.redactor.flush()
             if rest:
@@ -286,6 +296,7 @@ class RunDriver:
         exiting = False
         while proc.poll() is None:
             proc.pump(self.on_output, TICK)
+            self.take_terminal_notes()
             if self.pending_start is not None and proc.poll() is None and self.db_ready():
                 if proc.output_closed and not exiting:
                     exiting = True  # its exit follows at once: the next pump waits for it

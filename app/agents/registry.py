@@ -23,6 +23,13 @@ class Agent:
     prompt_on_stdin: bool = True
     version_command: tuple[str, ...] | None = None
     parser: str = "text"
+    #: runs in a pseudo-terminal unless its task says otherwise (an interactive CLI)
+    tty: bool = False
+
+    def in_terminal(self, asked: bool | None) -> bool:
+        """Whether a task's run of this agent gets a pseudo-terminal: the task's `tty` when it
+        says, else the agent's own default. The one rule the executors and the API share."""
+        return self.tty if asked is None else bool(asked)
 
     def argv(self, prompt: str, workdir: str, config: dict[str, Any]) -> list[str]:
         values = {**{k: str(v) for k, v in config.items()}, "prompt": prompt, "workdir": workdir}
@@ -84,7 +91,7 @@ BUILTIN: dict[str, Agent] = {
 
 def custom_agents(spec: str | dict[str, Any] | None) -> dict[str, Agent]:
     """Agents from configuration: {"name": {"command": [...], "stdin": bool,
-    "version": [...], "parser": "claude|codex|text"}}."""
+    "version": [...], "parser": "claude|codex|text", "tty": bool}}."""
     if not spec:
         return {}
     data = json.loads(spec) if isinstance(spec, str) else spec
@@ -99,6 +106,7 @@ def custom_agents(spec: str | dict[str, Any] | None) -> dict[str, Agent]:
             prompt_on_stdin=bool(conf.get("stdin", "{prompt}" not in " ".join(command))),
             version_command=tuple(conf["version"]) if conf.get("version") else None,
             parser=conf.get("parser", "text"),
+            tty=bool(conf.get("tty", False)),
         )
     return agents
 

@@ -188,6 +188,16 @@ class RunFollower:
             ).encode()
         return frame
 
+    def _log_frame(self, start: int, raw: bytes) -> bytes:
+        return self._event(
+            "log", {"offset": start, "text": raw.decode("utf-8", "replace")}
+        ).encode()
+
+    def _event_frame(self, item: dict) -> bytes:
+        return self._event(
+            "event", {"seq": item["seq"], "type": item["type"], "data": item["data"]}
+        ).encode()
+
     def continue_with(self, msg: dict) -> bytes | None:
         """For the hub, while this stream is parked: the frame that `msg` adds when it simply
         continues the log where the stream stands; None when the thread must decide."""
@@ -221,11 +231,7 @@ class RunFollower:
                 return None
             raw = msg["text"].encode()[self.pos - offset :]
             start, self.pos = self.pos, offset + size
-            out.append(
-                self._event(
-                    "log", {"offset": start, "text": raw.decode("utf-8", "replace")}
-                ).encode()
-            )
+            out.append(self._log_frame(start, raw))
         elif kind == "events":
             for item in msg["events"]:
                 if item["seq"] <= self.seq:
@@ -233,14 +239,30 @@ class RunFollower:
                 if item["seq"] != self.seq + 1:
                     return GAP
                 self.seq = item["seq"]
-                out.append(
-                    self._event(
-                        "event", {"seq": item["seq"], "type": item["type"], "data": item["data"]}
-                    ).encode()
-                )
+                out.append(self._event_frame(item))
         elif kind == "status":
             return REPLAY
         return None
+
+
+class TerminalFollower(RunFollower):
+    """A run's output as a terminal shows it: raw bytes, from `position` on, without its events
+    (the live part yields the bytes themselves; the replay yields `log` Events, and `done`)."""
+
+    def __init__(self, run_id: int, position: str) -> None:
+        super().__init__(run_id, position)
+
+    def _may_park(self) -> bool:
+        return False
+
+    def _shared_frame(self, msg: dict, offset: int, size: int) -> bytes:
+        return msg["text"].encode()
+
+    def _log_frame(self, start: int, raw: bytes) -> bytes:
+        return raw
+
+    def _event_frame(self, item: dict) -> bytes:
+        return b""
 
 
 TASK_POSITION = re.compile(r"^(\d{1,18}):(\d{1,18}-\d{1,18})$")

@@ -40,6 +40,8 @@ class Task(db.Model):
     attempts_not_counted: Mapped[int] = mapped_column(default=0, server_default="0")
     loop: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     config: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    #: the agent runs in a pseudo-terminal (people may attach to it); None: its agent's default
+    tty: Mapped[bool | None]
     source: Mapped[str] = mapped_column(sa.String(16), default="api")
     source_ref: Mapped[str | None] = mapped_column(sa.String(500))
     creator_id: Mapped[int | None] = mapped_column(

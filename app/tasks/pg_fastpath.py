@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 #: fields a plain creation may carry (anything else, e.g. `depends_on` with ids, is not plain)
 PLAIN_FIELDS = frozenset(
     {"project", "title", "prompt", "agent", "target", "priority", "timeout_s", "max_attempts"}
-    | {"loop", "config", "depends_on"}
+    | {"loop", "config", "depends_on", "tty"}
 )
 
 _READ = """
@@ -221,7 +221,12 @@ def create(
     """Create a plain task (data as `TaskCreateSchema` loaded it): the task as `TaskSchema`
     reads it, or None when this is not the plain case or `admit(user_id)` (asked only when the
     task is about to be written) refuses; nothing was written then."""
-    if set(data) - PLAIN_FIELDS or data.get("depends_on") or data.get("source"):
+    if (
+        set(data) - PLAIN_FIELDS
+        or data.get("depends_on")
+        or data.get("source")
+        or data.get("tty") is not None  # a terminal: rare, and written by the ORM path
+    ):
         return None
     creation = Creation(caller, data, agents, admit)
     try:
@@ -438,6 +443,7 @@ def _plan(
         "attempts": 1,
         "loop": data.get("loop"),
         "config": data.get("config"),
+        "tty": None,
         "source": "api",
         "source_ref": None,
         "creator_id": user_id,

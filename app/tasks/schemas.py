@@ -51,6 +51,14 @@ class TaskCreateSchema(Schema):
         allow_none=True,
         metadata={"description": 'agent options, e.g. {"model": "...", "permission_mode": "..."}'},
     )
+    tty = ma.fields.Bool(
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": "run the agent in a pseudo-terminal that people can attach to "
+            "(`POST /runs/{id}/terminal-token`); default: the agent's own setting"
+        },
+    )
 
 
 class TaskUpdateSchema(Schema):
@@ -81,6 +89,7 @@ class TaskSchema(ma.Schema):
     attempts = ma.fields.Int()
     loop = ma.fields.Dict(allow_none=True)
     config = ma.fields.Dict(allow_none=True)
+    tty = ma.fields.Bool(allow_none=True)
     source = ma.fields.Str()
     source_ref = ma.fields.Str(allow_none=True)
     creator_id = ma.fields.Int(allow_none=True)

@@ -80,6 +80,7 @@ def _replay(principal: Principal, task: Task, data: dict[str, Any]) -> Task:
         "max_attempts": data.get("max_attempts") or 1,
         "loop": data.get("loop"),
         "config": data.get("config"),
+        "tty": data.get("tty"),
         "depends_on": sorted(set(data.get("depends_on") or [])),
     }
     made = {
@@ -93,6 +94,7 @@ def _replay(principal: Principal, task: Task, data: dict[str, Any]) -> Task:
         "max_attempts": task.max_attempts,
         "loop": task.loop,
         "config": task.config,
+        "tty": task.tty,
         "depends_on": deps,
     }
     differing = sorted(k for k in asked if asked[k] != made[k])
@@ -195,6 +197,7 @@ def build_task(
         max_attempts=data.get("max_attempts") or 1,
         loop=data.get("loop"),
         config=data.get("config"),
+        tty=data.get("tty"),
         source=data.get("source", "api"),
         source_ref=data.get("source_ref"),
         creator_id=principal.user.id,
