@@ -4,12 +4,21 @@ PTY; many viewers and one controller; every refusal before the socket opens."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import os
 import time
 
-from helpers import wait_for
+import pytest
+from helpers import account, wait_for
 from simple_websocket import Client
-from test_execution import create, log_text, wait_status
+from test_execution import agent_pids, create, log_text, wait_status
+from test_live_streams import _frames, _stream
+
+from app.queues import get_redis
+from app.terminals import relay, tokens
+from app.terminals.service import controller
 
 
 class Attached:
@@ -55,6 +64,15 @@ class Attached:
 
     def close(self):
         self.ws.close()
+
+
+def add_member(client, owner, acct, role):
+    resp = client.post(
+        "/api/v1/projects/demo/members",
+        headers=owner.headers,
+        json={"username": acct.username, "role": role},
+    )
+    assert resp.status_code == 201, resp.get_json()
 
 
 def token(client, acct, run_id, mode="view"):
@@ -105,3 +123,174 @@ def test_a_controller_types_into_the_agent_and_everyone_sees_it(client, member, 
     events = client.get(f"/api/v1/runs/{run_id}/events", headers=member.headers).get_json()
     kinds = [e["type"] for e in events["data"]]
     assert "terminal_control" in kinds and "terminal_resize" in kinds
+
+
+def test_output_typed_reaches_the_sse_stream_too(client, member, project, worker, live):
+    run_id = running_asker(client, member)
+    conn, resp = _stream(live, f"/api/v1/runs/{run_id}/stream", member.headers)
+    text = ""
+    frames = _frames(resp)
+    ctl = Attached(live, run_id, token(client, member, run_id, "control"))
+    ctl.wait_output("name? ")
+    ctl.type("ada\r")
+    for frame in frames:
+        if frame.event == "log":
+            text += frame.data["text"]
+            if "hello ada" in text:
+                break
+    conn.close()
+    ctl.type("quit\r")
+    ctl.expect("exit")
+
+
+def test_a_takeover_demotes_the_controller_and_is_audited(
+    app, client, admin, member, project, worker, live
+):
+    dev = account(app, client, "dan")
+    add_member(client, member, dev, "developer")
+    run_id = running_asker(client, member)
+    first = Attached(live, run_id, token(client, member, run_id, "control"))
+    # a second controller is refused before its socket opens, unless it takes over
+    refused = upgrade(live, run_id, token(client, dev, run_id, "control"))
+    assert refused.status == 409 and refused.problem["controller"]["username"] == "alice"
+    second = Attached(live, run_id, token(client, dev, run_id, "control"), takeover=True)
+    assert second.hello["mode"] == "control"
+    demoted = first.expect("control", mode="view")
+    assert "dan took over" in demoted["detail"]
+    first.type("from alice\r")
+    assert "viewers cannot type" in first.expect("error")["detail"]
+    second.type("dan\r")
+    first.wait_output("hello dan")
+    second.close()  # hands the keyboard back
+    first.expect("control", action="release")
+    entries = client.get(
+        f"/api/v1/audit-logs?target_type=run&target_id={run_id}", headers=admin.headers
+    ).get_json()["data"]
+    actions = [(e["action"], e["actor_name"]) for e in entries]
+    assert ("terminal.take", "alice") in actions
+    assert ("terminal.takeover", "dan") in actions
+    assert ("terminal.release", "dan") in actions
+    wait_for(lambda: "from alice" not in log_text(client, member, run_id)[0] and _events(
+        client, member, run_id, "terminal_control") >= 3)
+
+
+def _events(client, acct, run_id, kind):
+    data = client.get(f"/api/v1/runs/{run_id}/events", headers=acct.headers).get_json()["data"]
+    return len([e for e in data if e["type"] == kind])
+
+
+class Refusal:
+    def __init__(self, status, problem):
+        self.status, self.problem = status, problem
+
+
+def upgrade(live, run_id, tok):
+    """A WebSocket handshake by hand: the answer when the server refuses it."""
+    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
+    conn.request(
+        "GET",
+        f"/api/v1/runs/{run_id}/terminal?token={tok}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+            "Sec-WebSocket-Version": "13",
+        },
+    )
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.getheader("Content-Type") == "application/problem+json", (resp.status, body)
+    return Refusal(resp.status, json.loads(body))
+
+
+def test_attack_terminal_tokens_refused_before_the_socket_opens(
+    app, client, member, project, worker, live
+):
+    viewer = account(app, client, "vera")
+    add_member(client, member, viewer, "viewer")
+    run_id = running_asker(client, member)
+    other_run = running_asker(client, member)
+
+    used = token(client, member, run_id, "control")
+    Attached(live, run_id, used).close()
+    assert upgrade(live, run_id, used).status == 401  # used twice
+
+    expired = token(client, member, run_id, "view")
+    with app.app_context():
+        get_redis().pexpire(tokens._key(expired), 1)
+    wait_for(lambda: upgrade(live, run_id, expired).status == 401, timeout=2)
+
+    for_other = token(client, member, other_run, "view")
+    assert upgrade(live, run_id, for_other).status == 403  # a token for another run
+
+    # a viewer may not ask for the keyboard, nor keep one asked for before being demoted
+    resp = client.post(
+        f"/api/v1/runs/{run_id}/terminal-token", json={"mode": "control"}, headers=viewer.headers
+    )
+    assert resp.status_code == 403
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    dev = account(app, client, "dan")
+    add_member(client, member, dev, "developer")
+    asked = token(client, dev, run_id, "control")
+    add_member(client, member, dev, "viewer")
+    assert upgrade(live, run_id, asked).status == 403
+
+    # a token with fewer abilities: read-only personal access token
+    pat = client.post(
+        "/api/v1/me/tokens",
+        json={"label": "ro", "abilities": ["projects:read"]},
+        headers=member.headers,
+    ).get_json()["token"]
+    resp = client.post(
+        f"/api/v1/runs/{run_id}/terminal-token",
+        json={"mode": "control"},
+        headers={"Authorization": f"Bearer {pat}"},
+    )
+    assert resp.status_code == 403
+    with app.app_context():
+        assert get_redis().llen(relay.inbox_key(run_id)) == 0  # nothing typed reached it
+        assert controller(run_id) is None
+
+
+def test_attack_socket_outlives_access(app, client, member, project, worker, live):
+    dev = account(app, client, "dan")
+    add_member(client, member, dev, "developer")
+    run_id = running_asker(client, member)
+    watcher = Attached(live, run_id, token(client, dev, run_id, "view"))
+    resp = client.delete(f"/api/v1/projects/demo/members/{dev.id}", headers=member.headers)
+    assert resp.status_code == 204, resp.get_json()
+    closed = watcher.expect("closed")
+    assert closed["reason"] == "access_ended"
+    wait_for(lambda: not watcher.ws.connected or watcher.pump() or not watcher.ws.connected)
+
+
+def test_a_run_without_a_terminal_has_none_to_attach(client, member, project):
+    task = create(client, member, agent="shell", prompt="true")
+    resp = client.post(
+        f"/api/v1/runs/{task['latest_run_id']}/terminal-token",
+        json={"mode": "view"},
+        headers=member.headers,
+    )
+    assert resp.status_code == 409 and "no terminal" in resp.get_json()["detail"]
+
+
+@pytest.mark.parametrize("how", ["stop", "timeout"])
+def test_stop_and_timeout_end_terminal_runs_like_pipe_runs(
+    app, client, member, project, worker, how
+):
+    task = create(
+        client,
+        member,
+        agent="shell",
+        tty=True,
+        prompt="sleep 600 & sleep 600",
+        **({"timeout_s": 1} if how == "timeout" else {}),
+    )
+    run_id = wait_status(client, member, task["id"], "running")["latest_run_id"]
+    wait_for(lambda: len(agent_pids(app, run_id)) >= 2)
+    if how == "stop":
+        assert client.post(f"/api/v1/runs/{run_id}/stop", headers=member.headers).status_code == 202
+    done = wait_status(client, member, task["id"], ("cancelled", "failed"), timeout=10)
+    assert done["runs"][0]["status"] == ("cancelled" if how == "stop" else "timed_out")
+    wait_for(lambda: agent_pids(app, run_id) == [], timeout=3)

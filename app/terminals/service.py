@@ -142,11 +142,20 @@ def release(run_id: int, holder: Holder) -> bool:
 
 
 def _said(run_id: int, holder: Holder, action: str, previous: Holder | None) -> None:
-    """Everyone attached hears who holds the keyboard; the audit log and the run's events keep
-    it."""
+    """The audit log and the run's events keep who holds the keyboard; then everyone attached
+    hears it."""
     data: dict[str, Any] = {"action": action, "user": holder.username}
     if previous is not None:
         data["previous"] = previous.username
+    audit.record_now(
+        f"terminal.{action}",
+        target_type="run",
+        target_id=run_id,
+        payload=data,
+        actor_id=holder.user_id,
+        actor_name=holder.username,
+    )
+    relay.put(run_id, relay.NOTE, {"type": "terminal_control", "data": data})
     relay.tell(
         run_id,
         {
@@ -155,15 +164,6 @@ def _said(run_id: int, holder: Holder, action: str, previous: Holder | None) -> 
             "controller": None if action == "release" else {**holder.public(), "conn": holder.conn},
             "by": holder.username,
         },
-    )
-    relay.put(run_id, relay.NOTE, {"type": "terminal_control", "data": data})
-    audit.record_now(
-        f"terminal.{action}",
-        target_type="run",
-        target_id=run_id,
-        payload=data,
-        actor_id=holder.user_id,
-        actor_name=holder.username,
     )
 
 
