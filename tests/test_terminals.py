@@ -89,7 +89,9 @@ def running_asker(client, acct):
     return task["latest_run_id"]
 
 
-def test_a_controller_types_into_the_agent_and_everyone_sees_it(client, member, project, worker, live):
+def test_a_controller_types_into_the_agent_and_everyone_sees_it(
+    client, member, project, worker, live
+):
     run_id = running_asker(client, member)
     ctl = Attached(live, run_id, token(client, member, run_id, "control"))
     assert ctl.hello["mode"] == "control"
@@ -170,8 +172,12 @@ def test_a_takeover_demotes_the_controller_and_is_audited(
     assert ("terminal.take", "alice") in actions
     assert ("terminal.takeover", "dan") in actions
     assert ("terminal.release", "dan") in actions
-    wait_for(lambda: "from alice" not in log_text(client, member, run_id)[0] and _events(
-        client, member, run_id, "terminal_control") >= 3)
+    wait_for(
+        lambda: (
+            "from alice" not in log_text(client, member, run_id)[0]
+            and _events(client, member, run_id, "terminal_control") >= 3
+        )
+    )
 
 
 def _events(client, acct, run_id, kind):
