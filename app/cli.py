@@ -214,6 +214,29 @@ def tasks_create(
         sys.exit(1)
 
 
+@main.command("attach")
+@click.argument("run_id", type=int)
+@click.option("--control", is_flag=True, help="Take the keyboard (else watch).")
+@click.option("--takeover", is_flag=True, help="With --control: take it from whoever has it.")
+@click.option("--server", envvar="SWITCHBOARD_URL", default="http://127.0.0.1:8000")
+@click.option(
+    "--token", envvar="SWITCHBOARD_TOKEN", help="A personal access token (SWITCHBOARD_TOKEN)."
+)
+def attach(run_id: int, control: bool, takeover: bool, server: str, token: str | None) -> None:
+    """Attach this terminal to a run's (a task with `tty`): watch it, or type into it with
+    --control. Ctrl-] detaches and leaves the run running."""
+    from app.terminals.client import AttachError
+    from app.terminals.client import attach as attach_to
+
+    if not token:
+        raise click.UsageError("set SWITCHBOARD_TOKEN or --token (a personal access token)")
+    try:
+        status = attach_to(server, token, run_id, control or takeover, takeover)
+    except AttachError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
+
+
 def _api(method: str, path: str, body: dict | None = None) -> dict:
     """One API call; a problem (or no server) ends the command with its detail."""
     base = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8000").rstrip("/")

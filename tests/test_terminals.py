@@ -300,3 +300,42 @@ def test_stop_and_timeout_end_terminal_runs_like_pipe_runs(
     done = wait_status(client, member, task["id"], ("cancelled", "failed"), timeout=10)
     assert done["runs"][0]["status"] == ("cancelled" if how == "stop" else "timed_out")
     wait_for(lambda: agent_pids(app, run_id) == [], timeout=3)
+
+
+def test_switchboard_attach_types_and_detaches_leaving_the_run_running(
+    client, member, project, worker, live
+):
+    import sys
+    from pathlib import Path
+
+    import pexpect
+
+    run_id = running_asker(client, member)
+    pat = client.post(
+        "/api/v1/me/tokens",
+        json={"label": "cli", "abilities": ["projects:read", "runs:control"]},
+        headers=member.headers,
+    ).get_json()["token"]
+    switchboard = str(Path(sys.executable).parent / "switchboard")
+    child = pexpect.spawn(
+        switchboard,
+        ["attach", str(run_id), "--control", "--server", live.url, "--token", pat],
+        dimensions=(30, 100),
+        timeout=15,
+    )
+    try:
+        child.expect_exact("Ctrl-] detaches")
+        child.expect_exact("name? ")  # the scrollback
+        child.send("ada\r")
+        child.expect_exact("hello ada")
+        child.send("stty size\r")  # the local terminal's size was sent on attach
+        child.expect_exact("30 100")
+        child.send("\x1d")
+        child.expect_exact("detached")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    run = client.get(f"/api/v1/runs/{run_id}", headers=member.headers).get_json()
+    assert run["status"] == "running"  # detaching left it running
+    assert "hello ada" in log_text(client, member, run_id)[0]
