@@ -222,3 +222,18 @@ def test_while_redis_is_away_only_the_first_request_waits_for_it(
         seen.append(len(asked))
     assert seen[0] > 0, seen  # the first one did try
     assert seen[1:] == [seen[0]] * 3, seen  # the others did not ask Redis at all
+
+
+def test_attack_a_line_without_end_costs_linear_time_and_bounded_memory():
+    """An agent printing megabytes without a newline: each chunk is copied once (it was the
+    whole line so far with every chunk), and past the limit the line is not kept at all."""
+    from app.agents.lines import Lines
+
+    lines = Lines(limit=1024 * 1024)
+    chunk = b"x" * 4096
+    for i in range(5_000):  # 20 MB
+        assert lines.feed(chunk) == []
+        assert len(lines.partial) <= 1024 * 1024, i
+    assert lines.feed(b"tail\nnext line\nstart") == [b"next line"]  # the long one: not parsed
+    assert lines.rest() == b"start"
+    assert Lines().feed(b"a\nb") == [b"a"] and Lines().rest() == b""

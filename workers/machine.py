@@ -35,6 +35,7 @@ from typing import Any
 from simple_websocket import Client, ConnectionClosed
 
 from app import __version__
+from app.agents.lines import Lines
 from app.agents.registry import Agent, registry
 from app.machines import protocol
 from app.runs.outcomes import normalise_exit_code
@@ -559,7 +560,7 @@ class _Output:
 
     def __init__(self, machine: Machine, held: Held, agent: Agent, redactor: Redactor | None):
         self.machine, self.held, self.agent, self.redactor = machine, held, agent, redactor
-        self.partial = b""
+        self.lines = Lines()
         self.file = open(held.log_path, "ab")  # noqa: SIM115 - closed in settle()
 
     def take(self, chunk: bytes) -> None:
@@ -572,8 +573,7 @@ class _Output:
             return
         self.file.write(chunk)
         self.file.flush()
-        lines = (self.partial + chunk).split(b"\n")
-        self.partial = lines.pop()
+        lines = self.lines.feed(chunk)
         with self.machine.lock:
             self.held.size += len(chunk)
             for line in lines:
@@ -589,9 +589,9 @@ class _Output:
         if self.redactor is not None:
             self._keep(self.redactor.flush())
         with self.machine.lock:
-            if self.partial:
-                self._parse(self.partial)
-                self.partial = b""
+            rest = self.lines.rest()
+            if rest:
+                self._parse(rest)
         self.file.close()
 
 

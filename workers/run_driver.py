@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import redis
 from flask import current_app
 
+from app.agents.lines import Lines
 from app.agents.parsers import Event
 from app.agents.registry import Agent
 from app.database import database_unavailable, db
@@ -51,7 +52,6 @@ class Batch:
     since: float | None = None
     events: list[Event] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
-    partial_line: bytes = b""
 
 
 class RunDriver:
@@ -73,6 +73,8 @@ class RunDriver:
         default_timeout = cfg["SWITCHBOARD_DEFAULT_TIMEOUT_S"]
         self.timeout = task.timeout_s if task.timeout_s is not None else default_timeout
         self.batch = Batch(offset=run.log_size)
+        #: the output's lines, for the agent's parser
+        self.lines = Lines()
         self.live_offset = run.log_size
         # events are numbered here and published at once; they are stored with the output
         self.next_seq = run.event_count + 1
@@ -156,9 +158,7 @@ class RunDriver:
         if b.since is None:
             b.since = time.monotonic()
         b.data += chunk
-        lines = (b.partial_line + chunk).split(b"\n")
-        b.partial_line = lines.pop()
-        for line in lines:
+        for line in self.lines.feed(chunk):
             self._parse(line)
         if len(b.data) >= self.flush_bytes and self.db_ready():
             self.attempt(self.flush)
@@ -212,9 +212,9 @@ class RunDriver:
                 self._take(rest)
         if self.live_hold:
             self._publish(b"", final=True)
-        if self.batch.partial_line:
-            self._parse(self.batch.partial_line)
-            self.batch.partial_line = b""
+        rest = self.lines.rest()
+        if rest:
+            self._parse(rest)
 
     def flush(self, final: bool = False, commit: bool = True) -> None:
         b = self.batch
@@ -236,7 +236,7 @@ class RunDriver:
         if stored and stored[0]["seq"] != first:  # numbered otherwise than published
             pubsub.run_events(self.run_id, stored)
         self.next_seq = run.event_count + 1
-        self.batch = Batch(offset=run.log_size, partial_line=b.partial_line)
+        self.batch = Batch(offset=run.log_size)
 
     def due(self) -> bool:
         """Output, events and facts go to the database together, `flush_s` after the first of
