@@ -180,7 +180,8 @@ def test_attack_agent_env_holds_no_server_secret(app, client, member, project, e
     assert env["TMPDIR"].startswith(f"{root}/runs/demo/") and env["TMPDIR"].endswith("/tmp")
     assert env["SWITCHBOARD_RUN_ID"] == str(done["runs"][0]["id"])
     assert env["SWITCHBOARD_URL"] == app.config["SWITCHBOARD_PUBLIC_URL"]
-    assert env["SWITCHBOARD_RUN_TOKEN"] == "***"  # masked in the log like a secret
+    # masked in the log like a secret (its prefix and run id are not secret)
+    assert env["SWITCHBOARD_RUN_TOKEN"] == f"sbr_{done['runs'][0]['id']}.***"
 
 
 def test_passthrough_never_passes_the_servers_own(monkeypatch, tmp_path):
@@ -611,3 +612,26 @@ def test_secrets_a_worker_cannot_decrypt_fail_the_run_saying_why(
     t = create(client, member, prompt="echo never")
     done = wait_status(client, member, t["id"], "failed")
     assert "do not decrypt" in done["runs"][0]["error_summary"]
+
+
+def test_attack_a_terminal_shows_at_most_one_character_of_a_secret():
+    """A terminal lets a held byte go after a quiet moment (a typed character's echo must not
+    wait for the next key); an agent printing a secret slowly, one character at a time, still
+    shows only its first character: the rest is held until whole, whatever the time."""
+    secret = "hunter2-secret"
+    r = Redactor([secret])
+    shown = b""
+    for ch in f"x {secret} y".encode():
+        shown += r.feed(bytes([ch]))
+        shown += r.release()  # quiet after every character
+    shown += r.flush()
+    assert shown == b"x h*** y"
+    # a typed "h" that was not the secret after all: shown at once, and what follows too
+    r = Redactor([secret])
+    assert r.feed(b"h") == b""  # could begin the secret
+    assert r.release() == b"h"
+    assert r.feed(b"ello") == b"ello"
+    # only single bytes are let go: a longer beginning waits for the next chunk
+    r = Redactor([secret])
+    assert r.feed(b"hun") == b"" and r.release() == b""
+    assert r.feed(b"ter2-secret!") == b"***!"

@@ -112,7 +112,8 @@ def execute(run_id: int) -> str:
     iterations = int(loop.get("max_iterations", 1)) if loop else 1
     marker = loop.get("done_marker") if loop else None
     # the run's token is masked too: a viewer of the log must not act as the run
-    driver = RunDriver(run, task, agent, Redactor.of([*secrets.values(), token]))
+    masked = [*secrets.values(), tokens.run_token_secret(token)]
+    driver = RunDriver(run, task, agent, Redactor.of(masked))
     size = sizes.DEFAULT if agent.in_terminal(task.tty) else None
     inbox: Inbox | None = None
     outcome: str | None = None

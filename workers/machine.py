@@ -37,6 +37,7 @@ from simple_websocket import Client, ConnectionClosed
 from app import __version__
 from app.agents.lines import Lines
 from app.agents.registry import Agent, registry
+from app.auth.tokens import run_token_secret
 from app.machines import protocol
 from app.runs.outcomes import normalise_exit_code
 from app.runs.redaction import Redactor
@@ -489,7 +490,8 @@ class Machine:
         argv[0] = binary
         stdin = spec["prompt"].encode() if agent.prompt_on_stdin else None
         # the project's secrets and the run's token never leave the machine in its output
-        redactor = Redactor.of([*secrets.values(), given.get("SWITCHBOARD_RUN_TOKEN", "")])
+        token = given.get("SWITCHBOARD_RUN_TOKEN", "")
+        redactor = Redactor.of([*secrets.values(), run_token_secret(token) if token else ""])
         output = _Output(self, held, agent, redactor)
         proc = AgentProcess(wrap(argv), cwd=str(ws.path), env=env, stdin_data=stdin)
         self._send(

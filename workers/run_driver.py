@@ -41,6 +41,9 @@ SHUTDOWN_GRACE = 3.0
 TICK = 0.02
 #: while the database is unreachable, how often a run's writes are tried again
 DB_RETRY_S = 0.5
+#: in a terminal, a byte held back because it could begin a secret is shown after this long
+#: without output (`Redactor.release`): the echo of a typed character does not wait a key
+ECHO_RELEASE_S = 0.01
 
 
 @dataclass
@@ -92,6 +95,7 @@ class RunDriver:
         self.db_down_since: float | None = None
         #: a terminal run's terminal: its notes (take-overs, resizes) become the run's events
         self.terminal: Terminal | None = None
+        self.last_output = 0.0
 
     def write_start(self) -> bool:
         """Write the agent's start (assigned → running) if it is still pending; False when the
@@ -145,6 +149,7 @@ class RunDriver:
     # -- output --------------------------------------------------------------------------------
 
     def on_output(self, chunk: bytes) -> None:
+        self.last_output = time.monotonic()
         if self.redactor is not None:
             chunk = self.redactor.feed(chunk)
             if not chunk:
@@ -179,6 +184,13 @@ class RunDriver:
 
     def note(self, kind: str, data: dict[str, Any]) -> None:
         self._add_events([(kind, data)])
+
+    def release_echo(self) -> None:
+        """A terminal gone quiet shows a byte held back for masking (see `Redactor.release`)."""
+        if self.redactor is not None and time.monotonic() - self.last_output >= ECHO_RELEASE_S:
+            released = self.redactor.release()
+            if released:
+                self._take(released)
 
     def take_terminal_notes(self) -> None:
         """What happened at the run's terminal, as the run's events (this driver numbers them)."""
@@ -296,7 +308,9 @@ class RunDriver:
         exiting = False
         while proc.poll() is None:
             proc.pump(self.on_output, TICK)
-            self.take_terminal_notes()
+            if self.terminal is not None:
+                self.take_terminal_notes()
+                self.release_echo()
             if self.pending_start is not None and proc.poll() is None and self.db_ready():
                 if proc.output_closed and not exiting:
                     exiting = True  # its exit follows at once: the next pump waits for it

@@ -38,6 +38,12 @@ def new_run_token(run_id: int) -> str:
     return f"{RUN_PREFIX}{run_id}.{secrets.token_urlsafe(32)}"
 
 
+def run_token_secret(token: str) -> str:
+    """The part of a run's token that is secret (its prefix and run id are not): what output
+    masking looks for, so that a typed `s` does not wait to be told apart from `sbr_`."""
+    return token.rpartition(".")[2]
+
+
 def run_token_id(token: str) -> int | None:
     """The run a token names (not yet that it is valid)."""
     head, dot, _ = token[len(RUN_PREFIX) :].partition(".")

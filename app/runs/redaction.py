@@ -5,6 +5,11 @@ masks the same way.
 Output arrives in chunks, and a value may be split across two of them (an agent that prints a
 token one character at a time): whatever the end of a chunk could be the beginning of a value
 is held back until the next chunk shows whether it is.
+
+A terminal cannot wait for the next chunk: a typed character whose echo could begin a value
+would show only with the next key. There, a held single byte is let go after a quiet moment
+(`release`), and the rest of each value it begins is then masked wherever it is cut (held
+until it is whole, never let go by time): at most one character of a value is ever shown.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class Redactor:
         self._starts = frozenset(n[0] for n in needles)
         self._longest = len(needles[0]) if needles else 0
         self._hold = b""
+        #: after a released byte: the rest of each value it began, masked if it follows
+        self._rests: list[bytes] = []
 
     @classmethod
     def of(cls, values: Iterable[str]) -> Redactor | None:
@@ -34,15 +41,43 @@ class Redactor:
     def feed(self, chunk: bytes) -> bytes:
         """What of the output so far can be passed on, masked."""
         assert self._pattern is not None
-        data = self._pattern.sub(MASK, self._hold + chunk)
+        data = self._hold + chunk
+        if self._rests:
+            masked = self._continue(data)
+            if masked is None:
+                self._hold = data
+                return b""
+            data = masked
+        data = self._pattern.sub(MASK, data)
         keep = self._open_tail(data)
         self._hold = data[len(data) - keep :] if keep else b""
         return data[: len(data) - keep] if keep else data
 
     def flush(self) -> bytes:
         """The end of the output: what was held back was not a value after all."""
-        out, self._hold = self._hold, b""
+        out, self._hold, self._rests = self._hold, b"", []
         return out
+
+    def release(self) -> bytes:
+        """A terminal's quiet moment: a single held byte is let go (a typed character's echo);
+        the values it may begin are masked from their second character on (`_continue`)."""
+        if len(self._hold) != 1 or self._rests:
+            return b""
+        out, self._hold = self._hold, b""
+        self._rests = [n[1:] for n in self._needles if n[:1] == out and len(n) > 1]
+        return out
+
+    def _continue(self, data: bytes) -> bytes | None:
+        """`data` after a released byte: with the rest of a value it began masked; None while
+        it could still become one (held, whatever the time)."""
+        for rest in self._rests:
+            if data.startswith(rest):
+                self._rests = []
+                return MASK + data[len(rest) :]
+        if any(rest.startswith(data) for rest in self._rests):
+            return None
+        self._rests = []
+        return data
 
     def _open_tail(self, data: bytes) -> int:
         """The length of the longest end of `data` that begins some value."""
