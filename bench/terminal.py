@@ -134,7 +134,13 @@ def main() -> None:
 
     redis.Redis.from_url(args.redis_url).flushdb()
     db_url = fresh_postgres_database(args.database_url, "sb_bench_terminal")
-    settings = {"SWITCHBOARD_WORKER_PROCESSES": "2", "WEB_CONCURRENCY": "2"}
+    # 20 viewers of one user: more than the per-user cap of streams allows by default
+    settings = {
+        "SWITCHBOARD_WORKER_PROCESSES": "2",
+        "WEB_CONCURRENCY": "2",
+        "SWITCHBOARD_STREAM_CAP": "100",
+        "GUNICORN_THREADS": "64",  # each socket holds a thread
+    }
     with Server(database_url=db_url, redis_url=args.redis_url, worker=True, **settings) as server:
         c = server.client()
         c.call("POST", "/api/v1/projects", {"key": "t", "name": "t", "default_agent": "shell"})

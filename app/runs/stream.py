@@ -256,7 +256,10 @@ class TerminalFollower(RunFollower):
         return False
 
     def _shared_frame(self, msg: dict, offset: int, size: int) -> bytes:
-        return msg["text"].encode()
+        raw = msg.get("_raw")  # encoded once for every socket following the run
+        if raw is None:
+            raw = msg["_raw"] = msg["text"].encode()
+        return raw
 
     def _log_frame(self, start: int, raw: bytes) -> bytes:
         return raw
