@@ -339,3 +339,35 @@ def test_switchboard_attach_types_and_detaches_leaving_the_run_running(
     run = client.get(f"/api/v1/runs/{run_id}", headers=member.headers).get_json()
     assert run["status"] == "running"  # detaching left it running
     assert "hello ada" in log_text(client, member, run_id)[0]
+
+
+def test_a_machine_run_has_the_same_terminal(app, client, admin, member, project, tmp_path):
+    """The terminal of a run on a machine: keys and resizes relayed as `pty_*` frames on its
+    control channel by whichever web process holds it (two here), output back as its log."""
+    from servers import LiveServer
+    from test_machine_client import MachineProcess, _machine_online
+
+    live2 = LiveServer(app, WEB_CONCURRENCY="2")
+    box = MachineProcess(client, admin, live2, tmp_path, "m1")
+    try:
+        wait_for(lambda: _machine_online(client, member, "m1"), timeout=20)
+        task = create(client, member, agent="shell", prompt="asker", tty=True, target="machine:m1")
+        run_id = wait_status(client, member, task["id"], "running")["latest_run_id"]
+        ctl = Attached(live2, run_id, token(client, member, run_id, "control"))
+        viewer = Attached(live2, run_id, token(client, member, run_id, "view"))
+        ctl.wait_output("name? ", timeout=15)
+        ctl.type("ada\r")
+        viewer.wait_output("hello ada")
+        ctl.send(type="resize", cols=100, rows=30)
+        viewer.expect("resize", cols=100, rows=30)
+        ctl.type("stty size\r")
+        ctl.wait_output("30 100")
+        ctl.type("quit\r")
+        assert ctl.expect("exit", timeout=15)["status"] == "succeeded"
+        assert "hello ada" in log_text(client, member, run_id)[0]
+        wait_for(lambda: _events(client, member, run_id, "terminal_resize") == 1)
+        assert _events(client, member, run_id, "terminal_control") >= 1
+    finally:
+        box.stop()
+        live2.stop()
+        print("---- machine ----\n" + box.output())

@@ -29,11 +29,12 @@ from app.runs.outcomes import Started, normalise_exit_code
 from app.runs.redaction import Redactor
 from app.tasks.models import Task
 from app.terminals import sizes
+from app.terminals.inbox import Inbox, Names
 from app.timeutil import utcnow
 from workers import agents, isolation, job_hooks, workspace
 from workers.process import AgentProcess
 from workers.run_driver import DB_RETRY_S, RunDriver, shutdown_requested
-from workers.terminal import Inbox, Names, Terminal
+from workers.terminal import Terminal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

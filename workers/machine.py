@@ -40,7 +40,8 @@ from app.agents.registry import Agent, registry
 from app.auth.tokens import run_token_secret
 from app.machines import protocol
 from app.runs.outcomes import normalise_exit_code
-from app.runs.redaction import Redactor
+from app.runs.redaction import ECHO_RELEASE_S, Redactor
+from app.terminals import sizes
 from workers import agent_env, agents, sandbox, workspace
 from workers.process import AgentProcess
 
@@ -166,6 +167,9 @@ class Held:
     stop_grace: float | None = None
     abandon: bool = False
     thread: threading.Thread | None = None
+    #: its agent, once started (in a terminal when `tty`: people's keys reach it)
+    proc: AgentProcess | None = None
+    tty: bool = False
 
 
 class Machine:
@@ -230,6 +234,7 @@ class Machine:
         ws = Client.connect(self.state["ws_url"], max_message_size=protocol.MAX_FRAME_BYTES * 8)
         with self.lock:
             held = sorted(self.runs)
+            resume = [{"run_id": r, "tty": self.runs[r].tty} for r in held]
         ws.send(
             protocol.dump(
                 {
@@ -237,7 +242,7 @@ class Machine:
                     "machine_id": self.state["machine_id"],
                     "credential": self.state["credential"],
                     "client_version": __version__,
-                    "resume": [{"run_id": r} for r in held],
+                    "resume": resume,
                 }
             )
         )
@@ -316,6 +321,8 @@ class Machine:
                 held = self.runs.get(frame["run_id"])
                 if held is not None and held.stop_grace is None:
                     held.stop_grace = float(frame.get("grace_s") or 10)
+        elif kind in ("pty_input", "pty_resize", "pty_note"):
+            self._at_terminal(frame)
         elif kind == "drain":
             with self.lock:
                 self.draining = True
@@ -326,6 +333,34 @@ class Machine:
             raise MachineError(f"disconnected by the server: {frame.get('reason')}")
         elif kind == "error":
             log.warning("the server refused a frame: %s", frame.get("detail"))
+
+    def _at_terminal(self, frame: dict[str, Any]) -> None:
+        """What people did at a run's terminal (relayed by the server): applied as the pool
+        applies it, and kept in the run's events."""
+        with self.lock:
+            held = self.runs.get(frame.get("run_id"))  # type: ignore[arg-type]
+        proc = held.proc if held is not None else None
+        if held is None or proc is None or not held.tty:
+            return
+        kind = frame["type"]
+        event: dict[str, Any] | None = None
+        if kind == "pty_input":
+            with contextlib.suppress(ValueError, TypeError):
+                proc.type_in(base64.b64decode(frame.get("data") or "", validate=True))
+        elif kind == "pty_resize":
+            size = sizes.valid(frame.get("cols"), frame.get("rows"))
+            if size is not None and proc.resize(*size):
+                data = {"cols": size[0], "rows": size[1], "by": frame.get("by")}
+                event = {"type": "terminal_resize", "data": data}
+        elif isinstance(frame.get("event"), dict):
+            event = {
+                "type": str(frame["event"].get("type"))[:64],
+                "data": dict(frame["event"].get("data") or {}),
+            }
+        if event is not None:
+            with self.lock:
+                held.events.append(event)
+                self.wake.notify_all()
 
     def _acked(self, frame: dict[str, Any]) -> None:
         with self.lock:
@@ -493,15 +528,27 @@ class Machine:
         token = given.get("SWITCHBOARD_RUN_TOKEN", "")
         redactor = Redactor.of([*secrets.values(), run_token_secret(token) if token else ""])
         output = _Output(self, held, agent, redactor)
-        proc = AgentProcess(wrap(argv), cwd=str(ws.path), env=env, stdin_data=stdin)
+        terminal = sizes.DEFAULT if spec.get("tty") else None
+        proc = AgentProcess(
+            wrap(argv), cwd=str(ws.path), env=env, stdin_data=stdin, terminal=terminal
+        )
+        held.proc, held.tty = proc, terminal is not None
         self._send(
-            {"type": "started", "run_id": held.run_id, "pid": proc.pid, "agent_version": version}
+            {
+                "type": "started",
+                "run_id": held.run_id,
+                "pid": proc.pid,
+                "agent_version": version,
+                "tty": held.tty,
+            }
         )
         held.facts.setdefault("agent_version", version)
         deadline = proc.started + spec["timeout_s"] if spec.get("timeout_s") else None
         outcome = None
         while proc.poll() is None:
             proc.pump(output.take, TICK)
+            if held.tty:
+                output.release_echo()
             if held.stop_grace is not None:
                 proc.stop(held.stop_grace, output.take)
                 outcome = "cancelled"
@@ -563,12 +610,19 @@ class _Output:
     def __init__(self, machine: Machine, held: Held, agent: Agent, redactor: Redactor | None):
         self.machine, self.held, self.agent, self.redactor = machine, held, agent, redactor
         self.lines = Lines()
+        self.last = 0.0
         self.file = open(held.log_path, "ab")  # noqa: SIM115 - closed in settle()
 
     def take(self, chunk: bytes) -> None:
+        self.last = time.monotonic()
         if self.redactor is not None:
             chunk = self.redactor.feed(chunk)
         self._keep(chunk)
+
+    def release_echo(self) -> None:
+        """A terminal gone quiet shows a byte held back for masking (`Redactor.release`)."""
+        if self.redactor is not None and time.monotonic() - self.last >= ECHO_RELEASE_S:
+            self._keep(self.redactor.release())
 
     def _keep(self, chunk: bytes) -> None:
         if not chunk:

@@ -26,7 +26,7 @@ from app.runs import logs
 from app.runs import service as runs
 from app.runs.models import Run
 from app.runs.outcomes import Started
-from app.runs.redaction import Redactor
+from app.runs.redaction import ECHO_RELEASE_S, Redactor
 from app.tasks.models import Task
 from workers import job_hooks
 from workers.process import AgentProcess
@@ -41,9 +41,6 @@ SHUTDOWN_GRACE = 3.0
 TICK = 0.02
 #: while the database is unreachable, how often a run's writes are tried again
 DB_RETRY_S = 0.5
-#: in a terminal, a byte held back because it could begin a secret is shown after this long
-#: without output (`Redactor.release`): the echo of a typed character does not wait a key
-ECHO_RELEASE_S = 0.01
 
 
 @dataclass

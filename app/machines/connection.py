@@ -26,6 +26,7 @@ from app.live import pubsub
 from app.live.hub import Subscription, hub, stopping
 from app.machines import heartbeats, models, protocol, reports, scheduling, service
 from app.machines.models import Machine
+from app.machines.terminals import Relays
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,19 @@ class Connection:
         #: the free slots its last heartbeat said (more now: what waits may be assigned)
         self.free_slots: int | None = None
         self.subscription: Subscription | None = None
+        #: the inboxes of its runs in a terminal, forwarded as `pty_*` frames
+        self.terminals = Relays(self._send_quietly)
 
     # -- writing -------------------------------------------------------------------------------
 
     def send(self, frame: dict[str, Any]) -> None:
         with self.lock:
             self.ws.send(protocol.dump(frame))
+
+    def _send_quietly(self, frame: dict[str, Any]) -> None:
+        """From an inbox's thread: a frame for a run, unless the socket is gone."""
+        with contextlib.suppress(ConnectionClosed):
+            self.send(frame)
 
     def close(self, code: int, reason: str) -> None:
         """End the connection (from any thread); the serving thread wakes and returns."""
@@ -96,6 +104,7 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
+            self.terminals.close()
             if self.subscription is not None:
                 with self.app.app_context():
                     self.subscription.close()
@@ -145,6 +154,9 @@ class Connection:
                     "runs": reports.resume(machine, [r["run_id"] for r in frame["resume"]]),
                 }
                 db.session.commit()
+                for resumed in frame["resume"]:
+                    if resumed["tty"]:
+                        self.terminals.watch(resumed["run_id"])
                 # told of whatever is decided for this machine from now on; a connection of
                 # it elsewhere (an older one, half-open) is told to go
                 self.subscription = hub().subscribe(
@@ -188,6 +200,15 @@ class Connection:
                 continue
             for answer in self._handle(frame):
                 self.send(answer)
+            self._follow_terminal(frame)
+
+    def _follow_terminal(self, frame: dict[str, Any]) -> None:
+        """A run's agent started in a terminal: people's keys go to it; its end: no more."""
+        if frame["type"] == "started" and frame["tty"]:
+            with self.app.app_context():
+                self.terminals.watch(frame["run_id"])
+        elif frame["type"] == "finished":
+            self.terminals.forget(frame["run_id"])
 
     def _heartbeat(self, frame: dict[str, Any]) -> None:
         """Written with the other heartbeats this process receives (`heartbeats`); answered

@@ -44,6 +44,8 @@ class ResumeSchema(ma.Schema):
         unknown = ma.RAISE
 
     run_id = _run_id()
+    #: its agent has a terminal: the server relays people's keys to it again
+    tty = ma.fields.Bool(load_default=False)
 
 
 class AuthSchema(_Frame):
@@ -83,6 +85,8 @@ class StartedSchema(_Frame):
     run_id = _run_id()
     pid = ma.fields.Int(load_default=None, validate=ma.validate.Range(0, 2**31))
     agent_version = ma.fields.Str(load_default=None, validate=ma.validate.Length(max=200))
+    #: its agent runs in a terminal (the assignment said `tty`): people's keys come as `pty_*`
+    tty = ma.fields.Bool(load_default=False)
 
 
 class LogSchema(_Frame):

@@ -35,6 +35,7 @@ from app.runs.models import Run, held_by, status_in
 from app.tasks import limits
 from app.tasks.lifecycle import OCCUPYING
 from app.tasks.models import Task, in_machine_queue
+from app.terminals import service as terminals
 from app.timeutil import utcnow
 from app.vault import service as vault
 
@@ -389,6 +390,7 @@ def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
             Task.timeout_s,
             Task.loop,
             Task.config,
+            Task.tty,
             Project.id,
             Project.key,
             Project.repo_url,
@@ -402,7 +404,7 @@ def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
     default_timeout = cfg["SWITCHBOARD_DEFAULT_TIMEOUT_S"]
     secrets: dict[int, dict[str, str]] = {}
     specs = {}
-    for (run_id, attempt, agent, task_id, prompt, timeout_s, loop, config, project_id, key,
+    for (run_id, attempt, agent, task_id, prompt, timeout_s, loop, config, tty, project_id, key,
          repo_url, base_branch) in rows:  # fmt: skip
         if project_id not in secrets:
             secrets[project_id] = vault.values_for(project_id)
@@ -429,6 +431,7 @@ def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
                 "timeout_s": default_timeout if timeout_s is None else timeout_s,
                 "loop": loop,
                 "config": config,
+                "tty": terminals.in_terminal(agent, tty),
                 "offer_s": OFFER_S,
             },
         }

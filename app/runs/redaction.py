@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from typing import Any
 
 MASK = b"***"
+#: a terminal's quiet moment: a held byte is shown after this long without output (`release`)
+ECHO_RELEASE_S = 0.01
 
 
 class Redactor:

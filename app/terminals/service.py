@@ -56,7 +56,13 @@ def attachable(principal: Principal, run_id: int, mode: str) -> Run:
 
 def has_terminal(run: Run) -> bool:
     asked = db.session.scalar(sa.select(Task.tty).where(Task.id == run.task_id))
-    agent = known_agents().get(run.agent)
+    return in_terminal(run.agent, asked)
+
+
+def in_terminal(agent_name: str, asked: bool | None) -> bool:
+    """Whether a run of `agent_name` for a task that asked `tty` gets a terminal (this server's
+    registry decides, for the pool and for machines alike)."""
+    agent = known_agents().get(agent_name)
     return agent is not None and agent.in_terminal(asked)
 
 
