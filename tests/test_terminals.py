@@ -5,6 +5,7 @@ PTY; many viewers and one controller; every refusal before the socket opens."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from helpers import account, wait_for
-from simple_websocket import Client
+from simple_websocket import Client, ConnectionClosed
 from test_execution import agent_pids, create, log_text, wait_status
 from test_live_streams import _frames, _stream
 
@@ -55,6 +56,15 @@ class Attached:
         while text.encode() not in self.output:
             assert time.monotonic() < deadline, f"no {text!r} in {bytes(self.output)!r}"
             self.pump()
+
+    def closed_with(self, timeout=5.0):
+        """The close code, once the server has closed the socket."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(ConnectionClosed):
+            while self.ws.connected and time.monotonic() < deadline:
+                self.pump()
+        assert not self.ws.connected
+        return self.ws.close_reason
 
     def type(self, text):
         self.ws.send(text.encode())
@@ -268,7 +278,7 @@ def test_attack_socket_outlives_access(app, client, member, project, worker, liv
     assert resp.status_code == 204, resp.get_json()
     closed = watcher.expect("closed")
     assert closed["reason"] == "access_ended"
-    wait_for(lambda: not watcher.ws.connected or watcher.pump() or not watcher.ws.connected)
+    assert watcher.closed_with() == 1008
 
 
 def test_a_run_without_a_terminal_has_none_to_attach(client, member, project):
