@@ -315,6 +315,7 @@ def test_stop_and_timeout_end_terminal_runs_like_pipe_runs(
 def test_switchboard_attach_types_and_detaches_leaving_the_run_running(
     client, member, project, worker, live
 ):
+    import subprocess
     import sys
     from pathlib import Path
 
@@ -340,6 +341,16 @@ def test_switchboard_attach_types_and_detaches_leaving_the_run_running(
         child.expect_exact("hello ada")
         child.send("stty size\r")  # the local terminal's size was sent on attach
         child.expect_exact("30 100")
+        # a second controller is told why it may not, and how it could
+        second = subprocess.run(
+            [switchboard, "attach", str(run_id), "--control", "--server", live.url],
+            env={**os.environ, "SWITCHBOARD_TOKEN": pat},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert "409: someone else holds the keyboard (--takeover" in second.stderr
         child.send("\x1d")
         child.expect_exact("detached")
         child.expect(pexpect.EOF)

@@ -150,7 +150,7 @@ class AgentProcess:
                 self.proc = subprocess.Popen(
                     argv,
                     cwd=cwd,
-                    env={**env, "TERM": env.get("TERM") or TERM},
+                    env={**env, "TERM": TERM},  # this terminal's kind, not the server's
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,

@@ -23,6 +23,7 @@ import urllib.request
 from typing import Any, BinaryIO
 
 from simple_websocket import Client, ConnectionClosed
+from simple_websocket import ConnectionError as Refused
 
 DETACH = b"\x1d"  # Ctrl-]
 HANDSHAKE_REFUSED = {
@@ -61,10 +62,12 @@ def connect(server: str, credential: str, run_id: int, control: bool, takeover: 
     url += f"?token={token}" + ("&takeover=1" if takeover else "")
     try:
         return Client.connect(url)
-    except ConnectionError as exc:
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    except Refused as exc:  # the handshake was answered with an error status
+        code = exc.status_code
         reason = HANDSHAKE_REFUSED.get(code or 0, "the server refused the socket")
         raise AttachError(f"{code or '?'}: {reason}") from None
+    except OSError as exc:
+        raise AttachError(f"cannot reach {server}: {exc}") from None
 
 
 class Attachment:
