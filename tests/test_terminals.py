@@ -392,3 +392,23 @@ def test_a_machine_run_has_the_same_terminal(app, client, admin, member, project
         box.stop()
         live2.stop()
         print("---- machine ----\n" + box.output())
+
+
+def test_a_killed_worker_ends_its_terminal_run_and_the_sockets_on_it(
+    app, client, member, project, worker, live
+):
+    """The `bash` agent runs in a terminal by default; its worker killed with -9, the run ends
+    `lost` as any run does, and an attached socket is told so and closed, never left hanging."""
+    import signal
+
+    task = create(client, member, agent="bash", prompt="echo ready")
+    assert task["tty"] is None  # the agent's default decides
+    running = wait_status(client, member, task["id"], "running")
+    run = running["runs"][0]
+    viewer = Attached(live, run["id"], token(client, member, run["id"], "view"))
+    viewer.wait_output("ready")
+    os.kill(int(run["executor"].rsplit(":", 1)[1]), signal.SIGKILL)
+    exit_frame = viewer.expect("exit", timeout=30)
+    assert exit_frame["status"] == "lost"
+    assert viewer.closed_with() == 1000
+    wait_for(lambda: agent_pids(app, run["id"]) == [], timeout=5)

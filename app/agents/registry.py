@@ -39,7 +39,7 @@ class Agent:
                 argv.append(part.format(**values))
             except KeyError:
                 continue  # an optional "{model}" with no model configured: drop the argument
-        if self.name == "claude":
+        if self.name in ("claude", "claude-interactive"):
             argv += _claude_options(config)
         elif self.name == "codex":
             argv[2:2] = ["--sandbox", str(config.get("sandbox", "workspace-write"))]
@@ -86,6 +86,15 @@ BUILTIN: dict[str, Agent] = {
         prompt_on_stdin=False,
         version_command=("bash", "--version"),
     ),
+    # in a terminal by default: people attach to watch or steer them (docs/usage.md, Terminals)
+    "claude-interactive": Agent(
+        "claude-interactive",
+        ("claude", "{prompt}"),
+        prompt_on_stdin=False,
+        version_command=("claude", "--version"),
+        tty=True,
+    ),
+    "bash": Agent("bash", ("bash", "-i"), version_command=("bash", "--version"), tty=True),
 }
 
 
