@@ -24,9 +24,10 @@ MODULES = (
     "subscriptions",
     "machines",
     "terminals",
+    "questions",
 )
 #: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
-LISTENING = ("tasks", "webhooks", "subscriptions", "machines")
+LISTENING = ("tasks", "webhooks", "subscriptions", "machines", "questions")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

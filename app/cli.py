@@ -237,6 +237,15 @@ def attach(run_id: int, control: bool, takeover: bool, server: str, token: str |
     sys.exit(status)
 
 
+@main.command("ask", context_settings={"ignore_unknown_options": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def ask(args: tuple[str, ...]) -> None:
+    """For agents: ask a person and wait for the answer (`switchboard ask --help`)."""
+    from app.questions.client import main as ask_main
+
+    sys.exit(ask_main(["ask", *args]))
+
+
 def _api(method: str, path: str, body: dict | None = None) -> dict:
     """One API call; a problem (or no server) ends the command with its detail."""
     base = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8000").rstrip("/")

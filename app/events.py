@@ -86,6 +86,12 @@ task_ended = Event(
     """A task reached a terminal status (kwargs: task): a webhook's event may be complete.""",
 )
 
+run_ended = Event(
+    "run-ended",
+    """A run reached a terminal state (kwargs: run), in the transaction that ends it: what
+    waited on the run ends with it (its pending questions are cancelled).""",
+)
+
 lease_expired = Event(
     "lease-expired",
     """A run's executor stopped renewing its lease and the run was marked lost (kwargs: run_id,

@@ -298,7 +298,12 @@ _STARTED = """started_at = %(started_at)s, pid = %(pid)s, agent_version = %(vers
 
 
 def _end_sql(starting: bool) -> str:
-    return _end_statement(starting, events.activity_recorded.version, events.task_ended.version)
+    return _end_statement(
+        starting,
+        events.activity_recorded.version,
+        events.task_ended.version,
+        events.run_ended.version,
+    )
 
 
 @functools.cache

@@ -270,6 +270,18 @@ def list_events(
     return rows, (rows[-1].seq if more and rows else None)
 
 
+def set_waiting(run: Run, waiting: bool) -> bool:
+    """A run asking a person something waits (running → waiting), and goes on when nothing is
+    left to answer (waiting → running), keeping its executor, its lease and its slot; its task
+    follows. In the caller's transaction; False when the run was not in the state to leave."""
+    before, after = ("running", "waiting") if waiting else ("waiting", "running")
+    if not _transition(run.id, {before}, None, status=after):
+        return False
+    lifecycle.run_changed(run)
+    after_commit(lambda: pubsub.run_status(run.id, after))
+    return True
+
+
 def finish(
     run_id: int,
     status: str,

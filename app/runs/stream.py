@@ -240,9 +240,14 @@ class RunFollower:
                     return GAP
                 self.seq = item["seq"]
                 out.append(self._event_frame(item))
+        elif kind == "question":  # asked, answered, expired: said live, kept by the API
+            out.append(self._question_frame(msg["question"]))
         elif kind == "status":
             return REPLAY
         return None
+
+    def _question_frame(self, question: dict) -> bytes:
+        return self._event("question", question).encode()
 
 
 class TerminalFollower(RunFollower):
@@ -265,6 +270,9 @@ class TerminalFollower(RunFollower):
         return raw
 
     def _event_frame(self, item: dict) -> bytes:
+        return b""
+
+    def _question_frame(self, question: dict) -> bytes:
         return b""
 
 

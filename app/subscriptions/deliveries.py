@@ -57,7 +57,7 @@ def outbound_events(kind: str, data: dict[str, Any]) -> list[str]:
             return ["run.started"]
         if status in RUN_TERMINAL:
             return ["run.finished"]
-    if kind.startswith("machine."):
+    if kind.startswith(("machine.", "question.")):
         return [kind]
     return []
 

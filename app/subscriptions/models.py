@@ -21,6 +21,10 @@ EVENTS = (
     "machine.offline",
     "machine.draining",
     "machine.decommissioned",
+    # an agent asked a person something; it was answered, or it expired
+    "question.asked",
+    "question.answered",
+    "question.expired",
 )
 DELIVERY_STATES = ("pending", "delivering", "delivered", "dead")
 

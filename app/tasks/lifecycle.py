@@ -91,6 +91,7 @@ def run_changed(run: Run) -> None:
 def run_finished(run: Run, *, requeue: bool = False) -> None:
     """A run reached a terminal state (in the current transaction)."""
     note_run(run)
+    events.run_ended.send(run=run)
     task = db.session.get(Task, run.task_id)
     if task is None or task.latest_run_id != run.id:
         return
@@ -226,7 +227,8 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
     `task`, `project`) for a run ending with `status`: true when the end changes nothing but
     the run, its task and their activity entries — it is the task's latest run, no new attempt
     follows, no dependent waits to be released or cancelled, and no capped project waits for
-    the slot — and nobody on the event bus listens to the task's end or its activity. The fast
+    the slot — and nobody on the event bus listens to the run's or the task's end or its
+    activity. The fast
     path of a run's end (`runs.pg_fastpath`) writes only then."""
     retryable = ", ".join(f"'{s}'" for s in sorted(RETRYABLE))
     return f"""{task}.latest_run_id = {run_id}
@@ -236,6 +238,7 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
      AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks b ON b.id = d.task_id
                      WHERE d.depends_on_id = {task}.id AND b.status = 'blocked')
      AND NOT ({events.task_ended.listened_sql(source=f"{task}.source", task_id=f"{task}.id")})
+     AND NOT ({events.run_ended.listened_sql(run_id=run_id)})
      AND NOT ({events.activity_recorded.listened_sql(project_id=f"{task}.project_id")})"""
 
 
