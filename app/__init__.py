@@ -25,6 +25,7 @@ MODULES = (
     "machines",
     "terminals",
     "questions",
+    "reviews",
 )
 #: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
 LISTENING = ("tasks", "webhooks", "subscriptions", "machines", "questions")

@@ -209,6 +209,9 @@ class Settings:
     WEBHOOK_RETRY_SCHEDULE: str = "10,60,300,1800,7200"
     #: Seconds an outbound delivery may take (connect + response).
     WEBHOOK_TIMEOUT_S: int = 10
+    #: GitHub's REST API, where an approved run's pull request is opened (GitHub Enterprise:
+    #: https://<host>/api/v3)
+    GITHUB_API_URL: str = "https://api.github.com"
     #: Networks (CIDR, comma-separated) outbound deliveries may reach although they are loopback
     #: or private; empty refuses every non-public address (SSRF).
     WEBHOOK_ALLOWED_NETWORKS: str = ""
@@ -284,6 +287,7 @@ class Settings:
                 "SWITCHBOARD_WEBHOOK_RETRY_SCHEDULE", d.WEBHOOK_RETRY_SCHEDULE
             ),
             WEBHOOK_TIMEOUT_S=_int("SWITCHBOARD_WEBHOOK_TIMEOUT_S", d.WEBHOOK_TIMEOUT_S),
+            GITHUB_API_URL=env("SWITCHBOARD_GITHUB_API_URL", d.GITHUB_API_URL),
             WEBHOOK_ALLOWED_NETWORKS=env("SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", ""),
             WEBHOOK_RETENTION_DAYS=_int(
                 "SWITCHBOARD_WEBHOOK_RETENTION_DAYS", d.WEBHOOK_RETENTION_DAYS

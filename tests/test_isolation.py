@@ -531,7 +531,9 @@ def test_retention_removes_old_worktrees_and_keeps_their_branches(
     from workers import retention
 
     bare = bare_repo(tmp_path)
-    assert _project(client, member, key="demo", repo_url=str(bare)).status_code == 201
+    # review "none": the changes are not waiting for anyone (tests/test_reviews.py)
+    resp = _project(client, member, key="demo", repo_url=str(bare), review="none")
+    assert resp.status_code == 201
     edit = "echo more >> README.md; git -c user.name=a -c user.email=a@x commit -qam change"
     old = create(client, member, prompt=edit)
     new = create(client, member, prompt=edit)

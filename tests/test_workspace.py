@@ -11,7 +11,13 @@ def test_two_runs_work_on_two_branches(app, client, member, worker, tmp_path):
     client.post(
         "/api/v1/projects",
         headers=member.headers,
-        json={"key": "repo", "name": "Repo", "repo_url": str(bare), "default_agent": "shell"},
+        json={
+            "key": "repo",
+            "name": "Repo",
+            "repo_url": str(bare),
+            "default_agent": "shell",
+            "review": "none",
+        },
     )
     script = (
         'git rev-parse --abbrev-ref HEAD; echo "attempt $SWITCHBOARD_ATTEMPT" >> '

@@ -146,7 +146,8 @@ def execute(run_id: int) -> str:
             if loop:
                 driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
         driver.settle()
-        extra = workspace.results(ws, wrap)
+        extra = _change(run.id, task, project, ws, wrap) if outcome is None and code == 0 else {}
+        extra.update(workspace.results(ws, wrap))
         return _until_written(lambda: _end(driver, task, outcome, code, extra), driver)
     except BaseException:
         # worker killed mid-run (SystemExit from a cold shutdown) or our own bug: the agent
@@ -185,6 +186,23 @@ def _attachable(driver: RunDriver, proc: AgentProcess, inbox: Inbox | None) -> I
     inbox = Inbox(current_app.config["SWITCHBOARD_REDIS_URL"], Names.of(driver.run_id), terminal)
     inbox.start()
     return inbox
+
+
+def _change(
+    run_id: int, task: Task, project: Any, ws: workspace.Workspace, wrap: workspace.Wrapper
+) -> dict[str, Any]:
+    """A succeeded repo run's change, committed and kept (`runs.record_change`); with the run's
+    end it says `review: pending` when the project wants a person to approve it first."""
+    try:
+        change = workspace.capture(ws, wrap, task.title, author=f"{task.agent} (Switchboard)")
+    except workspace.WorkspaceError as exc:
+        log.warning("run %s: its change could not be captured: %s", run_id, exc)
+        return {}
+    if change is None:
+        return {}
+    fields = {k: v for k, v in vars(change).items()}
+    _while_unavailable(lambda: runs.record_change(run_id, fields), 30)
+    return {"review": "pending"} if project.review_mode == "required" else {}
 
 
 def _end(

@@ -202,6 +202,31 @@ def prepare(
         )
 
 
+def _cache(base: Path, project_key: str, repo_url: str) -> Path:
+    key = hashlib.sha256(repo_url.encode()).hexdigest()[:12]
+    return base / "repos" / f"{_safe(project_key)}-{key}.git"
+
+
+@contextlib.contextmanager
+def _clone(
+    base: Path, project_key: str, repo_url: str, policy: Policy, token: str | None
+) -> Iterator[Callable[..., str]]:
+    """The project's cached bare clone, fetched, locked for the block: `git(*args)` in it."""
+    cache = _cache(base, project_key, repo_url)
+
+    def git(*args: str, cwd: Path | None = cache, timeout: float = 300) -> str:
+        return _git(
+            *args, cwd=cwd, timeout=timeout, allow_local=policy.allow_local_repos, token=token
+        )
+
+    with _locked(cache.with_suffix(".lock")):
+        if not cache.exists():
+            git("clone", "--bare", "--quiet", "--", repo_url, str(cache), cwd=None)
+            git("config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*")
+        git("fetch", "--quiet", "--prune", "origin")
+        yield git
+
+
 def _worktree(
     base: Path,
     project_key: str,
@@ -214,20 +239,10 @@ def _worktree(
     policy: Policy,
     git_token: str | None,
 ) -> Workspace:
-    key = hashlib.sha256(repo_url.encode()).hexdigest()[:12]
-    cache = base / "repos" / f"{_safe(project_key)}-{key}.git"
+    cache = _cache(base, project_key, repo_url)
     branch = f"switchboard/{task_id}-{attempt}"
     tree = base / "worktrees" / _safe(project_key) / f"{task_id}-{attempt}"
-    local = policy.allow_local_repos
-
-    def git(*args: str, cwd: Path | None = cache) -> str:
-        return _git(*args, cwd=cwd, allow_local=local, token=git_token)
-
-    with _locked(cache.with_suffix(".lock")):
-        if not cache.exists():
-            git("clone", "--bare", "--quiet", "--", repo_url, str(cache), cwd=None)
-            git("config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*")
-        git("fetch", "--quiet", "--prune", "origin")
+    with _clone(base, project_key, repo_url, policy, git_token) as git:
         start = f"refs/remotes/origin/{default_branch}"
         base_commit = git("rev-parse", "--verify", "--end-of-options", start)
         if tree.exists():
@@ -247,6 +262,38 @@ def _worktree(
     )
 
 
+def push(
+    root: str,
+    project_key: str,
+    repo_url: str,
+    branch: str,
+    head: str,
+    bundle: bytes,
+    *,
+    policy: Policy,
+    git_token: str | None,
+) -> None:
+    """Push a run's branch, at `head`, to the project's remote, from the bundle captured when
+    the run ended (its worktree may be gone, or on another host). WorkspaceError says why not."""
+    try:
+        check_repo_url(
+            repo_url, allow_local=policy.allow_local_repos, allowed=policy.allowed_networks
+        )
+    except PlaceRefused as exc:
+        raise WorkspaceError(f"the project's repo_url is refused: {exc}") from None
+    base = Path(root)
+    with _disk_errors(base), _clone(base, project_key, repo_url, policy, git_token) as git:
+        spool = base / "repos" / f"push-{os.getpid()}-{_safe(branch)}.bundle"
+        spool.write_bytes(bundle)
+        try:
+            git("fetch", "--quiet", str(spool), f"+refs/heads/{branch}:refs/switchboard/{branch}")
+            if git("rev-parse", f"refs/switchboard/{branch}") != head:
+                raise WorkspaceError("the captured change does not end at the run's commit")
+            git("push", "--quiet", "origin", f"{head}:refs/heads/{branch}", timeout=600)
+        finally:
+            spool.unlink(missing_ok=True)
+
+
 def results(ws: Workspace, wrap: Wrapper | None = None) -> dict[str, str | None]:
     """Branch, final commit and a diff stat against the starting point (uncommitted work
     included). Run inside the agent's sandbox (`wrap`): the worktree is the agent's work."""
@@ -259,6 +306,106 @@ def results(ws: Workspace, wrap: Wrapper | None = None) -> dict[str, str | None]
     except WorkspaceError as exc:
         return {"branch": ws.branch, "diff_stat": f"(unavailable: {exc})"}
     return {"branch": ws.branch, "commit_sha": head, "diff_stat": stat or None}
+
+
+# -- a run's change, for review -------------------------------------------------------------------
+
+#: the stored diff is cut here (flagged `truncated`); the bundle past this is not stored
+DIFF_MAX = 1024 * 1024
+BUNDLE_MAX = 50 * 1024 * 1024
+COMMITTER = ("Switchboard", "switchboard@localhost")
+_NAME_STATUS = {"A": "added", "M": "modified", "D": "deleted", "R": "renamed", "C": "added"}
+
+
+@dataclass
+class Change:
+    """What a run changed: see `app.runs.models.RunChange`."""
+
+    branch: str
+    base_commit: str
+    head_commit: str
+    diff: str
+    truncated: bool
+    files: list[dict[str, object]]
+    bundle: bytes | None
+
+
+def capture(ws: Workspace, wrap: Wrapper | None, message: str, author: str) -> Change | None:
+    """Commit what the agent left uncommitted (author: the agent, committer: Switchboard) and
+    capture the change against the run's base, at this moment. None without a repository or
+    when nothing changed. Run inside the agent's sandbox (`wrap`), as `results` is."""
+    if ws.branch is None or ws.base_commit is None:
+        return None
+
+    def git(*args: str) -> str:
+        return _git(*args, cwd=ws.path, wrap=wrap)
+
+    git("add", "--all")
+    if git("status", "--porcelain", "--untracked-files=no"):
+        git(
+            "-c", f"user.name={COMMITTER[0]}", "-c", f"user.email={COMMITTER[1]}",
+            "commit", "--quiet", "--no-verify", "--author", f"{author} <agent@switchboard>",
+            "-m", message[:2000] or "Switchboard run",
+        )  # fmt: skip
+    head = git("rev-parse", "HEAD")
+    if head == ws.base_commit:
+        return None
+    span = f"{ws.base_commit}..{head}"
+    diff = git("diff", "--no-color", "--no-ext-diff", span)
+    truncated = len(diff) > DIFF_MAX
+    files = _files(
+        git("diff", "--numstat", "-z", "-M", span), git("diff", "--name-status", "-M", span)
+    )
+    bundle_path = ws.tmp / "change.bundle"
+    bundle: bytes | None = None
+    try:
+        git("bundle", "create", str(bundle_path), ws.branch, f"^{ws.base_commit}")
+        if bundle_path.stat().st_size <= BUNDLE_MAX:
+            bundle = bundle_path.read_bytes()
+    except (WorkspaceError, OSError):
+        bundle = None
+    finally:
+        bundle_path.unlink(missing_ok=True)
+    return Change(
+        ws.branch,
+        ws.base_commit,
+        head,
+        (diff[:DIFF_MAX] if truncated else diff) + ("\n" if diff else ""),
+        truncated,
+        files,
+        bundle,
+    )
+
+
+def _files(numstat: str, name_status: str) -> list[dict[str, object]]:
+    """Per file: path, status, additions, deletions, binary (`git diff --numstat -z`, whose
+    renames are `adds\tdels\t\0old\0new\0`, and `--name-status` for the kind)."""
+    kinds: dict[str, str] = {}
+    for line in name_status.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            kinds[parts[-1]] = _NAME_STATUS.get(parts[0][:1], "modified")
+    files: list[dict[str, object]] = []
+    fields = numstat.split("\0")
+    i = 0
+    while i < len(fields) and fields[i]:
+        adds, dels, path = [*fields[i].split("\t", 2), "", ""][:3]
+        if not path:  # a rename: the old and the new path follow
+            path = fields[i + 2] if i + 2 < len(fields) else ""
+            i += 3
+        else:
+            i += 1
+        binary = adds == "-"
+        files.append(
+            {
+                "path": path,
+                "status": kinds.get(path, "modified"),
+                "additions": 0 if binary else int(adds or 0),
+                "deletions": 0 if binary else int(dels or 0),
+                "binary": binary,
+            }
+        )
+    return files
 
 
 # -- retention -----------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from app.database import db
 from app.timeutil import UTCDateTime, utcnow
 
 PROJECT_ROLES = ("viewer", "developer", "maintainer")
+#: whether an agent's change waits for a person's approval before it is pushed
+REVIEW_MODES = ("required", "none")
 
 
 class Project(db.Model):
@@ -30,6 +32,17 @@ class Project(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: None: `required` for a project with a repository, else `none` (`review_mode`)
+    review: Mapped[str | None] = mapped_column(sa.String(8))
+    #: who may approve a change: maintainers, or developers too
+    review_role: Mapped[str] = mapped_column(
+        sa.String(16), default="maintainer", server_default="maintainer"
+    )
+
+    @property
+    def review_mode(self) -> str:
+        """Whether a run's change waits for approval before it is pushed."""
+        return self.review or ("required" if self.repo_url else "none")
 
 
 class ProjectMember(db.Model):

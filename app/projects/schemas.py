@@ -3,7 +3,7 @@ import marshmallow as ma
 from app.extensions import Schema
 from app.input_bounds import Id
 from app.pagination import PageQuerySchema, page_schema
-from app.projects.models import PROJECT_ROLES
+from app.projects.models import PROJECT_ROLES, REVIEW_MODES
 from app.timeutil import Timestamp
 
 _cap = ma.validate.Range(1, 10_000)
@@ -19,6 +19,11 @@ class ProjectSchema(ma.Schema):
     workdir = ma.fields.Str(allow_none=True)
     default_agent = ma.fields.Str()
     max_concurrent_runs = ma.fields.Int(allow_none=True)
+    review = ma.fields.Str(
+        attribute="review_mode",
+        metadata={"enum": list(REVIEW_MODES), "description": "changes wait for approval"},
+    )
+    review_role = ma.fields.Str(metadata={"enum": ["maintainer", "developer"]})
     created_at = Timestamp()
     updated_at = Timestamp()
     archived_at = Timestamp(allow_none=True)
@@ -44,6 +49,18 @@ class ProjectCreateSchema(Schema):
     )
     default_agent = ma.fields.Str(load_default="claude", validate=ma.validate.Length(1, 64))
     max_concurrent_runs = ma.fields.Int(load_default=None, allow_none=True, validate=_cap)
+    review = ma.fields.Str(
+        allow_none=True,
+        validate=ma.validate.OneOf(REVIEW_MODES),
+        metadata={
+            "description": "`required`: a run's change waits for approval before it is pushed "
+            "(default for a project with a repository); `none`"
+        },
+    )
+    review_role = ma.fields.Str(
+        validate=ma.validate.OneOf(["maintainer", "developer"]),
+        metadata={"description": "who may approve (with `git:push`); default maintainer"},
+    )
 
 
 class ProjectUpdateSchema(Schema):
@@ -54,6 +71,18 @@ class ProjectUpdateSchema(Schema):
     workdir = ma.fields.Str(allow_none=True, validate=ma.validate.Length(1, 1000))
     default_agent = ma.fields.Str(validate=ma.validate.Length(1, 64))
     max_concurrent_runs = ma.fields.Int(allow_none=True, validate=_cap)
+    review = ma.fields.Str(
+        allow_none=True,
+        validate=ma.validate.OneOf(REVIEW_MODES),
+        metadata={
+            "description": "`required`: a run's change waits for approval before it is pushed "
+            "(default for a project with a repository); `none`"
+        },
+    )
+    review_role = ma.fields.Str(
+        validate=ma.validate.OneOf(["maintainer", "developer"]),
+        metadata={"description": "who may approve (with `git:push`); default maintainer"},
+    )
 
 
 class ProjectQuerySchema(PageQuerySchema):

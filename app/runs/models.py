@@ -26,6 +26,8 @@ RUN_ACTIVE = frozenset({"queued", "assigned", "running", "waiting"})
 RUN_HELD = ("assigned", "running", "waiting")
 HELD_SQL = "status IN ('assigned', 'running', 'waiting')"
 RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "lost"})
+#: a succeeded run's change: waiting for a person, being pushed, pushed, or turned down
+REVIEW_STATES = ("pending", "approving", "approved", "rejected")
 
 
 class Run(db.Model):
@@ -58,6 +60,10 @@ class Run(db.Model):
     commit_sha: Mapped[str | None] = mapped_column(sa.String(64))
     diff_stat: Mapped[str | None] = mapped_column(sa.Text)
     pid: Mapped[int | None]
+    #: its change's review (None: nothing to review), the last push's error, the pull request
+    review: Mapped[str | None] = mapped_column(sa.String(10))
+    review_error: Mapped[str | None] = mapped_column(sa.String(1000))
+    pull_request_url: Mapped[str | None] = mapped_column(sa.String(500))
     log_size: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     event_count: Mapped[int] = mapped_column(default=0)
     #: sha256 of the run's token (`sbr_…`, in its agent's environment), set when it is taken
@@ -110,6 +116,27 @@ class RunEvent(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (sa.UniqueConstraint("run_id", "seq", name="uq_run_events_seq"),)
+
+
+class RunChange(db.Model):
+    """What a repo run changed, captured when it ended (its workspace may be cleaned up, or on
+    another host): the unified diff against its base (capped), its files, and a git bundle of
+    its commits from which its branch is pushed when a person approves."""
+
+    __tablename__ = "run_changes"
+
+    run_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    branch: Mapped[str] = mapped_column(sa.String(300))
+    base_commit: Mapped[str] = mapped_column(sa.String(64))
+    head_commit: Mapped[str] = mapped_column(sa.String(64))
+    diff: Mapped[str] = mapped_column(sa.Text)
+    truncated: Mapped[bool] = mapped_column(default=False)
+    #: [{path, status, additions, deletions, binary}]
+    files: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
+    bundle: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 def status_in(statuses: frozenset[str] | set[str] | tuple[str, ...]) -> sa.ColumnElement[bool]:

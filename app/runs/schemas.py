@@ -31,6 +31,15 @@ class RunSchema(ma.Schema):
     branch = ma.fields.Str(allow_none=True)
     commit_sha = ma.fields.Str(allow_none=True)
     diff_stat = ma.fields.Str(allow_none=True)
+    review = ma.fields.Str(
+        allow_none=True,
+        metadata={
+            "enum": ["pending", "approving", "approved", "rejected", None],
+            "description": "its change's review (null: nothing to review)",
+        },
+    )
+    review_error = ma.fields.Str(allow_none=True)
+    pull_request_url = ma.fields.Str(allow_none=True)
     log_size = ma.fields.Int()
     event_count = ma.fields.Int()
 

@@ -21,7 +21,7 @@ from app.live import pubsub
 from app.pagination import Page, paginate
 from app.projects.models import Project
 from app.runs import logs, pg_fastpath
-from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunEvent, status_in
+from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunChange, RunEvent, status_in
 from app.runs.outcomes import Started, error_summary
 from app.runs.redaction import Redactor
 from app.tasks import lifecycle
@@ -270,6 +270,25 @@ def list_events(
     return rows, (rows[-1].seq if more and rows else None)
 
 
+def record_change(run_id: int, change: dict[str, Any]) -> None:
+    """What a repo run changed (`workers.workspace.Change`), kept when it ends."""
+    db.session.merge(RunChange(run_id=run_id, **change))
+    db.session.commit()
+
+
+def get_change(run: Run) -> RunChange:
+    change = db.session.get(RunChange, run.id)
+    if change is None:
+        project = run.project
+        why = (
+            "its project has no repository"
+            if not project.repo_url
+            else "it changed nothing, or did not succeed"
+        )
+        raise NotFound(f"Run {run.id} has no recorded change: {why}.")
+    return change
+
+
 def set_waiting(run: Run, waiting: bool) -> bool:
     """A run asking a person something waits (running → waiting), and goes on when nothing is
     left to answer (waiting → running), keeping its executor, its lease and its slot; its task
@@ -340,8 +359,8 @@ def finish_exited(
     the lifecycle finds the end quiet (`runs.pg_fastpath.finish`). False when it does not
     apply: nothing was written, and the caller stores its output and calls `finish`.
     `started`: the agent's start, if not written yet, goes with the end."""
-    if not on_postgresql():
-        return False
+    if not on_postgresql() or values.get("review"):
+        return False  # a change to review: the task's status is the lifecycle's to decide
     return pg_fastpath.finish(
         run,
         task,

@@ -78,6 +78,15 @@ def new_attempt(task: Task, *, reason: str | None = None) -> Run:
     return run
 
 
+def task_status_after(run: Run) -> str:
+    """The status a task takes from its latest run: a run that succeeded with a change awaiting
+    a person's approval leaves its task in `review` (approve completes it; reject fails it or
+    starts another attempt)."""
+    if run.status == "succeeded" and run.review == "pending":
+        return "review"
+    return TASK_FOR_RUN[run.status]
+
+
 def run_changed(run: Run) -> None:
     task = db.session.get(Task, run.task_id)
     note_run(run)
@@ -104,16 +113,25 @@ def run_finished(run: Run, *, requeue: bool = False) -> None:
             reason=f"attempt {run.attempt} {run.status}: {run.error_summary or ''}".strip(": "),
         )
         return
-    task.status = TASK_FOR_RUN[run.status]
+    task.status = task_status_after(run)
     task.status_reason = run.error_summary
+    if task.status == "review":
+        note_task(task)  # not ended: its dependents wait for the approval
+    else:
+        task_ended(task)
+    if task.project.max_concurrent_runs is not None:
+        dispatch(task.project_id)  # a slot is free: without a cap nothing waits for one
+
+
+def task_ended(task: Task) -> None:
+    """The task reached its terminal status (set by the caller): recorded, and what depends on
+    it released or cancelled. After its run, or after a person's review."""
     task.finished_at = utcnow()
     note_task(task)
     if task.status == "completed":
         release_dependents(task)
     else:
         cancel_dependents(task, f"dependency #{task.id} {task.status}")
-    if task.project.max_concurrent_runs is not None:
-        dispatch(task.project_id)  # a slot is free: without a cap nothing waits for one
 
 
 def _dependents(task_id: int) -> list[Task]:

@@ -14,7 +14,17 @@ from app.timeutil import UTCDateTime, utcnow
 PRIORITIES = ("low", "normal", "high", "urgent")
 #: higher runs first
 PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}
-TASK_STATUSES = ("blocked", "queued", "running", "waiting", "completed", "failed", "cancelled")
+#: `review`: its run succeeded with a change that waits for a person's approval
+TASK_STATUSES = (
+    "blocked",
+    "queued",
+    "running",
+    "waiting",
+    "review",
+    "completed",
+    "failed",
+    "cancelled",
+)
 TASK_TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
