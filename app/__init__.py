@@ -26,9 +26,10 @@ MODULES = (
     "terminals",
     "questions",
     "reviews",
+    "notifications",
 )
 #: modules that listen on the event bus (`app.events`): each has `listeners.connect()`
-LISTENING = ("tasks", "webhooks", "subscriptions", "machines", "questions")
+LISTENING = ("tasks", "webhooks", "subscriptions", "machines", "questions", "notifications")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

@@ -209,6 +209,12 @@ class Settings:
     WEBHOOK_RETRY_SCHEDULE: str = "10,60,300,1800,7200"
     #: Seconds an outbound delivery may take (connect + response).
     WEBHOOK_TIMEOUT_S: int = 10
+    #: SMTP server notifications are emailed through (`smtp://[user:password@]host[:port]`,
+    #: `smtps://…`, `?starttls=1`); empty: no email
+    SMTP_URL: str = ""
+    SMTP_FROM: str = "switchboard@localhost"
+    #: emails one user gets per hour at most; the rest are folded into the next one's digest
+    NOTIFY_EMAILS_PER_HOUR: int = 20
     #: GitHub's REST API, where an approved run's pull request is opened (GitHub Enterprise:
     #: https://<host>/api/v3)
     GITHUB_API_URL: str = "https://api.github.com"
@@ -288,6 +294,11 @@ class Settings:
             ),
             WEBHOOK_TIMEOUT_S=_int("SWITCHBOARD_WEBHOOK_TIMEOUT_S", d.WEBHOOK_TIMEOUT_S),
             GITHUB_API_URL=env("SWITCHBOARD_GITHUB_API_URL", d.GITHUB_API_URL),
+            SMTP_URL=env("SWITCHBOARD_SMTP_URL", d.SMTP_URL),
+            SMTP_FROM=env("SWITCHBOARD_SMTP_FROM", d.SMTP_FROM),
+            NOTIFY_EMAILS_PER_HOUR=_int(
+                "SWITCHBOARD_NOTIFY_EMAILS_PER_HOUR", d.NOTIFY_EMAILS_PER_HOUR
+            ),
             WEBHOOK_ALLOWED_NETWORKS=env("SWITCHBOARD_WEBHOOK_ALLOWED_NETWORKS", ""),
             WEBHOOK_RETENTION_DAYS=_int(
                 "SWITCHBOARD_WEBHOOK_RETENTION_DAYS", d.WEBHOOK_RETENTION_DAYS

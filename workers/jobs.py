@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import current_app
 
+from app.notifications import service as notifications
 from app.reviews import service as reviews
 from app.runs.sweep import sweep as run_sweep
 from app.subscriptions.deliveries import deliver as send
@@ -54,3 +55,7 @@ def push_run(run_id: int, pull_request: dict | None) -> str:
         return "failed"
     reviews.pushed(run_id, pull_request)
     return "pushed"
+
+
+def send_notification(notification_id: int) -> str:
+    return notifications.send(notification_id)

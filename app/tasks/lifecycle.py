@@ -255,7 +255,8 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
      AND {project}.max_concurrent_runs IS NULL
      AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks b ON b.id = d.task_id
                      WHERE d.depends_on_id = {task}.id AND b.status = 'blocked')
-     AND NOT ({events.task_ended.listened_sql(source=f"{task}.source", task_id=f"{task}.id")})
+     AND NOT ({events.task_ended.listened_sql(
+         source=f"{task}.source", task_id=f"{task}.id", status=status)})
      AND NOT ({events.run_ended.listened_sql(run_id=run_id)})
      AND NOT ({events.activity_recorded.listened_sql(project_id=f"{task}.project_id")})"""
 
