@@ -286,10 +286,42 @@ def test_a_claude_runs_end_with_its_events_in_one_round_trip_matches_the_orm_pat
     )
 
 
+@pytest.fixture
+def failures_told_to_nobody() -> Any:
+    """The fast end of a failed run, as it is where nothing listens to failures: notifications
+    do (its creator is told), and make such an end take the ORM path
+    (`test_a_failed_end_that_someone_is_told_of_takes_the_orm_path`)."""
+    from app import events
+    from app.notifications import listeners
+
+    events.task_ended.disconnect(listeners._task_ended)
+    yield
+    listeners.connect()
+
+
+@pytest.mark.postgres
+def test_a_failed_end_that_someone_is_told_of_takes_the_orm_path(
+    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict
+) -> None:
+    body = {"project": "demo", "title": "t", "prompt": "p", "max_attempts": 1}
+    task_id = post_task(client, member, body, False, intake).get_json()["id"]
+    run_id = started(app, task_id)
+    assert end_fast(app, run_id, 3, (0, b"bye\n")) is False  # nothing written: the ORM's turn
+    end_orm(app, run_id, 3, (0, b"bye\n"))
+    got = client.get("/api/v1/notifications", headers=member.headers).get_json()["data"]
+    assert [n["kind"] for n in got] == ["task_failed"]
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("code", [0, 3])
 def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
-    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, code: int
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    member: Account,
+    project: dict,
+    code: int,
+    failures_told_to_nobody: Any,
 ) -> None:
     """`runs.pg_fastpath.finish` (the worker's end of a run whose agent exited by itself) writes and
     sends what the ORM path does: the last output, the run's and the task's end, the activity."""
@@ -339,7 +371,13 @@ def test_a_runs_end_in_one_round_trip_matches_the_orm_path(
 @pytest.mark.postgres
 @pytest.mark.parametrize("code", [0, 3])
 def test_an_agent_gone_before_its_start_was_written_ends_as_if_it_had_been(
-    app: Flask, client: FlaskClient, intake: Any, member: Account, project: dict, code: int
+    app: Flask,
+    client: FlaskClient,
+    intake: Any,
+    member: Account,
+    project: dict,
+    code: int,
+    failures_told_to_nobody: Any,
 ) -> None:
     """An agent that exits within its first tick has its start written with its end
     (`pg_fastpath.finish(started=…)`, one round trip): the same rows as the start and then the end

@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import current_app
@@ -116,6 +117,8 @@ def execute(run_id: int) -> str:
     masked = [*secrets.values(), tokens.run_token_secret(token)]
     driver = RunDriver(run, task, agent, Redactor.of(masked))
     size = sizes.DEFAULT if agent.in_terminal(task.tty) else None
+    # read now: when the agent ends the database may be away, and the rows expired with it
+    review = Review(task.title, f"{task.agent} (Switchboard)", project.review_mode == "required")
     inbox: Inbox | None = None
     outcome: str | None = None
     code = 0
@@ -146,7 +149,7 @@ def execute(run_id: int) -> str:
             if loop:
                 driver.note("loop_exhausted", {"iterations": iterations, "marker": marker})
         driver.settle()
-        extra = _change(run.id, task, project, ws, wrap) if outcome is None and code == 0 else {}
+        extra = _change(driver.run_id, ws, wrap, review) if outcome is None and code == 0 else {}
         extra.update(workspace.results(ws, wrap))
         return _until_written(lambda: _end(driver, task, outcome, code, extra), driver)
     except BaseException:
@@ -188,21 +191,32 @@ def _attachable(driver: RunDriver, proc: AgentProcess, inbox: Inbox | None) -> I
     return inbox
 
 
+@dataclass(frozen=True)
+class Review:
+    """What a run's change is committed with, and whether a person approves it before a push."""
+
+    message: str
+    author: str
+    required: bool
+
+
 def _change(
-    run_id: int, task: Task, project: Any, ws: workspace.Workspace, wrap: workspace.Wrapper
+    run_id: int, ws: workspace.Workspace, wrap: workspace.Wrapper, review: Review
 ) -> dict[str, Any]:
     """A succeeded repo run's change, committed and kept (`runs.record_change`); with the run's
     end it says `review: pending` when the project wants a person to approve it first."""
+    if ws.branch is None:
+        return {}
     try:
-        change = workspace.capture(ws, wrap, task.title, author=f"{task.agent} (Switchboard)")
+        change = workspace.capture(ws, wrap, review.message, author=review.author)
     except workspace.WorkspaceError as exc:
         log.warning("run %s: its change could not be captured: %s", run_id, exc)
         return {}
     if change is None:
         return {}
-    fields = {k: v for k, v in vars(change).items()}
+    fields = dict(vars(change))
     _while_unavailable(lambda: runs.record_change(run_id, fields), 30)
-    return {"review": "pending"} if project.review_mode == "required" else {}
+    return {"review": "pending"} if review.required else {}
 
 
 def _end(
