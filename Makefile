@@ -34,7 +34,7 @@ test: $(STAMP)
 
 ## Run every benchmark in turn (PostgreSQL + Redis on this machine; several minutes).
 bench: $(STAMP)
-	for b in api dispatch webhooks streams terminal soak; do $(BIN)/python bench/$$b.py || exit 1; done
+	for b in api dispatch webhooks streams terminal questions soak; do $(BIN)/python bench/$$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

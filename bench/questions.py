@@ -68,7 +68,14 @@ def main() -> None:
 
     redis.Redis.from_url(args.redis_url).flushdb()
     db_url = fresh_postgres_database(args.database_url, "sb_bench_questions")
-    server = Server(database_url=db_url, redis_url=args.redis_url, worker=True)
+    # an agent asking hundreds of questions a minute is past the default write limit (300/min)
+    server = Server(
+        database_url=db_url,
+        redis_url=args.redis_url,
+        worker=True,
+        SWITCHBOARD_RATE_LIMIT_WRITE="100000/minute",
+        SWITCHBOARD_RATE_LIMIT_READ="100000/minute",
+    )
     # the agent reaches this server: its port is chosen when the server is made
     server.env["SWITCHBOARD_PUBLIC_URL"] = f"http://127.0.0.1:{server.port}"
     with server:

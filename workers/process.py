@@ -97,6 +97,8 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
 SANDBOX_COMMANDS = frozenset({"bwrap"})
 
 
+#: how much of a terminal's output is handed on at once at most (see `AgentProcess._more`)
+TERMINAL_BATCH = 64 * 1024
 #: what a terminal run's programs are told they talk to
 TERM = "xterm-256color"
 
@@ -242,7 +244,26 @@ class AgentProcess:
                 self._eof = True
                 self._selector.unregister(self._out)
                 return
+            if self.terminal_fd is not None:
+                chunk = self._more(chunk)
             on_output(chunk)
+
+    def _more(self, chunk: bytes) -> bytes:
+        """What else a terminal has ready, with `chunk`: a terminal gives at most ~4 KiB a read
+        (a pipe, 64), and an agent printing fast would be handed on (published, streamed) in
+        thousands of small pieces a second. Nothing waits: only what is there now is read."""
+        parts = [chunk]
+        size = len(chunk)
+        while size < TERMINAL_BATCH:
+            try:
+                more = os.read(self._out, 65536)
+            except OSError:  # nothing more now (EAGAIN), or closed (EIO): the loop sees it
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
 
     def poll(self) -> int | None:
         return self.proc.poll()
