@@ -32,7 +32,24 @@ class ProjectSchema(ma.Schema):
 ProjectPageSchema = page_schema(ProjectSchema, "ProjectPage")
 
 
-class ProjectCreateSchema(Schema):
+class ReviewSettingsSchema(Schema):
+    """Review before push, as a project is created or changed."""
+
+    review = ma.fields.Str(
+        allow_none=True,
+        validate=ma.validate.OneOf(REVIEW_MODES),
+        metadata={
+            "description": "`required`: a run's change waits for approval before it is pushed "
+            "(default for a project with a repository); `none`"
+        },
+    )
+    review_role = ma.fields.Str(
+        validate=ma.validate.OneOf(["maintainer", "developer"]),
+        metadata={"description": "who may approve (with `git:push`); default maintainer"},
+    )
+
+
+class ProjectCreateSchema(ReviewSettingsSchema):
     key = ma.fields.Str(
         required=True,
         validate=ma.validate.Length(1, 64),
@@ -49,21 +66,9 @@ class ProjectCreateSchema(Schema):
     )
     default_agent = ma.fields.Str(load_default="claude", validate=ma.validate.Length(1, 64))
     max_concurrent_runs = ma.fields.Int(load_default=None, allow_none=True, validate=_cap)
-    review = ma.fields.Str(
-        allow_none=True,
-        validate=ma.validate.OneOf(REVIEW_MODES),
-        metadata={
-            "description": "`required`: a run's change waits for approval before it is pushed "
-            "(default for a project with a repository); `none`"
-        },
-    )
-    review_role = ma.fields.Str(
-        validate=ma.validate.OneOf(["maintainer", "developer"]),
-        metadata={"description": "who may approve (with `git:push`); default maintainer"},
-    )
 
 
-class ProjectUpdateSchema(Schema):
+class ProjectUpdateSchema(ReviewSettingsSchema):
     name = ma.fields.Str(validate=ma.validate.Length(1, 200))
     description = ma.fields.Str(allow_none=True)
     repo_url = ma.fields.Str(allow_none=True, validate=ma.validate.Length(1, 1000))
@@ -71,18 +76,6 @@ class ProjectUpdateSchema(Schema):
     workdir = ma.fields.Str(allow_none=True, validate=ma.validate.Length(1, 1000))
     default_agent = ma.fields.Str(validate=ma.validate.Length(1, 64))
     max_concurrent_runs = ma.fields.Int(allow_none=True, validate=_cap)
-    review = ma.fields.Str(
-        allow_none=True,
-        validate=ma.validate.OneOf(REVIEW_MODES),
-        metadata={
-            "description": "`required`: a run's change waits for approval before it is pushed "
-            "(default for a project with a repository); `none`"
-        },
-    )
-    review_role = ma.fields.Str(
-        validate=ma.validate.OneOf(["maintainer", "developer"]),
-        metadata={"description": "who may approve (with `git:push`); default maintainer"},
-    )
 
 
 class ProjectQuerySchema(PageQuerySchema):
