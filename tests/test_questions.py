@@ -97,3 +97,36 @@ def test_asking_needs_a_running_run_and_valid_options(client, member, project):
     )
     assert_problem(resp, 409)  # queued: not running yet
     assert "has not started yet" in resp.get_json()["detail"]
+
+
+def test_claude_is_told_how_to_ask_as_its_project_says(app, client, member, project, worker):
+    """The project's agent instructions (by default: how to use `switchboard ask`) are appended
+    to Claude Code's system prompt; a project may say its own, or nothing."""
+    from pathlib import Path
+
+    from app.agents.registry import DEFAULT_INSTRUCTIONS
+
+    root = Path(app.config["SWITCHBOARD_WORKSPACE_ROOT"])
+
+    def args_of(task_id):
+        return (root / "scratch" / "demo" / f"task-{task_id}" / ".fake-claude-args").read_text()
+
+    task = create(client, member, agent="claude", prompt="fix it")
+    wait_status(client, member, task["id"], "completed", timeout=20)
+    assert f"--append-system-prompt\n{DEFAULT_INSTRUCTIONS}\n" in args_of(task["id"])
+    assert "switchboard ask" in DEFAULT_INSTRUCTIONS
+
+    resp = client.patch(
+        "/api/v1/projects/demo",
+        json={"agent_instructions": "Ask before deleting anything."},
+        headers=member.headers,
+    )
+    assert resp.status_code == 200 and resp.get_json()["agent_instructions"].startswith("Ask")
+    task = create(client, member, agent="claude", prompt="fix it")
+    wait_status(client, member, task["id"], "completed", timeout=20)
+    assert "--append-system-prompt\nAsk before deleting anything.\n" in args_of(task["id"])
+
+    client.patch("/api/v1/projects/demo", json={"agent_instructions": ""}, headers=member.headers)
+    task = create(client, member, agent="claude", prompt="fix it")
+    wait_status(client, member, task["id"], "completed", timeout=20)
+    assert "--append-system-prompt" not in args_of(task["id"])

@@ -106,7 +106,7 @@ def execute(run_id: int) -> str:
     wrap = isolation.wrapper(cfg, ws)
     version = agents.version(agent, binary, env)
     config = task.config or {}
-    argv = agent.argv(task.prompt, str(ws.path), config)
+    argv = agent.argv(task.prompt, str(ws.path), config, project.instructions)
     argv[0] = binary
     argv = wrap(argv)
     stdin = task.prompt.encode() if agent.prompt_on_stdin else None

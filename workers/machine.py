@@ -521,7 +521,9 @@ class Machine:
         )
         wrap = self._wrapper(ws)
         version = agents.version(agent, binary, env)
-        argv = agent.argv(spec["prompt"], str(ws.path), spec.get("config") or {})
+        argv = agent.argv(
+            spec["prompt"], str(ws.path), spec.get("config") or {}, spec.get("instructions") or ""
+        )
         argv[0] = binary
         stdin = spec["prompt"].encode() if agent.prompt_on_stdin else None
         # the project's secrets and the run's token never leave the machine in its output

@@ -13,6 +13,19 @@ from typing import Any
 
 from app.agents.parsers import PARSERS, Parsed, parse_text
 
+#: what a project's agents are told of Switchboard unless the project says otherwise
+#: (`Project.agent_instructions`; empty: nothing). Claude Code gets it as an addition to its
+#: system prompt (`--append-system-prompt`); other agents have no such option.
+DEFAULT_INSTRUCTIONS = (
+    "You run under Switchboard. When you need a decision or information from a person, ask "
+    "with the Bash tool and wait for the answer: "
+    '`switchboard ask "<question>"` (prints yes or no), '
+    '`switchboard ask "<question>" --choice <a> --choice <b>` (prints the choice), or '
+    '`switchboard ask "<question>" --text` (prints what they wrote). Exit status 2 means '
+    "nobody answered in time, 3 that the question was cancelled: then do not go on with "
+    "what you asked about. Ask rather than guess on anything destructive or ambiguous."
+)
+
 
 @dataclass(frozen=True)
 class Agent:
@@ -31,7 +44,11 @@ class Agent:
         says, else the agent's own default. The one rule the executors and the API share."""
         return self.tty if asked is None else bool(asked)
 
-    def argv(self, prompt: str, workdir: str, config: dict[str, Any]) -> list[str]:
+    def argv(
+        self, prompt: str, workdir: str, config: dict[str, Any], instructions: str = ""
+    ) -> list[str]:
+        """The command for a run; `instructions`: what the project tells its agents (Claude
+        Code: appended to its system prompt)."""
         values = {**{k: str(v) for k, v in config.items()}, "prompt": prompt, "workdir": workdir}
         argv: list[str] = []
         for part in self.command:
@@ -41,6 +58,8 @@ class Agent:
                 continue  # an optional "{model}" with no model configured: drop the argument
         if self.name in ("claude", "claude-interactive"):
             argv += _claude_options(config)
+            if instructions:
+                argv += ["--append-system-prompt", instructions]
         elif self.name == "codex":
             argv[2:2] = ["--sandbox", str(config.get("sandbox", "workspace-write"))]
         return argv

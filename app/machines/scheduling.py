@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import current_app
 
+from app.agents.registry import DEFAULT_INSTRUCTIONS
 from app.auth import tokens
 from app.combining import Combiner
 from app.database import after_commit, db, on_postgresql
@@ -395,6 +396,7 @@ def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
             Project.key,
             Project.repo_url,
             Project.default_branch,
+            Project.agent_instructions,
         )
         .join(Task, Task.id == Run.task_id)
         .join(Project, Project.id == Run.project_id)
@@ -405,7 +407,7 @@ def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
     secrets: dict[int, dict[str, str]] = {}
     specs = {}
     for (run_id, attempt, agent, task_id, prompt, timeout_s, loop, config, tty, project_id, key,
-         repo_url, base_branch) in rows:  # fmt: skip
+         repo_url, base_branch, instructions) in rows:  # fmt: skip
         if project_id not in secrets:
             secrets[project_id] = vault.values_for(project_id)
         env = {
@@ -432,6 +434,7 @@ def _assignments(tokens_by_run: dict[int, str]) -> dict[int, dict[str, Any]]:
                 "loop": loop,
                 "config": config,
                 "tty": terminals.in_terminal(agent, tty),
+                "instructions": DEFAULT_INSTRUCTIONS if instructions is None else instructions,
                 "offer_s": OFFER_S,
             },
         }

@@ -5,6 +5,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.agents.registry import DEFAULT_INSTRUCTIONS
 from app.database import db
 from app.timeutil import UTCDateTime, utcnow
 
@@ -38,6 +39,13 @@ class Project(db.Model):
     review_role: Mapped[str] = mapped_column(
         sa.String(16), default="maintainer", server_default="maintainer"
     )
+
+    #: what its agents are told of Switchboard (None: the default, `agents.registry`; "": none)
+    agent_instructions: Mapped[str | None] = mapped_column(sa.Text)
+
+    @property
+    def instructions(self) -> str:
+        return DEFAULT_INSTRUCTIONS if self.agent_instructions is None else self.agent_instructions
 
     @property
     def review_mode(self) -> str:

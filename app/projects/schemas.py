@@ -24,6 +24,9 @@ class ProjectSchema(ma.Schema):
         metadata={"enum": list(REVIEW_MODES), "description": "changes wait for approval"},
     )
     review_role = ma.fields.Str(metadata={"enum": ["maintainer", "developer"]})
+    agent_instructions = ma.fields.Str(
+        attribute="instructions", metadata={"description": "what its agents are told"}
+    )
     created_at = Timestamp()
     updated_at = Timestamp()
     archived_at = Timestamp(allow_none=True)
@@ -33,7 +36,17 @@ ProjectPageSchema = page_schema(ProjectSchema, "ProjectPage")
 
 
 class ReviewSettingsSchema(Schema):
-    """Review before push, as a project is created or changed."""
+    """Review before push, and what agents are told, as a project is created or changed."""
+
+    agent_instructions = ma.fields.Str(
+        allow_none=True,
+        validate=ma.validate.Length(max=20_000),
+        metadata={
+            "description": "what its agents are told of Switchboard (how to ask a person); "
+            "null: the default, empty: nothing. Claude Code gets it appended to its system "
+            "prompt"
+        },
+    )
 
     review = ma.fields.Str(
         allow_none=True,

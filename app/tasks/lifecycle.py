@@ -249,14 +249,16 @@ def ends_quietly_sql(*, status: str, run_id: str, task: str, project: str) -> st
     activity. The fast
     path of a run's end (`runs.pg_fastpath`) writes only then."""
     retryable = ", ".join(f"'{s}'" for s in sorted(RETRYABLE))
+    task_listened = events.task_ended.listened_sql(
+        source=f"{task}.source", task_id=f"{task}.id", status=status
+    )
     return f"""{task}.latest_run_id = {run_id}
      AND ({status} NOT IN ({retryable})
           OR {task}.attempts - {task}.attempts_not_counted >= {task}.max_attempts)
      AND {project}.max_concurrent_runs IS NULL
      AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks b ON b.id = d.task_id
                      WHERE d.depends_on_id = {task}.id AND b.status = 'blocked')
-     AND NOT ({events.task_ended.listened_sql(
-         source=f"{task}.source", task_id=f"{task}.id", status=status)})
+     AND NOT ({task_listened})
      AND NOT ({events.run_ended.listened_sql(run_id=run_id)})
      AND NOT ({events.activity_recorded.listened_sql(project_id=f"{task}.project_id")})"""
 
