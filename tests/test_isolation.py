@@ -6,6 +6,7 @@ GitHub issue that the agent obeys."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from datetime import timedelta
@@ -551,7 +552,8 @@ def test_retention_removes_old_worktrees_and_keeps_their_branches(
         assert retention.sweep(app) >= 2
     assert not old_tree.exists() and not old_home.exists()
     assert new_tree.is_dir()  # within the retention
-    cache = next(root.glob("repos/demo-*.git"))
+    # this test's clone (other tests leave clones of other `demo` projects beside it)
+    cache = root / "repos" / f"demo-{hashlib.sha256(str(bare).encode()).hexdigest()[:12]}.git"
     assert git("branch", "--list", f"switchboard/{old['id']}-1", cwd=cache)  # the branch stays
     assert "worktrees" not in git("worktree", "list", cwd=cache).split(str(old_tree))[0][-1:]
     # a deleted (archived) project's workspaces go, its clone with them

@@ -4,6 +4,7 @@ RQ jobs on the real worker pool; settings; the hourly cap folding the rest into 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -209,3 +210,47 @@ def test_a_review_request_reaches_those_who_may_approve(
     assert inbox_of(client, dev)["data"] == []  # approving is the maintainers' here
     wait_for(lambda: smtp.messages, timeout=15)
     assert "A change waits for review: tidy" in smtp.messages[0][1]
+
+
+def test_a_notification_arrives_on_its_persons_activity_stream_only(
+    app, client, member, project, live
+):
+    """In-app, live: the person's activity stream carries their notifications (and nobody
+    else's)."""
+    from test_live_streams import _stream
+
+    from app.database import db
+    from app.notifications import service
+
+    other = account(app, client, "olga")
+    streams = [_stream(live, "/api/v1/stream", acct.headers) for acct in (member, other)]
+
+    def read_until(stream, needle, seconds):
+        """What the stream sent until `needle` (or the time ran out)."""
+        conn, resp = stream
+        conn.sock.settimeout(seconds)
+        seen = b""
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(TimeoutError):
+            while needle not in seen and time.monotonic() < deadline:
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break
+                seen += chunk
+        return seen
+
+    for stream in streams:  # a first ping: each stream listens now
+        assert b":ping" in read_until(stream, b":ping", 10)
+    with app.app_context():
+        made = service.notify(
+            [member.id], "task_failed", "task_failed:77:1", title="failed 77", body="b",
+            link="/api/v1/tasks/77", project_id=None, data={"task_id": 77},
+        )  # fmt: skip
+        db.session.commit()
+        note_id = made[0].id
+    mine = read_until(streams[0], b"failed 77", 10)
+    assert b"event: notification" in mine and f'"id":{note_id}'.encode() in mine
+    theirs = read_until(streams[1], b"failed 77", 2.5)  # pings only
+    assert b"notification" not in theirs and b"failed 77" not in theirs
+    for conn, _resp in streams:
+        conn.close()

@@ -31,6 +31,15 @@ def repo(client, member, tmp_path):
     return bare
 
 
+def clone_of(app, bare):
+    """The worker's cached clone of `bare` (other tests' clones of other `demo`s lie beside)."""
+    import hashlib
+    from pathlib import Path
+
+    key = hashlib.sha256(str(bare).encode()).hexdigest()[:12]
+    return Path(app.config["SWITCHBOARD_WORKSPACE_ROOT"]) / "repos" / f"demo-{key}.git"
+
+
 def in_review(client, acct, prompt=EDIT):
     task = create(client, acct, prompt=prompt, title="add notes")
     done = wait_status(client, acct, task["id"], ("review", "completed", "failed"), timeout=30)
@@ -61,18 +70,7 @@ def test_a_change_waits_in_review_then_is_pushed_when_approved(app, client, memb
     ).get_json()
     assert "+new file" in one["diff"] and "README.md" not in one["diff"]
     # the agent left its edits uncommitted: the worker committed them, as the agent
-    author = git(
-        "log",
-        "-1",
-        "--format=%an|%cn|%s",
-        run["commit_sha"],
-        cwd=next(
-            (
-                app.config["SWITCHBOARD_WORKSPACE_ROOT"]
-                and __import__("pathlib").Path(app.config["SWITCHBOARD_WORKSPACE_ROOT"])
-            ).glob("repos/demo-*.git")
-        ),
-    )
+    author = git("log", "-1", "--format=%an|%cn|%s", run["commit_sha"], cwd=clone_of(app, repo))
     assert author == "shell (Switchboard)|Switchboard|add notes"
 
     resp = client.post(f"/api/v1/runs/{run['id']}/approve", json={}, headers=member.headers)

@@ -23,8 +23,9 @@ class ActivityStream(MethodView):
     @blp.arguments(FeedQuerySchema, location="query")
     def get(self, args):
         """Everything happening in the projects I can see: `task.created`, `task.status`,
-        `run.status` (more kinds as modules land). Ids are activity ids; resume with
-        Last-Event-ID. Without one, the stream starts from now."""
+        `run.status`, `question.*`, `review.*` (and machines' states, for admins). Ids are
+        activity ids; resume with Last-Event-ID. Without one, the stream starts from now. My
+        notifications come too, live, as `notification` events (without an id)."""
         key = args.get("project")
 
         def followed() -> list[int] | None:
@@ -47,4 +48,5 @@ class ActivityStream(MethodView):
             # gets what it may see now
             raise Forbidden("Access to a project this stream follows has changed.")
 
-        return sse(stream.follow(after, ids), still_allowed)
+        user_id = current_principal().user.id
+        return sse(stream.follow(after, ids, user_id), still_allowed)

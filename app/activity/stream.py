@@ -8,16 +8,21 @@ from collections.abc import Iterator
 from app.activity import service
 from app.database import db
 from app.live.hub import hub
-from app.live.pubsub import activity_channel
+from app.live.pubsub import activity_channel, user_channel
 from app.live.sse import Event, ping_interval
 
 
-def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | None]:
-    """Activity the caller may see (`project_ids`; None: all), from `after_id` on."""
+def follow(
+    after_id: int, project_ids: list[int] | None, user_id: int | None = None
+) -> Iterator[Event | None]:
+    """Activity the caller may see (`project_ids`; None: all), from `after_id` on; and, live,
+    the notifications of `user_id` (`notification` events, without an id: they are not
+    activity, and the inbox keeps them)."""
     allowed = None if project_ids is None else set(project_ids)
     sent: deque[int] = deque(maxlen=5000)
     last = after_id
-    sub = hub().subscribe([activity_channel()])
+    mine = user_channel(user_id) if user_id is not None else None
+    sub = hub().subscribe([activity_channel(), *([mine] if mine else [])])
     try:
         while True:
             # replay (first, and whenever the live feed skipped an id)
@@ -36,6 +41,9 @@ def follow(after_id: int, project_ids: list[int] | None) -> Iterator[Event | Non
                 msg = sub.get(timeout=ping)
                 if msg is None:
                     yield None
+                    continue
+                if msg.get("channel") == mine:
+                    yield Event("notification", {k: v for k, v in msg.items() if k != "channel"})
                     continue
                 if allowed is not None and msg.get("project_id") not in allowed:
                     last = max(last, msg["id"]) if msg["id"] == last + 1 else last

@@ -58,6 +58,11 @@ def to_machine(machine_id: int, message: dict[str, Any]) -> None:
     publish(machine_channel(machine_id), message)
 
 
+def user_channel(user_id: int) -> str:
+    """What concerns one person only (their notifications), heard by their activity stream."""
+    return f"{namespace()}:user:{user_id}"
+
+
 def activity_channel() -> str:
     return f"{namespace()}:activity"
 

@@ -19,6 +19,7 @@ from rq import Retry
 
 from app.database import after_commit, db
 from app.errors import NotFound, ValidationFailed
+from app.live import pubsub
 from app.netguard import Refused
 from app.notifications import mail
 from app.notifications.models import CHANNELS, KINDS, Notification, NotificationSettings
@@ -86,7 +87,21 @@ def notify(
         db.session.flush()
         ids = [n.id for n in made]
         after_commit(lambda: _enqueue(ids))
+        for note in made:  # on the person's activity stream, live
+            said = {"type": "notification", **_public(note)}
+            channel = pubsub.user_channel(note.user_id)
+            after_commit(lambda c=channel, m=said: pubsub.publish(c, m))
     return made
+
+
+def _public(note: Notification) -> dict[str, Any]:
+    return {
+        "id": note.id,
+        "kind": note.kind,
+        "title": note.title,
+        "link": note.link,
+        "data": note.data,
+    }
 
 
 def _enqueue(ids: list[int]) -> None:
