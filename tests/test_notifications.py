@@ -186,7 +186,7 @@ def test_attack_chat_url_to_a_private_address_is_refused(client, member):
     assert_problem(resp, 422)
 
 
-def test_a_review_request_reaches_those_who_may_approve(
+def test_a_review_request_reaches_the_projects_developers(
     app, client, member, smtp, notifying, tmp_path
 ):
     from helpers import bare_repo
@@ -207,9 +207,9 @@ def test_a_review_request_reaches_those_who_may_approve(
         got[0]["kind"] == "review"
         and got[0]["link"] == f"/api/v1/runs/{done['latest_run_id']}/diff"
     )
-    assert inbox_of(client, dev)["data"] == []  # approving is the maintainers' here
-    wait_for(lambda: smtp.messages, timeout=15)
-    assert "A change waits for review: tidy" in smtp.messages[0][1]
+    assert [n["kind"] for n in inbox_of(client, dev)["data"]] == ["review"]
+    wait_for(lambda: len(smtp.messages) == 2, timeout=15)  # the maintainer's and the developer's
+    assert all("A change waits for review: tidy" in content for _to, content in smtp.messages)
 
 
 def test_a_notification_arrives_on_its_persons_activity_stream_only(

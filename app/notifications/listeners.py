@@ -1,7 +1,8 @@
 """What people are told of, heard on the event bus.
 
 - `question.asked` (activity): the developers of the run's project;
-- a task gone to `review` (activity `task.status`): those who may approve in its project;
+- a task gone to `review` (activity `task.status`): the developers of its project (those who
+  may approve, and those who may look at the change before them);
 - a task that failed (`task_ended`): whoever made it;
 - `machine.offline` (activity): the administrators.
 
@@ -43,11 +44,12 @@ def _activity(*, project_id: int | None, kind: str, data: dict[str, Any], **_: A
             return
         run_id = task.latest_run_id
         service.notify(
-            service.members(project_id, project.review_role),
+            service.members(project_id, "developer"),
             "review",
             f"review:{run_id}",
             title=f"A change waits for review: {task.title[:120]}",
-            body=f"Task {task.id} ({project.key}) changed files; approve or reject run {run_id}.",
+            body=f"Task {task.id} ({project.key}) changed files; see run {run_id}'s diff "
+            f"(approving is for {project.review_role}s).",
             link=f"/api/v1/runs/{run_id}/diff",
             project_id=project_id,
             data={"task_id": task.id, "run_id": run_id},
