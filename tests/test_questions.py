@@ -43,6 +43,10 @@ def test_an_agent_asks_waits_and_goes_on_with_the_answer(
     url = f"/api/v1/questions/{question['id']}/answer"
 
     assert_problem(client.post(url, json={"answer": "yes"}, headers=viewer.headers), 403)
+    # a member of another project does not learn it exists
+    outsider = account(app, client, "olga")
+    assert_problem(client.post(url, json={"answer": "yes"}, headers=outsider.headers), 404)
+    assert client.get("/api/v1/questions", headers=outsider.headers).get_json()["data"] == []
     assert_problem(client.post(url, json={"answer": "maybe"}, headers=member.headers), 422)
     answered = client.post(url, json={"answer": "yes"}, headers=member.headers)
     assert answered.status_code == 200, answered.get_json()

@@ -121,6 +121,9 @@ def test_attack_approvals_need_the_right_and_happen_once(app, client, member, re
     task, run = in_review(client, member)
     url = f"/api/v1/runs/{run['id']}/approve"
     assert_problem(client.post(url, json={}, headers=dev.headers), 403)  # maintainers only
+    outsider = account(app, client, "olga")  # another project's member: nothing to see here
+    assert_problem(client.post(url, json={}, headers=outsider.headers), 404)
+    assert_problem(client.get(f"/api/v1/runs/{run['id']}/diff", headers=outsider.headers), 404)
     pat = client.post(
         "/api/v1/me/tokens",
         json={"label": "no push", "abilities": ["projects:read", "runs:control"]},
