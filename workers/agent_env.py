@@ -6,6 +6,7 @@ machine client builds its agents' environments the same way."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,10 +22,15 @@ def install_tools(home: Path) -> Path:
     bin_dir = home / ".switchboard" / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     script = bin_dir / "switchboard"
-    source = Path(client.__file__).read_text()
-    script.write_text("#!/usr/bin/env python3\n" + source)
+    script.write_text(_tool_text())
     script.chmod(0o755)
     return bin_dir
+
+
+@functools.cache
+def _tool_text() -> str:
+    """`switchboard ask` as a script (read once per process: a run's start is a hot path)."""
+    return "#!/usr/bin/env python3\n" + Path(client.__file__).read_text()
 
 
 def build(
