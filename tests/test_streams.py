@@ -181,7 +181,8 @@ def test_subscriptions_are_released(client, member, project, app):
         frames = iter(r)
         next(frames)  # ": stream open"
         next(frames)  # the first ping: the stream is subscribed and waiting
-    assert h.channel_count() == before + 1  # one Redis channel, shared
+    # two Redis channels, shared by the three: the feed's and the person's (notifications)
+    assert h.channel_count() == before + 2
     for r in readers:
         r.close()
     wait_for(lambda: h.channel_count() == before, timeout=5)

@@ -234,8 +234,11 @@ def test_attack_terminal_tokens_refused_before_the_socket_opens(
 
     expired = token(client, member, run_id, "view")
     with app.app_context():
-        get_redis().pexpire(tokens._key(expired), 1)
-    wait_for(lambda: upgrade(live, run_id, expired).status == 401, timeout=2)
+        key = tokens._key(expired)
+        assert get_redis().exists(key)
+        get_redis().pexpire(key, 1)
+        wait_for(lambda: not get_redis().exists(key), timeout=2)  # its 60 s are over
+    assert upgrade(live, run_id, expired).status == 401
 
     for_other = token(client, member, other_run, "view")
     assert upgrade(live, run_id, for_other).status == 403  # a token for another run
