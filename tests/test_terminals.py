@@ -416,3 +416,18 @@ def test_a_killed_worker_ends_its_terminal_run_and_the_sockets_on_it(
     assert exit_frame["status"] == "lost"
     assert viewer.closed_with() == 1000
     wait_for(lambda: agent_pids(app, run["id"]) == [], timeout=5)
+
+
+def test_a_controller_hands_the_keyboard_back_and_keeps_watching(
+    client, member, project, worker, live
+):
+    run_id = running_asker(client, member)
+    ctl = Attached(live, run_id, token(client, member, run_id, "control"))
+    ctl.send(type="release")
+    frame = ctl.expect("control", action="release")
+    assert frame["mode"] == "view" and frame["controller"] is None
+    ctl.type("x")
+    assert "viewers cannot type" in ctl.expect("error")["detail"]
+    # the keyboard is free: another controller takes it without a take-over
+    again = Attached(live, run_id, token(client, member, run_id, "control"))
+    assert again.hello["mode"] == "control"

@@ -178,7 +178,12 @@ class Session:
         with contextlib.suppress(ConnectionClosed):
             if kind == "control":
                 controller = notice.get("controller")
-                if self.mode == "control" and (controller or {}).get("conn") != self.holder.conn:
+                taken = notice.get("action") != "release"  # only the controller hands back
+                if (
+                    taken
+                    and self.mode == "control"
+                    and (controller or {}).get("conn") != self.holder.conn
+                ):
                     self._demote(notice.get("by"))
                     return
                 public = {k: v for k, v in (controller or {}).items() if k != "conn"}
@@ -255,8 +260,8 @@ class Session:
                 self._error("the agent is not reading its input; the terminal keeps its size")
         elif kind == "release":
             if self.mode == "control":
-                service.release(self.run_id, self.holder)
                 self.mode = "view"
+                service.release(self.run_id, self.holder)
         else:
             self._error(f"unknown frame type {kind!r}: resize or release")
 
