@@ -114,6 +114,26 @@ class ProblemSchema(ma.Schema):
         values=ma.fields.Str(),
         metadata={"description": "503 from /health/ready: each check and its state"},
     )
+    review = ma.fields.Str(
+        allow_none=True,
+        metadata={"description": "409 on an approval or rejection: the run's review state"},
+    )
+    run_status = ma.fields.Str(
+        metadata={"description": "409 on a question asked of a run that is not running"}
+    )
+    question_status = ma.fields.Str(
+        metadata={"description": "409 on an answer: the question's state (answered, expired…)"}
+    )
+    answer = ma.fields.Str(
+        allow_none=True, metadata={"description": "409 on an answer: the one kept"}
+    )
+    answered_by = ma.fields.Str(
+        allow_none=True, metadata={"description": "409 on an answer: who gave the one kept"}
+    )
+    controller = ma.fields.Dict(
+        allow_none=True,
+        metadata={"description": "409 on a terminal attach: who holds the keyboard"},
+    )
 
 
 def problem(status: int, title: str, detail: str, code: str, **extra: Any) -> Response:

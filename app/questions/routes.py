@@ -14,7 +14,7 @@ from app.questions.schemas import (
     QuestionSchema,
     QuestionWaitSchema,
 )
-from app.runs.routes import run_for
+from app.runs import service as runs
 
 blp = Blueprint(
     "questions",
@@ -22,6 +22,10 @@ blp = Blueprint(
     url_prefix="/api/v1",
     description="Questions: agents ask, people answer; the run waits meanwhile",
 )
+
+
+def _run(run_id: int, role: str = "viewer"):  # type: ignore[no-untyped-def]
+    return runs.run_for(current_principal(), run_id, role)
 
 
 @blp.route("/runs/<int:run_id>/questions")
@@ -35,7 +39,7 @@ class RunQuestions(MethodView):
         """Ask a person (the run's own token, as its agent does; or a developer): `confirm`
         (yes/no), `choice` (one of `options`) or `text`. The run and its task are `waiting`
         until it is answered; wait for the answer with `GET …/questions/{id}?wait=30`."""
-        return service.ask(run_for(run_id, "developer"), data), 201
+        return service.ask(_run(run_id, "developer"), data), 201
 
     @run_scoped
     @requires("projects:read")
@@ -44,7 +48,7 @@ class RunQuestions(MethodView):
     @blp.doc(operationId="listRunQuestions")
     def get(self, args, run_id):
         """The run's questions, newest first."""
-        run = run_for(run_id)
+        run = _run(run_id)
         return service.list_questions(
             None,
             status=args.get("status"),
@@ -67,7 +71,7 @@ class RunQuestion(MethodView):
     def get(self, args, run_id, question_id):
         """A question of the run. With `?wait=` (long-poll), answers as soon as it is answered,
         expires or is cancelled (an agent blocks on it: `switchboard ask` does)."""
-        run = run_for(run_id)
+        run = _run(run_id)
         question = service.of_run(run, question_id)
         left = service.seconds_left(question)
         if left is not None and args.get("wait"):  # its expiry answers the wait too
@@ -109,7 +113,7 @@ class Questions(MethodView):
 
 def _question(question_id: int):  # type: ignore[no-untyped-def]
     question = service.get(question_id)
-    run_for(question.run_id)  # 404 when its project is not mine to see
+    _run(question.run_id)  # 404 when its project is not mine to see
     return question
 
 

@@ -11,7 +11,6 @@ from app.reviews.schemas import (
     RejectSchema,
 )
 from app.runs import service as runs
-from app.runs.routes import run_for
 from app.runs.schemas import RunSchema
 
 blp = Blueprint(
@@ -20,6 +19,10 @@ blp = Blueprint(
     url_prefix="/api/v1/runs",
     description="Reviews: a run's change, approved (and pushed) or turned down by a person",
 )
+
+
+def _run(run_id: int, role: str = "viewer"):  # type: ignore[no-untyped-def]
+    return runs.run_for(current_principal(), run_id, role)
 
 
 @blp.route("/<int:run_id>/diff")
@@ -31,7 +34,7 @@ class RunDiff(MethodView):
     def get(self, args, run_id):
         """What the run changed, as a unified diff against its base commit (captured when it
         ended; cut at 1 MiB with `truncated`). 404 with the reason for a run without one."""
-        return service.change_of(run_for(run_id), args.get("path"))
+        return service.change_of(_run(run_id), args.get("path"))
 
 
 @blp.route("/<int:run_id>/files")
@@ -41,7 +44,7 @@ class RunFiles(MethodView):
     @blp.doc(operationId="listRunFiles")
     def get(self, run_id):
         """The files the run changed: path, status, additions, deletions, binary."""
-        return {"data": runs.get_change(run_for(run_id)).files}
+        return {"data": runs.get_change(_run(run_id)).files}
 
 
 @blp.route("/<int:run_id>/approve")
@@ -57,7 +60,7 @@ class RunApprove(MethodView):
         `review_error`); `pull_request` opens one on GitHub after. 409 unless in review."""
         return service.approve(
             current_principal(),
-            run_for(run_id),
+            _run(run_id),
             comment=data["comment"],
             push=data["push"],
             pull_request=data["pull_request"],
@@ -74,5 +77,5 @@ class RunReject(MethodView):
         """Turn the run's change down (the project's `review_role`): the task fails with the
         comment, or with `retry` a new attempt starts whose prompt ends with it."""
         return service.reject(
-            current_principal(), run_for(run_id), comment=data["comment"], retry=data["retry"]
+            current_principal(), _run(run_id), comment=data["comment"], retry=data["retry"]
         )

@@ -3,7 +3,7 @@ from flask.views import MethodView
 
 from app.auth.guard import current_principal, requires, run_scoped
 from app.database import db
-from app.errors import Conflict, Forbidden, NotFound
+from app.errors import Conflict
 from app.extensions import Blueprint
 from app.live import pubsub
 from app.live.sse import last_event_id, parking, sse, stream_view
@@ -39,14 +39,7 @@ blp = Blueprint(
 
 
 def run_for(run_id: int, role: str = "viewer"):  # type: ignore[no-untyped-def]
-    if not current_principal().reaches(run_id=run_id):
-        raise Forbidden("A run token reaches only its own run.")
-    run = runs.get_run(run_id, with_project=True)
-    try:
-        projects.authorize(current_principal(), run.project, role)
-    except NotFound:
-        raise NotFound(f"No run {run_id}.") from None
-    return run
+    return runs.run_for(current_principal(), run_id, role)
 
 
 @blp.route("")

@@ -15,10 +15,12 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from app import events
+from app.auth.service import Principal
 from app.database import after_commit, db, on_postgresql
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, Forbidden, NotFound
 from app.live import pubsub
 from app.pagination import Page, paginate
+from app.projects import service as projects
 from app.projects.models import Project
 from app.runs import logs, pg_fastpath
 from app.runs.models import RUN_ACTIVE, RUN_TERMINAL, Run, RunChange, RunEvent, status_in
@@ -36,6 +38,19 @@ def get_run(run_id: int, *, with_project: bool = False) -> Run:
     run = db.session.get(Run, run_id, options=options)
     if run is None:
         raise NotFound(f"No run {run_id}.")
+    return run
+
+
+def run_for(principal: Principal, run_id: int, role: str = "viewer") -> Run:
+    """The run, with its project, if `principal` holds `role` in that project: 403 for another
+    run's token, 404 when the project is not theirs to see (as if the run did not exist)."""
+    if not principal.reaches(run_id=run_id):
+        raise Forbidden("A run token reaches only its own run.")
+    run = get_run(run_id, with_project=True)
+    try:
+        projects.authorize(principal, run.project, role)
+    except NotFound:
+        raise NotFound(f"No run {run_id}.") from None
     return run
 
 

@@ -18,8 +18,7 @@ from app.agents.registry import known_agents
 from app.audit import service as audit
 from app.auth.service import Principal
 from app.database import db
-from app.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from app.projects import service as projects
+from app.errors import Conflict, Forbidden, ValidationFailed
 from app.queues import get_redis
 from app.runs import service as runs
 from app.runs.models import RUN_TERMINAL, Run
@@ -42,11 +41,7 @@ def attachable(principal: Principal, run_id: int, mode: str) -> Run:
         raise Forbidden("A run's token cannot attach to a terminal.")
     if not principal.can(ability):
         raise Forbidden(f"Attaching to {mode} needs the '{ability}' ability.")
-    run = runs.get_run(run_id, with_project=True)
-    try:
-        projects.authorize(principal, run.project, role)
-    except NotFound:
-        raise NotFound(f"No run {run_id}.") from None
+    run = runs.run_for(principal, run_id, role)
     if not has_terminal(run):
         raise Conflict(f"Run {run_id} has no terminal: its task did not ask for one (`tty`).")
     if mode == "control" and run.status in RUN_TERMINAL:
